@@ -1,0 +1,198 @@
+"""Stage configs: one dataclass per stage, one help line per field (it is also the CLI's --help).
+
+Precedence, lowest first: field defaults < dataset preset < --config FILE (YAML or TOML) <
+command-line options. Fields left at None are filled from the preset of the dataset in
+`__post_init__`; the resolved config is saved as `config.yaml` in the stage's run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value or file that cannot be used."""
+
+
+def opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True):
+    """A config field with its help line (and allowed values, checked in __post_init__)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "cli": cli})
+
+
+def data_kind(spec: str) -> str:
+    kind = spec.partition(":")[0]
+    return kind if kind in ("digits", "fashion-mnist", "cifar10", "stl10", "tiles") else "folder"
+
+
+# Per-dataset defaults for fields left at None. These are the recipes that the benchmarks
+# measured (benchmarks/results/); the comment says what each is for.
+DATA_PRESETS: dict[str, dict[str, Any]] = {
+    # 1,797 8x8 images: a few minutes on 2 CPU cores
+    "digits": dict(model="resnet18", width=32, stem_stride=1, input_size=16, batch_size=128, epochs=30,
+                   optimizer="adamw", lr=2e-3, weight_decay=1e-4, temperature=0.2, augment="small-gray",
+                   crop_scale=(0.4, 1.0)),
+    # 60k 28x28 grayscale images; recipe from benchmarks/fashion_mnist_teacher.py
+    "fashion-mnist": dict(model="resnet18", width=32, stem_stride=2, input_size=28, batch_size=256, epochs=10,
+                          optimizer="adamw", lr=2e-3, weight_decay=1e-4, temperature=0.2, augment="small-gray",
+                          crop_scale=(0.3, 1.0)),
+    "cifar10": dict(model="resnet18", stem_stride=1, input_size=32, batch_size=256, epochs=200, optimizer="sgd",
+                    lr=0.3, weight_decay=5e-4, temperature=0.2, augment="small-rgb"),
+    "stl10": dict(model="resnet18", stem_stride=2, input_size=96, batch_size=256, epochs=100, optimizer="sgd",
+                  lr=0.3, weight_decay=5e-4, temperature=0.2, augment="rgb"),
+    "tiles": dict(model="resnet18", stem_stride=4, input_size=64, batch_size=128, epochs=50, optimizer="sgd",
+                  lr=0.3, weight_decay=1e-4, temperature=0.2, augment="histo"),
+    "folder": dict(model="resnet18", stem_stride=4, input_size=96, batch_size=128, epochs=50, optimizer="sgd",
+                   lr=0.3, weight_decay=1e-4, temperature=0.2, augment=None),
+}
+
+
+@dataclass
+class TrainConfig:
+    """`edgeclr train`: SimCLR pretraining of an encoder on unlabeled images."""
+
+    data: str = opt("digits", "dataset: digits | fashion-mnist[:DIR] | cifar10:DIR | stl10:DIR | tiles:IMAGE[,IMAGE] | a folder of images")
+    out: str = opt("runs/default", "run folder; this stage writes into OUT/train")
+    model: str | None = opt(None, "registry name of the encoder (resnet18, resnet34, resnet50, mobilenet_*)")
+    width: int | None = opt(None, "ResNet base width (64 = the paper's ResNet; smaller is faster on a CPU)")
+    stem_stride: int | None = opt(None, "stride of the stem: 4 = ImageNet stem, 2 = 3x3 conv + max-pool, 1 = CIFAR stem")
+    input_size: int | None = opt(None, "side of the square training and evaluation input, in pixels")
+    head_hidden: int | None = opt(None, "projection head hidden width (default: feature width)")
+    head_out: int = opt(128, "projection head output width")
+    epochs: int | None = opt(None, "passes over the data")
+    batch_size: int | None = opt(None, "images per step (2 views each), over all processes")
+    optimizer: str | None = opt(None, "sgd (momentum, nesterov) | lars | adamw", ("sgd", "lars", "adamw"))
+    lr: float | None = opt(None, "peak learning rate at batch 256 (scaled by batch_size/256 with lr_scaling=linear)")
+    lr_scaling: str = opt("linear", "how the lr follows the batch size: linear | sqrt | none", ("linear", "sqrt", "none"))
+    weight_decay: float | None = opt(None, "weight decay (not applied to norms and biases)")
+    momentum: float = opt(0.9, "SGD / LARS momentum")
+    warmup_epochs: float = opt(1.0, "linear warm-up length before the cosine decay, in epochs")
+    min_lr_ratio: float = opt(0.0, "final lr of the cosine decay, as a fraction of the peak")
+    temperature: float | None = opt(None, "NT-Xent temperature")
+    augment: str | None = opt(None, "augmentation preset: small-gray | small-rgb | rgb | gray | histo (default from data)")
+    crop_scale: tuple[float, float] | None = opt(None, "random resized crop area range, e.g. 0.3 1.0")
+    grad_clip: float = opt(0.0, "clip the gradient norm to this value (0 = off)")
+    amp: str = opt("auto", "mixed precision: auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off", ("auto", "bf16", "fp16", "off"))
+    channels_last: bool = opt(True, "use the channels_last memory format (faster convolutions on CPU and GPU)")
+    compile: bool = opt(False, "torch.compile the encoder")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    threads: int = opt(0, "CPU threads for torch (0 = all cores)")
+    num_workers: int = opt(2, "DataLoader processes decoding image files (folders only; in-memory data needs none)")
+    seed: int = opt(0, "seed of the data order, augmentations and initialisation")
+    ckpt_every: int = opt(200, "write a checkpoint every N steps (and at every epoch end); 0 = epoch ends only")
+    log_every: int = opt(20, "log metrics every N steps")
+    knn_every: int = opt(5, "kNN monitor on the labeled split every N epochs, and at the end (0 = off)")
+    knn_k: int = opt(20, "kNN neighbours")
+    knn_t: float = opt(0.1, "kNN temperature of the similarity weights")
+    knn_max_bank: int = opt(10000, "at most this many labeled images in the monitor's bank (and 1/5 as queries)")
+    tensorboard: bool = opt(True, "write TensorBoard scalars into OUT/train/tb")
+    progress: bool | None = opt(None, "progress bar (default: only when stderr is a terminal)")
+    resume: bool = opt(False, "continue from OUT/train/checkpoints/last.pt")
+    max_minutes: float = opt(0.0, "stop (with a checkpoint) after this many minutes of training; 0 = no limit")
+    tile_size: int = opt(64, "tiles: side of a tile cut from the large image(s)")
+    tile_stride: int = opt(64, "tiles: step between tiles")
+    tile_min_foreground: float = opt(0.5, "tiles: skip tiles with less foreground (non-background) than this")
+
+    def __post_init__(self):
+        preset = DATA_PRESETS[data_kind(self.data)]
+        for k, v in preset.items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        if self.crop_scale is None:
+            self.crop_scale = (0.2, 1.0)
+        self.crop_scale = tuple(float(v) for v in self.crop_scale)
+        check_choices(self)
+        if self.batch_size < 2:
+            raise ConfigError(f"batch_size must be >= 2: NT-Xent contrasts each image with the others in its batch "
+                              f"(got {self.batch_size})")
+        for name in ("epochs", "input_size", "lr", "temperature", "head_out"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        if self.weight_decay < 0 or self.warmup_epochs < 0 or self.grad_clip < 0:
+            raise ConfigError("weight_decay, warmup_epochs and grad_clip must be >= 0")
+
+    @property
+    def scaled_lr(self) -> float:
+        r = self.batch_size / 256
+        return self.lr * {"linear": r, "sqrt": r ** 0.5, "none": 1.0}[self.lr_scaling]
+
+
+@dataclass
+class EvalConfig:
+    """`edgeclr eval`: kNN and linear-probe accuracy of embeddings, with baselines."""
+
+    target: str = opt("", "checkpoint file, stage folder or run folder to evaluate", cli=False)
+    data: str | None = opt(None, "labeled dataset (default: the one the checkpoint was trained on)")
+    baselines: str = opt("random,pixels", "comma list of baselines: random (same spec, random init), pixels; '' for none")
+    knn_k: int = opt(20, "kNN neighbours")
+    knn_t: float = opt(0.1, "kNN temperature of the similarity weights")
+    linear_probe: bool = opt(True, "fit a logistic regression on frozen features")
+    tsne: bool = opt(True, "write a t-SNE plot (PNG) of the test embeddings")
+    max_train: int = opt(0, "use at most this many labeled training images (0 = all)")
+    batch_size: int = opt(256, "images per forward pass")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    threads: int = opt(0, "CPU threads for torch (0 = all cores)")
+    seed: int = opt(0, "seed of subsampling, the random-init baseline and t-SNE")
+
+    def __post_init__(self):
+        check_choices(self)
+        bad = [b for b in filter(None, self.baselines.split(",")) if b not in ("random", "pixels")]
+        if bad:
+            raise ConfigError(f"unknown baseline(s) {bad}; valid: random, pixels")
+        if self.knn_k < 1 or self.knn_t <= 0:
+            raise ConfigError(f"knn_k must be >= 1 and knn_t > 0, got {self.knn_k}, {self.knn_t}")
+
+
+def check_choices(cfg) -> None:
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        v = getattr(cfg, f.name)
+        if choices and v not in choices:
+            raise ConfigError(f"{f.name}={v!r} is not one of {', '.join(choices)}")
+
+
+def load_file(path: str | Path) -> dict:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) config file into a dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    text = p.read_text()
+    try:
+        d = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot parse config file {p}: {e}") from e
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in d.items()}
+
+
+def build(cls, file: str | Path | None = None, **overrides):
+    """cls from defaults < file < overrides (overrides that are None are ignored)."""
+    values = load_file(file) if file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown} for {cls.__name__}; valid: {', '.join(sorted(names))}")
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise ConfigError(str(e)) from e
+
+
+def to_dict(cfg) -> dict:
+    """Plain (YAML/JSON/weights_only-safe) dict of a config."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def save_yaml(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

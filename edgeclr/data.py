@@ -1,0 +1,477 @@
+"""Datasets and training batches.
+
+`--data` specs:
+    digits                    scikit-learn's 8x8 digits (embedded, no files; 1,797 images, 10 classes)
+    fashion-mnist[:DIR]       IDX files (default /usr/share/datasets/fashion-mnist)
+    cifar10:DIR               torchvision's cifar-10-batches-py folder (or its parent)
+    stl10:DIR                 torchvision's stl10_binary folder (or its parent); pretraining uses `unlabeled`
+    tiles:PATH[,PATH...]      large images (or folders of them) cut into tiles, background tiles skipped
+    PATH                      a folder of images, searched recursively; labels from sub-folder names
+
+Every dataset gives uint8 images (H, W, C) at a fixed size for training (`load_batch`) and
+decoded PIL images for evaluation (`pil`), which goes through `runtime.preprocess`.
+Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import logging
+import math
+import pickle
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from edgeclr.runtime import GRAY_MODES, IMAGE_SUFFIXES, ImageError, load_image, resize_center_crop, to_mode
+
+log = logging.getLogger("edgeclr.data")
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+SPLITS = ("pretrain", "train", "test")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used: the message names the problem and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# datasets
+
+
+@dataclass
+class ArrayDataset:
+    """Images held in memory (or memory-mapped) as one uint8 array."""
+
+    name: str
+    images: np.ndarray  # (N, H, W, C) uint8
+    labels: np.ndarray | None = None  # (N,) int64, or None when unlabeled
+    classes: list[str] | None = None
+    sources: list[str] = field(default_factory=list)  # files the array was read from
+
+    def __post_init__(self):
+        if self.images.ndim != 4 or self.images.dtype != np.uint8:
+            raise DataError(f"{self.name}: expected uint8 (N, H, W, C) images, got {self.images.dtype} {self.images.shape}")
+        if len(self.images) == 0:
+            raise DataError(f"{self.name}: the dataset is empty")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[-1]
+
+    def pil(self, i: int) -> Image.Image:
+        a = self.images[i]
+        return Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a, "L" if a.shape[-1] == 1 else "RGB")
+
+    def load_batch(self, indices: Sequence[int]) -> tuple[np.ndarray, list[str]]:
+        """Returns (B, H, W, C) uint8 and the list of unreadable files (always empty here)."""
+        idx = np.asarray(indices)
+        if isinstance(self.images, np.memmap):  # sorted reads are much faster on a memmap
+            order = np.argsort(idx)
+            out = np.empty((len(idx),) + self.images.shape[1:], np.uint8)
+            out[order] = self.images[idx[order]]
+            return out, []
+        return self.images[idx], []
+
+    def fingerprint(self) -> dict:
+        return {"dataset": self.name, "count": len(self), "files": [file_entry(p) for p in self.sources]}
+
+
+class FolderDataset:
+    """A folder of image files, decoded lazily; unreadable files are skipped and reported."""
+
+    def __init__(self, name: str, paths: list[Path], root: Path, labels: np.ndarray | None, classes: list[str] | None,
+                 channels: int, base_size: int):
+        self.name, self.paths, self.root = name, paths, root
+        self.labels, self.classes = labels, classes
+        self.channels, self.base_size = channels, base_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def pil(self, i: int) -> Image.Image:
+        return load_image(self.paths[i], self.channels)
+
+    def read(self, i: int) -> np.ndarray | None:
+        """One image at the training base size, (S, S, C) uint8; None when it cannot be decoded."""
+        try:
+            im = resize_center_crop(self.pil(i), self.base_size, self.base_size)
+        except ImageError as e:
+            log.debug("%s", e)
+            return None
+        a = np.asarray(im, np.uint8)
+        return a[..., None] if a.ndim == 2 else a
+
+    def load_batch(self, indices: Sequence[int]) -> tuple[np.ndarray, list[str]]:
+        arrays, bad = [], []
+        for i in indices:
+            a = self.read(int(i))
+            if a is None:
+                bad.append(str(self.paths[i]))
+            else:
+                arrays.append(a)
+        shape = (0, self.base_size, self.base_size, self.channels)
+        return (np.stack(arrays) if arrays else np.zeros(shape, np.uint8)), bad
+
+    def fingerprint(self) -> dict:
+        h = hashlib.sha256()
+        for p in self.paths:
+            st = p.stat()
+            h.update(f"{p.relative_to(self.root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return {"dataset": self.name, "root": str(self.root), "count": len(self), "listing_sha256": h.hexdigest()}
+
+
+Dataset = ArrayDataset | FolderDataset
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(path: str | Path) -> dict:
+    return {"path": str(path), "sha256": sha256_file(path)}
+
+
+def _require_dir(path: Path, what: str, fix: str) -> Path:
+    if not path.exists():
+        raise DataError(f"{what}: {path} does not exist. {fix}")
+    if not path.is_dir():
+        raise DataError(f"{what}: {path} is not a folder. {fix}")
+    return path
+
+
+def _split_indices(n: int, labels: np.ndarray | None, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (stratified when labels exist) split -> (train_idx, test_idx), both sorted."""
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    test = []
+    for g in groups:
+        g = rng.permutation(g)
+        test.append(g[: int(round(len(g) * test_fraction))])
+    test = np.sort(np.concatenate(test))
+    return np.setdiff1d(np.arange(n), test), test
+
+
+# ----------------------------------------------------------------------------------------------
+# loaders, one per source
+
+
+def load_digits(split: str) -> ArrayDataset:
+    """scikit-learn's digits: 8x8, 17 grey levels, scaled to uint8. 75/25 stratified split, fixed seed."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    images = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[..., None]  # (1797, 8, 8, 1)
+    labels = d.target.astype(np.int64)
+    train, test = _split_indices(len(images), labels, 0.25, seed=0)
+    idx = test if split == "test" else train
+    return ArrayDataset("digits", images[idx], labels[idx], [str(i) for i in range(10)], [])
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read IDX file {path}: {e}. The file is truncated or not gzip; reinstall it.") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != math.prod(dims):
+        raise DataError(f"{path}: header says {dims} ({math.prod(dims)} bytes) but holds {data.size}: the file is truncated")
+    return data.reshape(dims)
+
+
+def load_fashion_mnist(root: str | None, split: str) -> ArrayDataset:
+    d = _require_dir(Path(root or FASHION_MNIST_DIR), "fashion-mnist",
+                     "Point --data fashion-mnist:DIR at the folder with the IDX files, or on Debian run "
+                     "`apt-get install dataset-fashion-mnist`.")
+    prefix = "t10k" if split == "test" else "train"
+    files = []
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        cands = [d / f"{prefix}-{kind}.gz", d / f"{prefix}-{kind}"]
+        found = next((c for c in cands if c.exists()), None)
+        if found is None:
+            raise DataError(f"fashion-mnist: neither {cands[0].name} nor {cands[1].name} is in {d}")
+        files.append(found)
+    images, labels = _read_idx(files[0]), _read_idx(files[1])
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"fashion-mnist: images {images.shape} and labels {labels.shape} in {d} do not match")
+    return ArrayDataset("fashion-mnist", images[..., None], labels.astype(np.int64), FASHION_MNIST_CLASSES, [str(f) for f in files])
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR's batches are pickles; allow only the numpy globals they need, nothing executable."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
+
+
+def load_cifar10(root: str, split: str) -> ArrayDataset:
+    fix = "Give the folder torchvision creates: cifar10:DIR with DIR/cifar-10-batches-py/data_batch_1 ... test_batch."
+    d = _require_dir(Path(root), "cifar10", fix)
+    if (d / "cifar-10-batches-py").is_dir():
+        d = d / "cifar-10-batches-py"
+    names = ["test_batch"] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
+    images, labels = [], []
+    for n in names:
+        p = d / n
+        if not p.exists():
+            raise DataError(f"cifar10: {p} is missing. {fix}")
+        try:
+            with open(p, "rb") as f:
+                entry = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+            images.append(np.asarray(entry["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels.append(np.asarray(entry.get("labels", entry.get("fine_labels")), np.int64))
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as e:
+            raise DataError(f"cifar10: {p} is not a readable CIFAR-10 batch ({e}). {fix}") from e
+    return ArrayDataset("cifar10", np.concatenate(images), np.concatenate(labels), CIFAR10_CLASSES, [str(d / n) for n in names])
+
+
+def load_stl10(root: str, split: str) -> ArrayDataset:
+    fix = "Give the folder torchvision creates: stl10:DIR with DIR/stl10_binary/{train,test,unlabeled}_X.bin."
+    d = _require_dir(Path(root), "stl10", fix)
+    if (d / "stl10_binary").is_dir():
+        d = d / "stl10_binary"
+    part = {"pretrain": "unlabeled", "train": "train", "test": "test"}[split]
+    xp = d / f"{part}_X.bin"
+    if not xp.exists():
+        raise DataError(f"stl10: {xp} is missing. {fix}")
+    n_bytes = 3 * 96 * 96
+    if xp.stat().st_size % n_bytes:
+        raise DataError(f"stl10: {xp} is {xp.stat().st_size} bytes, not a multiple of {n_bytes}: truncated")
+    raw = np.memmap(xp, np.uint8, "r").reshape(-1, 3, 96, 96)
+    # stored column-major per channel (as torchvision reads it): (N, C, W, H) -> (N, H, W, C)
+    images = raw.transpose(0, 3, 2, 1)
+    if part == "unlabeled":
+        images = np.ascontiguousarray(images) if len(images) <= 20000 else np.asarray(images)
+        return ArrayDataset("stl10", images, None, STL10_CLASSES, [str(xp)])
+    yp = d / f"{part}_y.bin"
+    if not yp.exists():
+        raise DataError(f"stl10: {yp} is missing. {fix}")
+    labels = np.fromfile(yp, np.uint8).astype(np.int64) - 1  # 1..10 on disk
+    if len(labels) != len(images):
+        raise DataError(f"stl10: {len(labels)} labels in {yp} but {len(images)} images in {xp}")
+    return ArrayDataset("stl10", np.ascontiguousarray(images), labels, STL10_CLASSES, [str(xp), str(yp)])
+
+
+def list_images(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _readable(paths: list[Path]) -> tuple[list[Path], list[str], list[str]]:
+    """Header check of every file (cheap: no pixel decode). Returns (good, their modes, bad)."""
+    good, modes, bad = [], [], []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                modes.append(im.mode)
+            good.append(p)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            bad.append(str(p))
+    return good, modes, bad
+
+
+def load_folder(root: str, split: str, base_size: int, channels: int | None = None, seed: int = 0) -> FolderDataset:
+    d = _require_dir(Path(root).expanduser(), "image folder", "Check the --data path.")
+    sub = {c.name.lower(): c for c in d.iterdir() if c.is_dir()}
+    if "train" in sub and ("test" in sub or "val" in sub):  # the folder brings its own split
+        pick = sub["train"] if split in ("pretrain", "train") else sub.get("test", sub.get("val"))
+        return load_folder(str(pick), "pretrain", base_size, channels, seed)
+    paths = list_images(d)
+    if not paths:
+        raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) found under {d}. Check the --data path.")
+    paths, modes, bad = _readable(paths)
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable image file(s) under {d}, e.g. {bad[0]}")
+    if not paths:
+        raise DataError(f"none of the {len(bad)} image files under {d} could be read (e.g. {bad[0]}): "
+                        "they are corrupt or not images.")
+    if channels is None:  # grayscale only if every file is grayscale
+        channels = 1 if all(m in GRAY_MODES for m in modes) else 3
+    rel = [p.relative_to(d) for p in paths]
+    labels = classes = None
+    if all(len(r.parts) >= 2 for r in rel):
+        classes = sorted({r.parts[0] for r in rel})
+        if len(classes) >= 2:
+            index = {c: i for i, c in enumerate(classes)}
+            labels = np.array([index[r.parts[0]] for r in rel], np.int64)
+        else:
+            classes = None
+    if split != "pretrain" and labels is not None:  # eval on a fixed stratified 80/20 split
+        train, test = _split_indices(len(paths), labels, 0.2, seed)
+        keep = test if split == "test" else train
+        paths, labels = [paths[i] for i in keep], labels[keep]
+    return FolderDataset(f"folder:{d}", paths, d, labels, classes, channels, base_size)
+
+
+def cut_tiles(image: np.ndarray, size: int, stride: int, min_foreground: float = 0.5,
+              background_level: int = 220) -> tuple[np.ndarray, np.ndarray]:
+    """Cut (H, W, 3) uint8 into size x size tiles every `stride` pixels.
+
+    A pixel is foreground when it is darker than `background_level` or coloured (max-min > 20);
+    tiles with less than `min_foreground` foreground, or almost uniform (std < 2), are skipped.
+    Returns tiles (N, size, size, 3) and their top-left corners (N, 2) as (y, x).
+    """
+    h, w = image.shape[:2]
+    tiles, corners = [], []
+    for y in range(0, h - size + 1, stride):
+        for x in range(0, w - size + 1, stride):
+            t = image[y:y + size, x:x + size]
+            luma = t.mean(axis=2)
+            fg = (luma < background_level) | (t.max(axis=2).astype(np.int16) - t.min(axis=2) > 20)
+            if fg.mean() >= min_foreground and t.std() >= 2:
+                tiles.append(t)
+                corners.append((y, x))
+    if not tiles:
+        return np.zeros((0, size, size, 3), np.uint8), np.zeros((0, 2), np.int64)
+    return np.stack(tiles), np.asarray(corners, np.int64)
+
+
+def load_tiles(spec: str, tile_size: int, tile_stride: int, min_foreground: float, max_side: int) -> ArrayDataset:
+    files: list[Path] = []
+    for part in filter(None, spec.split(",")):
+        p = Path(part).expanduser()
+        if p.is_dir():
+            files += list_images(p)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"tiles: {p} does not exist. Give an image file, a comma-separated list, or a folder.")
+    if not files:
+        raise DataError(f"tiles: no image files in {spec}")
+    if tile_size < 8 or tile_stride < 1:
+        raise DataError(f"tiles: tile size {tile_size} / stride {tile_stride} too small")
+    all_tiles = []
+    for f in files:
+        img = np.asarray(load_image(f, 3))
+        if min(img.shape[:2]) < tile_size:
+            raise DataError(f"tiles: {f} is {img.shape[1]}x{img.shape[0]}, smaller than the tile size {tile_size}")
+        t, _ = cut_tiles(img, tile_size, tile_stride, min_foreground)
+        log.info("tiles: %s -> %d tiles of %d px", f, len(t), tile_size)
+        all_tiles.append(t)
+    tiles = np.concatenate(all_tiles)
+    if len(tiles) == 0:
+        raise DataError(f"tiles: every tile of {spec} was background (foreground < {min_foreground}); "
+                        "lower --tile-min-foreground or check the image")
+    if tile_size > max_side:  # keep memory and the training crop honest: downscale with antialiasing once
+        tiles = np.stack([np.asarray(Image.fromarray(t).resize((max_side, max_side), Image.BILINEAR)) for t in tiles])
+    return ArrayDataset(f"tiles:{spec}", tiles, None, None, [str(f) for f in files])
+
+
+def open_dataset(spec: str, split: str = "pretrain", *, base_size: int = 40, tile_size: int = 64,
+                 tile_stride: int = 64, tile_min_foreground: float = 0.5, seed: int = 0) -> Dataset:
+    """Open the dataset named by a `--data` spec (see the module docstring).
+
+    Args:
+        split: "pretrain" (the unlabeled training set), "train" (labeled bank for kNN / probe) or "test".
+        base_size: folder images are resized + centre-cropped to this square for training.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    kind, _, arg = spec.partition(":")
+    if kind == "digits":
+        return load_digits(split)
+    if kind == "fashion-mnist":
+        return load_fashion_mnist(arg or None, split)
+    if kind in ("cifar10", "stl10"):
+        if not arg:
+            raise DataError(f"{kind} needs its folder: --data {kind}:DIR (nothing is downloaded)")
+        return load_cifar10(arg, split) if kind == "cifar10" else load_stl10(arg, split)
+    if kind == "tiles":
+        return load_tiles(arg, tile_size, tile_stride, tile_min_foreground, max_side=max(base_size, 8))
+    if Path(spec).expanduser().exists():
+        return load_folder(spec, split, base_size, seed=seed)
+    raise DataError(f"--data {spec!r}: not a folder that exists, nor one of digits, fashion-mnist[:DIR], "
+                    "cifar10:DIR, stl10:DIR, tiles:IMAGE")
+
+
+def has_labels(ds: Dataset) -> bool:
+    return ds.labels is not None and len(np.unique(ds.labels)) >= 2
+
+
+def channel_stats(ds: Dataset, n: int = 2048) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] over up to n evenly spaced images."""
+    idx = np.unique(np.linspace(0, len(ds) - 1, min(n, len(ds))).astype(np.int64))
+    x, _ = ds.load_batch(idx)
+    if len(x) == 0:
+        raise DataError(f"{ds.name}: no readable image among the {len(idx)} sampled for normalisation statistics")
+    x = x.reshape(-1, x.shape[-1]).astype(np.float64) / 255.0
+    std = np.maximum(x.std(0), 1e-3)
+    return tuple(round(float(v), 4) for v in x.mean(0)), tuple(round(float(v), 4) for v in std)
+
+
+# ----------------------------------------------------------------------------------------------
+# training batches: a pure function of (seed, epoch, step), so a resumed run sees the same batches
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The index batches of one epoch. A trailing batch of one image is dropped (NT-Xent needs >= 2)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    batches = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+    if batches and len(batches[-1]) < 2:
+        batches.pop()
+    return batches
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return n // batch_size + (1 if n % batch_size >= 2 else 0)
+
+
+class _BatchSet:
+    """Map-style view of a list of index batches for DataLoader workers (one item = one batch)."""
+
+    def __init__(self, ds: Dataset, batches: list[np.ndarray]):
+        self.ds, self.batches = ds, batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.ds.load_batch(self.batches[i])
+
+
+def iterate_batches(ds: Dataset, batch_size: int, seed: int, epoch: int, start_step: int = 0,
+                    num_workers: int = 0) -> Iterator[tuple[int, "torch.Tensor", list[str]]]:
+    """Yield (step, uint8 images (B, C, H, W), unreadable files) for one epoch from `start_step` on."""
+    import torch
+
+    batches = epoch_batches(len(ds), batch_size, seed, epoch)[start_step:]
+    if isinstance(ds, FolderDataset) and num_workers > 0:
+        loader = torch.utils.data.DataLoader(_BatchSet(ds, batches), batch_size=None, shuffle=False,
+                                             num_workers=num_workers, persistent_workers=False, prefetch_factor=4)
+        source = iter(loader)
+    else:
+        source = (ds.load_batch(b) for b in batches)
+    for step, (x, bad) in enumerate(source, start=start_step):
+        x = torch.as_tensor(np.asarray(x)).permute(0, 3, 1, 2)  # (B, C, H, W) uint8
+        yield step, x, bad

@@ -1,0 +1,181 @@
+"""Model registry and the Encoder every stage trains, distils, prunes and exports.
+
+    spec = ModelSpec("resnet18", in_chans=1, stem_stride=2)
+    model = create_model(spec)          # Encoder
+    model.features(x)  # (B, F)  backbone output after global average pooling
+    model.embed(x)     # (B, D)  the embedding edgeclr exports (= features unless a neck is set)
+    model.project(x)   # (B, P)  projection head output, used only by the SimCLR loss
+
+Backbones come from torchvision with random init (nothing is downloaded). `stem_stride` adapts
+the stem to small images: ResNets downsample by 4 in their stem (7x7/2 conv + max-pool), which
+leaves 1x1 maps in the last stage at 32 px; stride 2 (3x3/1 conv + max-pool) or 1 (3x3/1 conv,
+no pool, the CIFAR stem) keep more resolution at more cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a model: saved in every checkpoint and manifest."""
+
+    name: str  # registry name, e.g. "resnet18"
+    in_chans: int = 3  # input channels (1 for grayscale data)
+    stem_stride: int | None = None  # total stride of the stem; None = the architecture's default
+    width: int | None = None  # ResNet base width (64 in the paper; stages are w, 2w, 4w, 8w); None = 64
+    embed_dim: int | None = None  # linear neck after the features; None = embed with the features themselves
+    head_hidden: int | None = None  # projection head hidden width; None = feature width
+    head_out: int = 128  # projection head output width
+    head_layers: int = 2  # linear layers in the projection head (SimCLR: 2)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"unknown model spec keys {sorted(unknown)}")
+        return cls(**d)
+
+
+# name -> (builder(spec) -> (backbone returning (B, F), F), role)
+_REGISTRY: dict[str, tuple[Callable[["ModelSpec"], tuple[nn.Module, int]], str]] = {}
+
+
+def register(name: str, role: str):
+    def deco(fn):
+        _REGISTRY[name] = (fn, role)
+        return fn
+
+    return deco
+
+
+def list_models(role: str | None = None) -> list[str]:
+    """Registered names, optionally only 'teacher' or 'student' ones."""
+    return sorted(n for n, (_, r) in _REGISTRY.items() if role is None or r == role)
+
+
+def _resnet(arch: str):
+    def build(spec: ModelSpec) -> tuple[nn.Module, int]:
+        import torchvision
+
+        m = getattr(torchvision.models, arch)(weights=None)
+        stride = 4 if spec.stem_stride is None else spec.stem_stride
+        if stride not in (1, 2, 4):
+            raise ValueError(f"{spec.name}: stem_stride must be 1, 2 or 4, got {stride}")
+        w = spec.width or 64
+        if w < 8 or w % 8:
+            raise ValueError(f"{spec.name}: width must be a multiple of 8 (>= 8), got {w}")
+        if w != 64:  # rebuild the four stages at base width w with torchvision's own blocks
+            block = type(m.layer1[0])
+            m.inplanes = w
+            m.bn1 = nn.BatchNorm2d(w)
+            for i, mult in enumerate((1, 2, 4, 8)):
+                setattr(m, f"layer{i + 1}", m._make_layer(block, w * mult, len(getattr(m, f"layer{i + 1}")),
+                                                          stride=1 if i == 0 else 2))
+        if stride == 4:
+            if spec.in_chans != 3 or w != 64:
+                m.conv1 = nn.Conv2d(spec.in_chans, w, 7, 2, 3, bias=False)
+        else:
+            m.conv1 = nn.Conv2d(spec.in_chans, w, 3, 1, 1, bias=False)
+            if stride == 1:
+                m.maxpool = nn.Identity()
+        for mod in m.modules():  # torchvision's ResNet init, for the layers replaced above
+            if isinstance(mod, nn.Conv2d):
+                nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(mod, nn.BatchNorm2d):
+                nn.init.ones_(mod.weight)
+                nn.init.zeros_(mod.bias)
+        width = w * 8 * (4 if arch == "resnet50" else 1)
+        m.fc = nn.Identity()
+        return m, width
+
+    return build
+
+
+def _mobilenet(arch: str):
+    def build(spec: ModelSpec) -> tuple[nn.Module, int]:
+        import torchvision
+
+        m = getattr(torchvision.models, arch)(weights=None)
+        stride = 2 if spec.stem_stride is None else spec.stem_stride
+        if stride not in (1, 2):
+            raise ValueError(f"{spec.name}: stem_stride must be 1 or 2, got {stride}")
+        first = m.features[0][0]  # Conv2d(3, c, 3, stride 2)
+        if spec.in_chans != 3 or stride != 2:
+            m.features[0][0] = nn.Conv2d(spec.in_chans, first.out_channels, 3, stride, 1, bias=False)
+        width = m.classifier[0].in_features if arch != "mobilenet_v2" else m.classifier[-1].in_features
+        m.classifier = nn.Identity()
+        return m, width
+
+    return build
+
+
+for _n in ("resnet18", "resnet34", "resnet50"):
+    register(_n, "teacher")(_resnet(_n))
+for _n in ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large"):
+    register(_n, "student")(_mobilenet(_n))
+
+
+def projection_head(in_dim: int, hidden: int, out: int, layers: int = 2) -> nn.Sequential:
+    """SimCLR's MLP head: (Linear -> BN -> ReLU) x (layers-1) -> Linear."""
+    mods, d = [], in_dim
+    for _ in range(layers - 1):
+        mods += [nn.Linear(d, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        d = hidden
+    mods.append(nn.Linear(d, out))
+    return nn.Sequential(*mods)
+
+
+class Encoder(nn.Module):
+    """backbone -> features (B, F) -> neck -> embedding (B, D) -> head -> projection (B, P)."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+        self.neck = nn.Linear(feature_dim, spec.embed_dim) if spec.embed_dim else nn.Identity()
+        self.embed_dim = spec.embed_dim or feature_dim
+        self.head = projection_head(self.embed_dim, spec.head_hidden or self.embed_dim, spec.head_out, spec.head_layers)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)  # (B, F)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.neck(self.backbone(x))  # (B, D)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))  # (B, P)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The exported function: the embedding, without the projection head."""
+        return self.embed(x)
+
+
+def create_model(spec: ModelSpec | str, **kwargs) -> Encoder:
+    """Build an Encoder from a spec or a registry name (kwargs fill the spec).
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones) or a bad spec value.
+    """
+    if isinstance(spec, str):
+        spec = ModelSpec(spec, **kwargs)
+    if spec.name not in _REGISTRY:
+        raise ValueError(f"unknown model {spec.name!r}; valid: {', '.join(list_models())}")
+    if spec.in_chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 or 3, got {spec.in_chans}")
+    backbone, width = _REGISTRY[spec.name][0](spec)
+    return Encoder(backbone, width, spec)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

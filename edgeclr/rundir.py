@@ -1,0 +1,84 @@
+"""The run-folder contract shared by every stage (DESIGN.md, "Run directory").
+
+    runs/<name>/<stage>/config.yaml     resolved config
+    runs/<name>/<stage>/manifest.json   stage, version, inputs (+ sha256), model spec, preprocessing,
+                                        embedding dim, metrics, wall time
+    runs/<name>/<stage>/metrics.csv     long format: time, stage, epoch, step, name, value
+                                        (so training, monitors and `edgeclr eval` all append to it)
+
+Kept apart from the stages so that every stage writes the same files the same way.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import edgeclr
+
+METRICS_HEADER = ["time", "stage", "epoch", "step", "name", "value"]
+
+
+class MetricsLog:
+    """Append-only metrics.csv; each row is flushed so a killed run keeps what it logged."""
+
+    def __init__(self, path: str | Path, stage: str):
+        self.path, self.stage = Path(path), stage
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self.f = open(self.path, "a", newline="")
+        self.w = csv.writer(self.f)
+        if new:
+            self.w.writerow(METRICS_HEADER)
+
+    def log(self, metrics: dict[str, float], epoch: int | None = None, step: int | None = None) -> None:
+        t = f"{time.time():.3f}"
+        for k, v in metrics.items():
+            self.w.writerow([t, self.stage, "" if epoch is None else epoch, "" if step is None else step, k, f"{float(v):.6g}"])
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_json_atomic(obj: Any, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_manifest(stage_dir: str | Path, stage: str, *, inputs: dict, spec: dict | None, preprocess: dict | None,
+                   embed_dim: int | None, metrics: dict, wall_time_s: float, artifacts: dict | None = None,
+                   extra: dict | None = None) -> Path:
+    m = {
+        "stage": stage,
+        "edgeclr_version": edgeclr.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": socket.gethostname(),
+        "inputs": inputs,
+        "model_spec": spec,
+        "preprocess": preprocess,
+        "embedding_dim": embed_dim,
+        "artifacts": artifacts or {},
+        "metrics": metrics,
+        "wall_time_s": round(wall_time_s, 2),
+    }
+    m.update(extra or {})
+    path = Path(stage_dir) / "manifest.json"
+    write_json_atomic(m, path)
+    return path
+
+
+def read_manifest(stage_dir: str | Path) -> dict:
+    p = Path(stage_dir) / "manifest.json"
+    return json.loads(p.read_text()) if p.exists() else {}

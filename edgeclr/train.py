@@ -1,0 +1,409 @@
+"""SimCLR pretraining: `edgeclr train`.
+
+    load_data -> build_model -> build_optimizer / build_scheduler -> train_one_epoch ... -> main
+
+A later stage (distillation) imports these functions instead of copying them.
+
+Resume is exact: the data order is a function of (seed, epoch) and every view's augmentation of
+(seed, epoch, step, view), so a run restarted from a checkpoint written after step s of epoch e
+sees exactly the batches an uninterrupted run would have seen next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import sys
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgeclr import checkpoint, config, data
+from edgeclr.augment import SimCLRAugment, get_preset, preset_for, view_generator
+from edgeclr.losses import nt_xent
+from edgeclr.models import Encoder, ModelSpec, count_params, create_model
+from edgeclr.runtime import Preprocess
+
+log = logging.getLogger("edgeclr.train")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: the run stops; the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------------------------
+# set-up
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise config.ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA by default; off on CPU (CPU bf16 autocast was many times slower on the reference machine)."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def load_data(cfg) -> tuple[data.Dataset, Preprocess]:
+    """The pretraining dataset and the preprocessing that travels with the model.
+
+    Folder images are decoded at 1.25x the input size for the random resized crop; tiles are
+    stored at that size too.
+    """
+    ds = data.open_dataset(cfg.data, "pretrain", base_size=round(cfg.input_size * 1.25), tile_size=cfg.tile_size,
+                           tile_stride=cfg.tile_stride, tile_min_foreground=cfg.tile_min_foreground, seed=cfg.seed)
+    mean, std = data.channel_stats(ds)
+    # arrays hold whole images at their native size: evaluate on the whole image resized to the input;
+    # folders hold photographs of any size: resize to input/0.875 and centre-crop, as ImageNet evaluation does
+    resize = cfg.input_size if isinstance(ds, data.ArrayDataset) else round(cfg.input_size / 0.875)
+    return ds, Preprocess(cfg.input_size, resize, mean, std, ds.channels)
+
+
+def build_model(cfg, channels: int) -> Encoder:
+    spec = ModelSpec(cfg.model, in_chans=channels, stem_stride=cfg.stem_stride, width=cfg.width,
+                     head_hidden=cfg.head_hidden, head_out=cfg.head_out)
+    try:
+        return create_model(spec)
+    except ValueError as e:  # unknown name, bad stem/width: the user's option to fix
+        raise config.ConfigError(str(e)) from e
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weights only: norms' scales and all biases (1-D tensors) are excluded."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as used by SimCLR: layer-wise trust ratio eta*||w||/||g + wd*w||,
+    skipped for groups marked `lars_exclude` (norms and biases), then SGD momentum."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad.add(p, alpha=g["weight_decay"]) if g["weight_decay"] else p.grad.clone()
+                if not g["lars_exclude"]:
+                    wn, dn = p.norm(), d.norm()
+                    d.mul_(torch.where((wn > 0) & (dn > 0), g["eta"] * wn / dn, torch.ones_like(wn)))
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = d.clone()
+                else:
+                    buf.mul_(g["momentum"]).add_(d)
+                p.add_(buf, alpha=-g["lr"])
+        return loss
+
+
+def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9):
+    groups = param_groups(model, weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum)
+    if name == "adamw":
+        for g in groups:
+            g.pop("lars_exclude", None)
+        return torch.optim.AdamW(groups, lr=lr)
+    raise config.ConfigError(f"unknown optimizer {name!r}; valid: sgd, lars, adamw")
+
+
+def build_scheduler(opt, total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
+    """Linear warm-up to the peak, then cosine decay to min_ratio * peak, stepped per batch."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        p = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+class Trainer:
+    """State of one training run: model, optimiser, schedule, position, logging, checkpoints.
+
+    `step_fn(views1, views2) -> loss` is the stage's objective (SimCLR here, distillation there).
+    """
+
+    def __init__(self, cfg, stage: str, model: Encoder, ds: data.Dataset, pp: Preprocess, device: torch.device,
+                 stage_dir: Path):
+        self.cfg, self.stage, self.model, self.ds, self.pp = cfg, stage, model, ds, pp
+        self.device, self.dir = device, stage_dir
+        self.steps_per_epoch = data.steps_per_epoch(len(ds), cfg.batch_size)
+        if self.steps_per_epoch == 0:
+            raise data.DataError(f"{ds.name}: {len(ds)} image(s) cannot make a batch of 2; NT-Xent needs >= 2 images")
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.epoch, self.step, self.global_step = 0, 0, 0
+        self.opt = build_optimizer(model, cfg.optimizer, cfg.scaled_lr, cfg.weight_decay, cfg.momentum)
+        self.sched = build_scheduler(self.opt, self.total_steps, round(cfg.warmup_epochs * self.steps_per_epoch),
+                                     cfg.min_lr_ratio)
+        self.amp = amp_dtype(cfg.amp, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
+        aug_cfg = replace(get_preset(cfg.augment or preset_for(ds.channels, cfg.input_size)), crop_scale=cfg.crop_scale)
+        self.augment = SimCLRAugment(aug_cfg, cfg.input_size, pp.mean, pp.std)
+        self.aug_cfg = aug_cfg
+        self.project = torch.compile(model.project) if cfg.compile else model.project
+        self.ckpt_path = stage_dir / "checkpoints" / "last.pt"
+        self.skipped: set[str] = set()
+        self.last_metrics: dict[str, float] = {}
+        self.stop_signal: int | None = None
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, "stage": self.stage,
+            "edgeclr_version": __import__("edgeclr").__version__,
+            "model": self.model.state_dict(), "spec": self.model.spec.to_dict(), "preprocess": self.pp.to_dict(),
+            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "epoch": self.epoch, "step": self.step, "global_step": self.global_step,
+            "steps_per_epoch": self.steps_per_epoch, "rng": checkpoint.rng_state(),
+            "config": config.to_dict(self.cfg), "metrics": dict(self.last_metrics),
+            "augment": self.aug_cfg.to_dict(), "skipped_files": sorted(self.skipped),
+        }
+
+    def save(self) -> Path:
+        return checkpoint.save(self.state(), self.ckpt_path)
+
+    def restore(self, ckpt: dict, path: Path) -> None:
+        if ckpt["spec"] != self.model.spec.to_dict():
+            raise checkpoint.CheckpointError(
+                f"cannot resume from {path}: it holds a {describe(ckpt['spec'])}, but this run builds a "
+                f"{describe(self.model.spec.to_dict())}. Resume with the same --model/--width/--stem-stride/"
+                "--head-* options (and data channels), or start a new run with another --out.")
+        if ckpt["stage"] != self.stage:
+            raise checkpoint.CheckpointError(f"cannot resume {self.stage} from {path}: it is a {ckpt['stage']} checkpoint")
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler"])
+        checkpoint.set_rng_state(ckpt.get("rng") or {})
+        if ckpt.get("steps_per_epoch") not in (None, self.steps_per_epoch):
+            warnings.warn(f"{path} was written with {ckpt['steps_per_epoch']} steps per epoch, this run has "
+                          f"{self.steps_per_epoch} (different data or batch size): the data order will not "
+                          "match an uninterrupted run")
+        self.epoch, self.step, self.global_step = ckpt["epoch"], ckpt["step"], ckpt["global_step"]
+        self.skipped = set(ckpt.get("skipped_files") or [])
+        self.last_metrics = dict(ckpt.get("metrics") or {})
+
+    # -- one step ---------------------------------------------------------------------------
+    def simclr_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) uint8 -> NT-Xent over its two augmented views."""
+        cfg = self.cfg
+        v1 = self.augment(x, view_generator(cfg.seed, self.epoch, self.step, 0))
+        v2 = self.augment(x, view_generator(cfg.seed, self.epoch, self.step, 1))
+        v = torch.cat([v1, v2])  # (2B, C, S, S): one forward, BN statistics over both views
+        if cfg.channels_last:
+            v = v.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            z = self.project(v)  # (2B, P)
+        z1, z2 = z.float().chunk(2)
+        return nt_xent(z1, z2, cfg.temperature)
+
+    def optimise(self, loss: torch.Tensor) -> float | None:
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        gnorm = None
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.opt)
+            gnorm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        return gnorm
+
+
+def describe(spec: dict) -> str:
+    extras = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "name" and v is not None)
+    return f"{spec['name']} ({extras})"
+
+
+def check_finite(loss: torch.Tensor, trainer: Trainer) -> None:
+    if not torch.isfinite(loss).all():
+        last = trainer.ckpt_path if trainer.ckpt_path.exists() else None
+        raise NonFiniteLoss(
+            f"the loss became {loss.item()} at epoch {trainer.epoch}, step {trainer.step} (global step "
+            f"{trainer.global_step}); training stopped without writing a checkpoint. "
+            + (f"The last good checkpoint {last} is kept; " if last else "")
+            + f"lower --lr (now {trainer.cfg.lr}), raise --temperature (now {trainer.cfg.temperature}), "
+              "set --grad-clip, or use --amp off, then --resume.")
+
+
+def train_one_epoch(tr: Trainer, loss_fn, metrics, progress=None, deadline: float | None = None) -> bool:
+    """Run the rest of epoch tr.epoch from tr.step. Returns False when stopped early (time or signal)."""
+    cfg = tr.cfg
+    tr.model.train()
+    t_last, n_last = time.perf_counter(), 0
+    loss = gnorm = None
+    for step, x, bad in data.iterate_batches(tr.ds, cfg.batch_size, cfg.seed, tr.epoch, tr.step, cfg.num_workers):
+        tr.step = step
+        new_bad = [b for b in bad if b not in tr.skipped]
+        for b in new_bad:
+            warnings.warn(f"skipped unreadable image {b}")
+        tr.skipped.update(bad)
+        if len(x) >= 2:  # a batch left with < 2 readable images is skipped, not trained on
+            loss = loss_fn(x.to(tr.device, non_blocking=True))
+            check_finite(loss, tr)  # before the update: a NaN never reaches the weights
+            gnorm = tr.optimise(loss)
+            n_last += len(x)
+        tr.step, tr.global_step = step + 1, tr.global_step + 1
+        if progress is not None:
+            progress.update(1)
+        if loss is not None and (tr.global_step % cfg.log_every == 0 or tr.step == tr.steps_per_epoch):
+            dt = time.perf_counter() - t_last
+            m = {"loss": loss.item(), "lr": tr.opt.param_groups[0]["lr"], "images_per_s": n_last / max(dt, 1e-9),
+                 "skipped_images": len(tr.skipped)}
+            if gnorm is not None:
+                m["grad_norm"] = gnorm
+            tr.last_metrics.update(m)
+            metrics(m, tr.epoch, tr.global_step)
+            if progress is not None:
+                progress.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
+            t_last, n_last = time.perf_counter(), 0
+        stop = tr.stop_signal is not None or (deadline is not None and time.time() > deadline)
+        if stop or (cfg.ckpt_every and tr.global_step % cfg.ckpt_every == 0 and tr.step < tr.steps_per_epoch):
+            tr.save()
+        if stop:
+            return False
+    tr.epoch, tr.step = tr.epoch + 1, 0
+    return True
+
+
+def main(cfg: config.TrainConfig) -> dict:
+    """`edgeclr train`: pretrain, checkpoint, monitor, and write the run folder."""
+    from edgeclr.evaluate import KnnMonitor
+    from edgeclr.rundir import MetricsLog, write_manifest
+
+    t0 = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    stage_dir = Path(cfg.out) / "train"
+    ckpt_file = stage_dir / "checkpoints" / "last.pt"
+    if cfg.resume:
+        resume_from = checkpoint.find(stage_dir) if stage_dir.exists() else None
+        if resume_from is None:
+            raise checkpoint.CheckpointError(f"--resume: no checkpoint in {stage_dir}; drop --resume to start a new run")
+    else:
+        resume_from = None
+        if ckpt_file.exists() or checkpoint.previous_path(ckpt_file).exists():
+            raise config.ConfigError(f"{stage_dir} already holds a checkpoint: pass --resume to continue it, or "
+                                     "choose another --out (nothing was overwritten)")
+    stage_dir.mkdir(parents=True, exist_ok=True)
+
+    ds, pp = load_data(cfg)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, ds.channels).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    tr = Trainer(cfg, "train", model, ds, pp, device, stage_dir)
+    if resume_from is not None:
+        ckpt = checkpoint.load(resume_from, map_location=device)
+        tr.restore(ckpt, resume_from)
+        log.info("resumed from %s at epoch %d step %d", resume_from, tr.epoch, tr.step)
+    config.save_yaml(cfg, stage_dir / "config.yaml")
+
+    monitor = None
+    if cfg.knn_every:
+        try:
+            kw = dict(base_size=pp.resize_size, tile_size=cfg.tile_size, tile_stride=cfg.tile_stride,
+                      tile_min_foreground=cfg.tile_min_foreground, seed=cfg.seed)
+            bank, query = data.open_dataset(cfg.data, "train", **kw), data.open_dataset(cfg.data, "test", **kw)
+            if data.has_labels(bank) and data.has_labels(query):
+                monitor = KnnMonitor(bank, query, pp, cfg.knn_k, cfg.knn_t, cfg.knn_max_bank, cfg.seed)
+        except data.DataError as e:
+            log.info("no kNN monitor: %s", e)
+
+    metrics = MetricsLog(stage_dir / "metrics.csv", "train")
+    tb = None
+    if cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(stage_dir / "tb"))
+        except ImportError:
+            log.info("tensorboard is not installed: metrics go to metrics.csv only")
+
+    def log_metrics(m, epoch, step):
+        metrics.log(m, epoch, step)
+        if tb is not None:
+            for k, v in m.items():
+                tb.add_scalar(f"{tr.stage}/{k}", v, step)
+
+    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    progress = None
+    if show:
+        from tqdm import tqdm
+
+        progress = tqdm(total=tr.total_steps, initial=tr.global_step, desc=f"{tr.stage}", unit="step", dynamic_ncols=True)
+
+    def on_signal(signum, frame):
+        tr.stop_signal = signum
+
+    old_handler = signal.signal(signal.SIGTERM, on_signal)
+    log.info("%s: %d images, %d steps/epoch x %d epochs; %s with %.1fM parameters on %s", ds.name, len(ds),
+             tr.steps_per_epoch, cfg.epochs, describe(model.spec.to_dict()), count_params(model) / 1e6, device)
+    deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else None
+    completed = True
+    train_t0 = time.time()
+    try:
+        while tr.epoch < cfg.epochs:
+            if not train_one_epoch(tr, tr.simclr_loss, log_metrics, progress, deadline):
+                completed = False
+                break
+            done_epochs = tr.epoch
+            if monitor is not None and (done_epochs % cfg.knn_every == 0 or done_epochs == cfg.epochs):
+                acc = monitor(model, device)
+                tr.last_metrics["knn_top1"] = acc
+                log_metrics({"knn_top1": acc}, done_epochs, tr.global_step)
+                log.info("epoch %d: kNN %.2f%%", done_epochs, acc)
+            tr.save()
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+        if progress is not None:
+            progress.close()
+        metrics.close()
+        if tb is not None:
+            tb.close()
+    train_s = time.time() - train_t0
+    final = {k: v for k, v in tr.last_metrics.items()}
+    write_manifest(stage_dir, "train",
+                   inputs={"data": ds.fingerprint(), "resumed_from": str(resume_from) if resume_from else None},
+                   spec=model.spec.to_dict(), preprocess=pp.to_dict(), embed_dim=model.embed_dim, metrics=final,
+                   wall_time_s=time.time() - t0,
+                   artifacts={"checkpoint": str(tr.ckpt_path), "checkpoint_sha256": checkpoint.sha256(tr.ckpt_path)},
+                   extra={"completed": completed, "epoch": tr.epoch, "step": tr.step, "global_step": tr.global_step,
+                          "train_seconds": round(train_s, 1), "parameters": count_params(model),
+                          "skipped_files": sorted(tr.skipped), "augment": tr.aug_cfg.to_dict()})
+    if tr.stop_signal is not None:
+        raise SystemExit(128 + tr.stop_signal)
+    return {"stage_dir": str(stage_dir), "checkpoint": str(tr.ckpt_path), "completed": completed, **final}
