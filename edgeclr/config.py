@@ -38,7 +38,7 @@ DATA_PRESETS: dict[str, dict[str, Any]] = {
                    optimizer="adamw", lr=2e-3, weight_decay=1e-4, temperature=0.2, augment="small-gray",
                    crop_scale=(0.4, 1.0)),
     # 60k 28x28 grayscale images; recipe from benchmarks/fashion_mnist_teacher.py
-    "fashion-mnist": dict(model="resnet18", width=32, stem_stride=2, input_size=28, batch_size=256, epochs=10,
+    "fashion-mnist": dict(model="resnet18", width=16, stem_stride=2, input_size=28, batch_size=256, epochs=25,
                           optimizer="adamw", lr=2e-3, weight_decay=1e-4, temperature=0.2, augment="small-gray",
                           crop_scale=(0.3, 1.0)),
     "cifar10": dict(model="resnet18", stem_stride=1, input_size=32, batch_size=256, epochs=200, optimizer="sgd",

@@ -17,19 +17,21 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import logging
 import math
 import pickle
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
-from edgeclr.runtime import GRAY_MODES, IMAGE_SUFFIXES, ImageError, load_image, resize_center_crop, to_mode
+from edgeclr.runtime import GRAY_MODES, IMAGE_SUFFIXES, ImageError, load_image, resize_center_crop
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("edgeclr.data")
 

@@ -6,7 +6,6 @@ features, cosine similarity, the k nearest bank images vote with weight exp(sim 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import warnings

@@ -11,7 +11,6 @@ sees exactly the batches an uninterrupted run would have seen next.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import signal
@@ -21,7 +20,6 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from edgeclr import checkpoint, config, data

@@ -1,9 +1,9 @@
 import gzip
 import pickle
-import warnings
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from edgeclr import data
@@ -183,3 +183,15 @@ def test_epoch_batches_cover_the_data_and_drop_a_trailing_single():
 def test_unknown_split():
     with pytest.raises(ValueError, match="split"):
         open_dataset("digits", "val")
+
+
+def test_worker_processes_give_the_same_batches(image_folder):
+    (image_folder / "class0" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    with pytest.warns(UserWarning):
+        ds = open_dataset(str(image_folder), "pretrain", base_size=12)
+    serial = list(data.iterate_batches(ds, 8, seed=3, epoch=1, start_step=1, num_workers=0))
+    parallel = list(data.iterate_batches(ds, 8, seed=3, epoch=1, start_step=1, num_workers=2))
+    assert [s for s, _, _ in serial] == [s for s, _, _ in parallel] == list(range(1, 5))
+    for (_, a, bad_a), (_, b, bad_b) in zip(serial, parallel):
+        assert a.dtype == b.dtype == torch.uint8 and a.shape[1:] == (1, 12, 12) and torch.equal(a, b)
+        assert bad_a == bad_b
