@@ -14,7 +14,7 @@ def machine() -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-        flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
+        flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
     except OSError:
         flags = ""
     info = {"cpu": cpu, "cores": os.cpu_count(), "avx512": "avx512f" in flags, "python": platform.python_version(),

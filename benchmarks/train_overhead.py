@@ -66,7 +66,9 @@ def main():
 
     bare_opt = tr.opt  # same optimiser object and parameters: the bare loop only drops the toolchain
 
-    def bare_block(epoch=[0]):
+    epoch = [0]  # the bare loop's own epoch counter (fresh batches and views every block)
+
+    def bare_block():
         model.train()
         for step, b in enumerate(data.epoch_batches(len(ds), a.batch_size, 0, epoch[0])):
             x = torch.from_numpy(ds.images[b]).permute(0, 3, 1, 2).to(device)

@@ -117,23 +117,36 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     return ckpt
 
 
-def find(target: str | Path, stage: str | None = None) -> Path:
+# stages in pipeline order, most downstream last: a run folder's deployable model is its last one
+STAGES = ("train", "distill", "compress")
+
+
+def find(target: str | Path, stage: str | tuple[str, ...] | None = None) -> Path:
     """A checkpoint file from a path: the file itself, a stage folder, or a run folder.
 
-    Looks for `checkpoints/last.pt` (falling back to `last.prev.pt` when the last write was cut).
+    For a run folder, `stage` says which stage folder to prefer (a name, or names in order of
+    preference). Looks for `checkpoints/last.pt` (falling back to `last.prev.pt` when the last
+    write was cut).
     """
     p = Path(target)
     if p.is_file():
         return p
     if not p.exists():
         raise CheckpointError(f"{p} does not exist: give a checkpoint file, a stage folder or a run folder")
-    candidates = [p] + ([p / stage] if stage else []) + sorted(c for c in p.iterdir() if c.is_dir())
+    prefer = (stage,) if isinstance(stage, str) else tuple(stage or ())
+    candidates = [p] + [p / s for s in prefer] + sorted(c for c in p.iterdir() if c.is_dir())
     for d in candidates:
         for name in ("last.pt", "last.prev.pt"):
             f = d / "checkpoints" / name
             if f.is_file():
                 return f
     raise CheckpointError(f"no checkpoint (checkpoints/last.pt) under {p}")
+
+
+def run_dir_of(ckpt_path: str | Path) -> Path:
+    """The run folder of a checkpoint: RUN for RUN/STAGE/checkpoints/last.pt, else the file's folder."""
+    p = Path(ckpt_path).resolve()
+    return p.parent.parent.parent if p.parent.name == "checkpoints" else p.parent
 
 
 def sha256(path: str | Path) -> str:

@@ -7,40 +7,42 @@ written once. Stages are imported inside their command: `edgeclr --help` does no
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
+from pathlib import Path
 
 import click
 
 from edgeclr import __version__, config
 
 # errors that are the user's to fix: printed as one clear line, exit code 2, no traceback
-USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "ImageError", "NonFiniteLoss")
+USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "ImageError", "NonFiniteLoss", "ExportError", "ModelError")
 
 
-def _option(fld: dataclasses.Field):
+def _option(fld: dataclasses.Field, none_default: str):
     name = fld.name.replace("_", "-")
     help_ = fld.metadata.get("help", "")
     default = fld.default
-    help_ += "  [default: from the dataset preset]" if default is None and fld.name != "progress" else (
+    help_ += f"  [default: {none_default}]" if default is None and fld.name != "progress" else (
         f"  [default: {default}]" if default not in ("", None) else "")
     t = str(fld.type)
     if "bool" in t:
-        return click.option(f"--{name}/--no-{name}", default=None, help=help_)
-    if "tuple" in t:
+        return click.option(f"--{name}/--{fld.metadata.get('off') or 'no-' + name}", default=None, help=help_)
+    if "tuple" in t and fld.default is None:
         return click.option(f"--{name}", nargs=2, type=float, default=None, help=help_)
     choices = fld.metadata.get("choices")
     typ = click.Choice(choices) if choices else int if t.startswith("int") else float if t.startswith("float") else str
     return click.option(f"--{name}", type=typ, default=None, help=help_)
 
 
-def config_options(cls):
+def config_options(cls, none_default: str = "from the dataset preset"):
     """Decorate a command with one option per config field, plus --config FILE."""
 
     def deco(f):
         for fld in reversed(dataclasses.fields(cls)):
             if fld.metadata.get("cli", True):
-                f = _option(fld)(f)
+                f = _option(fld, none_default)(f)
         return click.option("--config", "config_file", type=click.Path(dir_okay=False),
                             help="YAML or TOML file of options; the command line overrides it")(f)
 
@@ -79,6 +81,84 @@ def train(config_file, **options):
 
     result = run_stage(stage.main, cfg)
     click.echo(f"checkpoint: {result['checkpoint']}" + (f"  kNN top-1: {result['knn_top1']:.2f}%" if "knn_top1" in result else ""))
+
+
+@cli.command()
+@config_options(config.DistillConfig, "from the teacher's training run")
+def distill(config_file, **options):
+    """Distil a SimCLR teacher's embeddings into a small student (MobileNet).
+
+    Writes OUT/distill/{config.yaml, manifest.json, metrics.csv, checkpoints/last.pt, tb/}; the
+    manifest links the teacher and records retention (student kNN / teacher kNN) and agreement.
+    """
+    cfg = run_stage(config.build, config.DistillConfig, config_file, **options)
+    from edgeclr import distill as stage
+
+    result = run_stage(stage.main, cfg)
+    msg = f"checkpoint: {result['checkpoint']}"
+    if "retention" in result:
+        msg += (f"  kNN top-1: student {result['knn_top1']:.2f}% / teacher {result['teacher_knn_top1']:.2f}% "
+                f"(retention {result['retention']:.3f}; top-10 neighbour overlap {result['topk_overlap']:.3f})")
+    click.echo(msg)
+
+
+@cli.command()
+@click.argument("target")
+@config_options(config.ExportConfig)
+def export(target, config_file, **options):
+    """Export TARGET's encoder (no projection head) to --format onnx | openvino | torchscript.
+
+    TARGET is a checkpoint file, a stage folder, or a run folder (its most downstream stage).
+    The file carries its preprocessing and provenance, and is checked against torch on real
+    images before it is written as done.
+    """
+    cfg = run_stage(config.build, config.ExportConfig, config_file, target=target, **options)
+    from edgeclr import export as stage
+
+    r = run_stage(stage.main, cfg)
+    p = r["parity"]
+    click.echo(f"{r['path']}  ({', '.join(Path(f).name for f in r['files'])}); parity vs torch on {r['parity_images']} images: "
+               f"min cosine {p['min_cosine']:.6f}, max abs diff {p['max_abs_diff']:.2e}")
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@config_options(config.EmbedConfig)
+def embed(inputs, config_file, **options):
+    """Embed image files and folders (INPUTS) with an exported model; torch-free.
+
+    Writes OUT (.npy) and OUT.ids.txt; re-running skips files already embedded (also after a kill).
+    """
+    cfg = run_stage(config.build, config.EmbedConfig, config_file, inputs=tuple(inputs), **options)
+    from edgeclr import runtime
+
+    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    r = run_stage(runtime.embed_files_to, cfg.model, cfg.inputs, cfg.out, cfg.batch_size, cfg.threads, cfg.on_error, cfg.precision, show)
+    for e in r["errors"]:
+        click.echo(f"skipped: {e}", err=True)
+    click.echo(f"{r['out']}: {r['total']} x {r['dim']} embeddings ({r['new']} new, {r['skipped_done']} already done, "
+               f"{len(r['errors'])} unreadable); ids in {r['ids']}")
+
+
+@cli.command()
+@click.argument("queries", nargs=-1)
+@config_options(config.SearchConfig)
+def search(queries, config_file, **options):
+    """Top-k gallery neighbours (cosine) of QUERIES (images), or of --query-embeddings; torch-free.
+
+    With --labels, also the weighted-kNN class of each query.
+    """
+    cfg = run_stage(config.build, config.SearchConfig, config_file, queries=tuple(queries), **options)
+    from edgeclr import runtime
+
+    r = run_stage(runtime.search_main, cfg)
+    for q in r:
+        if cfg.json:
+            click.echo(json.dumps(q))
+            continue
+        click.echo(f"{q['query']}" + (f"  -> class {q['class']}" if "class" in q else ""))
+        for n in q["neighbours"]:
+            click.echo(f"  {n['score']:.4f}  {n['id']}" + (f"  [{n['label']}]" if "label" in n else ""))
 
 
 @cli.command("eval")

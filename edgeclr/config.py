@@ -20,9 +20,10 @@ class ConfigError(ValueError):
     """A config value or file that cannot be used."""
 
 
-def opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True):
-    """A config field with its help line (and allowed values, checked in __post_init__)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "cli": cli})
+def opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True, off: str | None = None):
+    """A config field with its help line (and allowed values, checked in __post_init__; for a
+    bool, `off` names the negative flag, e.g. "static-batch" for --dynamic-batch)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "cli": cli, "off": off})
 
 
 def data_kind(spec: str) -> str:
@@ -76,6 +77,7 @@ class TrainConfig:
     temperature: float | None = opt(None, "NT-Xent temperature")
     augment: str | None = opt(None, "augmentation preset: small-gray | small-rgb | rgb | gray | histo (default from data)")
     crop_scale: tuple[float, float] | None = opt(None, "random resized crop area range, e.g. 0.3 1.0")
+    jitter: float | None = opt(None, "colour-jitter strength s (SimCLR: brightness, contrast, saturation 0.8s, hue 0.2s; default: the augment preset's)")
     grad_clip: float = opt(0.0, "clip the gradient norm to this value (0 = off)")
     amp: str = opt("auto", "mixed precision: auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off", ("auto", "bf16", "fp16", "off"))
     channels_last: bool = opt(True, "use the channels_last memory format (faster convolutions on CPU and GPU)")
@@ -99,13 +101,19 @@ class TrainConfig:
     tile_min_foreground: float = opt(0.5, "tiles: skip tiles with less foreground (non-background) than this")
 
     def __post_init__(self):
-        preset = DATA_PRESETS[data_kind(self.data)]
-        for k, v in preset.items():
+        self.fill(DATA_PRESETS[data_kind(self.data)])
+        self.validate()
+
+    def fill(self, defaults: dict[str, Any]) -> None:
+        """Set the fields still at None from `defaults`."""
+        for k, v in defaults.items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
         if self.crop_scale is None:
             self.crop_scale = (0.2, 1.0)
         self.crop_scale = tuple(float(v) for v in self.crop_scale)
+
+    def validate(self) -> None:
         check_choices(self)
         if self.batch_size < 2:
             raise ConfigError(f"batch_size must be >= 2: NT-Xent contrasts each image with the others in its batch "
@@ -122,6 +130,64 @@ class TrainConfig:
     def scaled_lr(self) -> float:
         r = self.batch_size / 256
         return self.lr * {"linear": r, "sqrt": r ** 0.5, "none": 1.0}[self.lr_scaling]
+
+
+# Distillation defaults for fields that are not taken from the teacher's training config.
+DISTILL_DEFAULTS: dict[str, Any] = dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4)
+# Taken from the teacher's training config when left at None: same data, schedule and views.
+FROM_TEACHER = ("data", "epochs", "batch_size", "augment", "crop_scale", "jitter", "tile_size", "tile_stride",
+                "tile_min_foreground")
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    """`edgeclr distill`: a frozen SimCLR teacher's embeddings -> a small student.
+
+    Every TrainConfig field keeps its meaning; fields left at None come from the teacher's
+    training config (data, epochs, batch size, augmentations) or DISTILL_DEFAULTS. `resolve`
+    fills them once the teacher is loaded.
+    """
+
+    data: str | None = opt(None, "dataset (default: the teacher's); same forms as `edgeclr train --data`")
+    out: str | None = opt(None, "run folder; this stage writes into OUT/distill (default: the teacher's run folder)")
+    model: str | None = opt("mobilenet_v3_large", "student: registry name (mobilenet_v3_large, mobilenet_v3_small, mobilenet_v2, ...)")
+    stem_stride: int | None = opt(None, "student stem stride: 2 = the architecture's, 1 = keep resolution for images under 64 px (default)")
+    input_size: int | None = opt(None, "must equal the teacher's input size (default: the teacher's)")
+    temperature: float | None = opt(0.1, "relational (SEED) loss: student softmax temperature")
+    width: int | None = opt(None, "", cli=False)
+    head_hidden: int | None = opt(None, "", cli=False)
+    head_out: int = opt(128, "", cli=False)
+    teacher: str = opt("", "teacher: a `edgeclr train` checkpoint, stage folder or run folder")
+    embed_dim: int | None = opt(None, "student embedding width (default: the teacher's; a linear adapter maps it to the teacher's when different)")
+    cosine_weight: float = opt(1.0, "weight of the cosine regression of student onto teacher embeddings")
+    relational_weight: float = opt(1.0, "weight of the relational (SEED) loss: KL between similarity distributions over a queue")
+    teacher_temperature: float = opt(0.1, "relational loss: teacher softmax temperature (equal to the student's, the "
+                                          "relational optimum is the cosine loss's: the teacher's own embedding)")
+    queue_size: int = opt(4096, "relational loss: teacher embeddings kept as the instance set")
+    cache_teacher: bool = opt(False, "embed every training image once with the teacher (clean view) and distil onto those "
+                                     "cached targets: the teacher runs once instead of every step")
+
+    def __post_init__(self):  # checked once the teacher is known: see resolve()
+        pass
+
+    def resolve(self, teacher_cfg: dict, teacher_input_size: int) -> "DistillConfig":
+        """Fill None fields from the teacher's training config, then DISTILL_DEFAULTS; validate."""
+        if not self.teacher:
+            raise ConfigError("--teacher is required: a checkpoint or run folder written by `edgeclr train`")
+        if self.input_size not in (None, teacher_input_size):
+            raise ConfigError(f"--input-size {self.input_size} differs from the teacher's input size {teacher_input_size}: "
+                              "the student is taught on the teacher's inputs; drop --input-size")
+        self.input_size = teacher_input_size
+        self.fill({k: teacher_cfg[k] for k in FROM_TEACHER if teacher_cfg.get(k) is not None})
+        self.fill(DISTILL_DEFAULTS)
+        if self.stem_stride is None:
+            self.stem_stride = 1 if self.input_size < 64 else 2
+        self.validate()
+        if self.cosine_weight < 0 or self.relational_weight < 0 or self.cosine_weight + self.relational_weight == 0:
+            raise ConfigError("cosine_weight and relational_weight must be >= 0 and not both 0")
+        if self.teacher_temperature <= 0 or self.queue_size < 0 or (self.embed_dim is not None and self.embed_dim < 1):
+            raise ConfigError("teacher_temperature must be > 0, queue_size >= 0 and embed_dim >= 1")
+        return self
 
 
 @dataclass
@@ -148,6 +214,78 @@ class EvalConfig:
             raise ConfigError(f"unknown baseline(s) {bad}; valid: random, pixels")
         if self.knn_k < 1 or self.knn_t <= 0:
             raise ConfigError(f"knn_k must be >= 1 and knn_t > 0, got {self.knn_k}, {self.knn_t}")
+
+
+@dataclass
+class ExportConfig:
+    """`edgeclr export`: the encoder as a self-describing ONNX / OpenVINO / TorchScript file."""
+
+    target: str = opt("", "checkpoint file, stage folder or run folder (its most downstream stage)", cli=False)
+    format: str = opt("onnx", "onnx | openvino | torchscript (edgeclr/export.py, EXPORT_FORMATS)", ("onnx", "openvino", "torchscript"))
+    out: str | None = opt(None, "folder to write into (default: RUN/export beside the checkpoint's stage)")
+    name: str = opt("model", "file stem: NAME.onnx, NAME.xml + NAME.bin, NAME.pt")
+    input_size: int | None = opt(None, "input side in pixels (default: the training input size)")
+    dynamic_batch: bool = opt(True, "a dynamic batch dimension (--static-batch: fixed batch 1)", off="static-batch")
+    opset: int = opt(17, "ONNX opset (13-17)")
+    normalize: bool = opt(True, "L2-normalise the embedding inside the model")
+    data: str | None = opt(None, "images for the parity check (default: the checkpoint's dataset)")
+    check_images: int = opt(32, "real images in the parity check against torch")
+    min_cosine: float = opt(0.9999, "the parity check fails below this per-image cosine to torch")
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.input_size is not None and self.input_size < 8:
+            raise ConfigError(f"input_size must be >= 8, got {self.input_size}")
+        if self.check_images < 1:
+            raise ConfigError("check_images must be >= 1: every export is checked against torch")
+
+
+@dataclass
+class EmbedConfig:
+    """`edgeclr embed`: image files -> embeddings with an exported model (torch-free)."""
+
+    inputs: tuple = opt((), "image files and folders (searched recursively)", cli=False)
+    model: str = opt("", "exported model: .onnx (onnxruntime) or .xml (OpenVINO)")
+    out: str = opt("embeddings.npy", "output .npy (N, D) float32; ids (file paths) go to OUT.ids.txt")
+    batch_size: int = opt(32, "images per inference call")
+    threads: int = opt(0, "inference threads (0 = the runtime's default)")
+    on_error: str = opt("skip", "an unreadable image: skip (reported) | raise", ("skip", "raise"))
+    precision: str = opt("f32", "OpenVINO inference precision: f32 | bf16 | f16 | default", ("f32", "bf16", "f16", "default"))
+    progress: bool | None = opt(None, "progress bar (default: only when stderr is a terminal)")
+
+    def __post_init__(self):
+        check_choices(self)
+        if not self.model:
+            raise ConfigError("--model is required: an exported .onnx or .xml file (edgeclr export)")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class SearchConfig:
+    """`edgeclr search`: nearest gallery images (and kNN class) of query images or embeddings."""
+
+    queries: tuple = opt((), "query image files or folders", cli=False)
+    gallery: str = opt("", "gallery: OUT.npy from `edgeclr embed` (with OUT.ids.txt) or an index .npz")
+    model: str | None = opt(None, "exported model to embed query images with")
+    query_embeddings: str | None = opt(None, "query embeddings (.npy) instead of images")
+    labels: str | None = opt(None, "gallery labels: 'folder' (parent folder of each gallery file) or a text file, one per row")
+    k: int = opt(5, "neighbours to return")
+    knn_k: int = opt(20, "neighbours voting in kNN classification")
+    knn_t: float = opt(0.1, "kNN temperature of the similarity weights")
+    save_index: str | None = opt(None, "also save the gallery as an index .npz (pickle-free)")
+    json: bool = opt(False, "print JSON lines instead of a table")
+    threads: int = opt(0, "inference threads (0 = the runtime's default)")
+
+    def __post_init__(self):
+        if not self.gallery:
+            raise ConfigError("--gallery is required: embeddings from `edgeclr embed` or an index .npz")
+        if bool(self.queries) == bool(self.query_embeddings):
+            raise ConfigError("give query images (with --model) or --query-embeddings, not both or neither")
+        if self.queries and not self.model:
+            raise ConfigError("query images need --model (the exported model the gallery was embedded with)")
+        if self.k < 1 or self.knn_k < 1 or self.knn_t <= 0:
+            raise ConfigError("k and knn_k must be >= 1, knn_t > 0")
 
 
 def check_choices(cfg) -> None:

@@ -21,9 +21,10 @@ import logging
 import math
 import pickle
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -463,8 +464,9 @@ class _BatchSet:
 
 
 def iterate_batches(ds: Dataset, batch_size: int, seed: int, epoch: int, start_step: int = 0,
-                    num_workers: int = 0) -> Iterator[tuple[int, "torch.Tensor", list[str]]]:
-    """Yield (step, uint8 images (B, C, H, W), unreadable files) for one epoch from `start_step` on."""
+                    num_workers: int = 0) -> Iterator[tuple[int, "torch.Tensor", list[str], np.ndarray]]:
+    """Yield (step, uint8 images (B, C, H, W), unreadable files, dataset indices of the B images) for
+    one epoch from `start_step` on."""
     import torch
 
     batches = epoch_batches(len(ds), batch_size, seed, epoch)[start_step:]
@@ -474,6 +476,9 @@ def iterate_batches(ds: Dataset, batch_size: int, seed: int, epoch: int, start_s
         source = iter(loader)
     else:
         source = (ds.load_batch(b) for b in batches)
-    for step, (x, bad) in enumerate(source, start=start_step):
+    for step, (b, (x, bad)) in enumerate(zip(batches, source), start=start_step):
         x = torch.as_tensor(np.asarray(x)).permute(0, 3, 1, 2)  # (B, C, H, W) uint8
-        yield step, x, bad
+        if bad:  # only folders have unreadable files
+            skip = set(bad)
+            b = np.asarray([i for i in b if str(ds.paths[i]) not in skip], np.int64)
+        yield step, x, bad, b

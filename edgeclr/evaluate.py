@@ -73,6 +73,31 @@ def knn_accuracy(bank, bank_y, query, query_y, k: int = 20, t: float = 0.1) -> f
     return 100.0 * (pred == query_y).float().mean().item()
 
 
+@torch.no_grad()
+def agreement(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> dict[str, float]:
+    """How far two embedders of the same N images agree. a: (N, Da), b: (N, Db).
+
+    Returns topk_overlap: mean fraction of each image's k nearest neighbours (cosine, itself
+    excluded) that both embedders share (any widths); and cosine_agreement: mean cos(a_i, b_i)
+    when the widths are equal (NaN otherwise). Judge an INT8 or distilled model by the overlap:
+    a collapsed embedding can have a high cosine and useless neighbours.
+    """
+    a, b = F.normalize(a.float(), dim=1), F.normalize(b.float(), dim=1)
+    k = min(k, len(a) - 1)
+    if k < 1:
+        raise ValueError("agreement needs at least 2 images")
+
+    def neighbours(x):
+        sim = x @ x.T
+        sim.fill_diagonal_(-float("inf"))
+        return sim.topk(k, dim=1).indices  # (N, k)
+
+    na, nb = neighbours(a), neighbours(b)
+    overlap = (na.unsqueeze(2) == nb.unsqueeze(1)).any(2).float().sum(1) / k  # (N,)
+    cos = (a * b).sum(1).mean().item() if a.shape == b.shape else float("nan")
+    return {"topk_overlap": overlap.mean().item(), "cosine_agreement": cos}
+
+
 def linear_probe(train_f, train_y, test_f, test_y, seed: int = 0) -> float:
     """Logistic regression on standardised frozen features; test accuracy in percent."""
     from sklearn.exceptions import ConvergenceWarning

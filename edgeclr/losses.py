@@ -1,4 +1,4 @@
-"""Contrastive losses.
+"""Contrastive and distillation losses.
 
 NT-Xent (normalised temperature-scaled cross entropy), SimCLR: Chen, Kornblith, Norouzi, Hinton,
 "A Simple Framework for Contrastive Learning of Visual Representations", ICML 2020, eq. (1):
@@ -6,11 +6,19 @@ NT-Xent (normalised temperature-scaled cross entropy), SimCLR: Chen, Kornblith, 
     l(i, j) = -log  exp(sim(z_i, z_j) / t) / sum_{k != i} exp(sim(z_i, z_k) / t)
 
 over 2N views, averaged over all 2N anchors (each view is once an anchor).
+
+Distillation of a frozen teacher's embeddings into a student (edgeclr distill):
+- `cosine_distill`: regression of the student's embedding onto the teacher's direction,
+  mean(1 - cos(s_i, t_i)) (the "feature" objective of CompRess / SimCLRv2-style embedding KD).
+- `relational_distill`: SEED, Fang et al., "SEED: Self-supervised Distillation for Visual
+  Representation", ICLR 2021: for each image, the teacher's softmax similarity distribution
+  over an instance set (a queue of past teacher embeddings plus the batch's) is the target of
+  the student's, KL(p_T || p_S), each at its own temperature.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,3 +59,63 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *,
     pos_col = torch.cat([idx + n, idx])  # column of its positive
     logits = logits.masked_fill(F.one_hot(self_col, 2 * n).bool(), float("-inf"))
     return F.cross_entropy(logits, pos_col)
+
+
+def cosine_distill(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """mean(1 - cos(s_i, t_i)). s: (B, D) student embeddings, t: (B, D) teacher embeddings -> scalar in [0, 2]."""
+    if s.shape != t.shape:
+        raise ValueError(f"student and teacher embeddings must have the same shape, got {tuple(s.shape)} and {tuple(t.shape)}")
+    return (1 - F.cosine_similarity(s.float(), t.float(), dim=1)).mean()
+
+
+def relational_distill(s: torch.Tensor, t: torch.Tensor, queue: torch.Tensor | None = None,
+                       student_temperature: float = 0.1, teacher_temperature: float = 0.05) -> torch.Tensor:
+    """SEED's loss, KL(p_T || p_S) averaged over the batch.
+
+    Args:
+        s: (B, D) student embeddings (in the teacher's space: after the adapter, if any).
+        t: (B, D) teacher embeddings of the same views.
+        queue: (K, D) L2-normalised teacher embeddings of earlier batches, or None / empty.
+        student_temperature, teacher_temperature: softmax temperatures (the teacher's sharper).
+
+    Returns:
+        Scalar, >= 0; 0 when the student's similarities equal the teacher's.
+    """
+    if s.shape != t.shape:
+        raise ValueError(f"student and teacher embeddings must have the same shape, got {tuple(s.shape)} and {tuple(t.shape)}")
+    s, t = F.normalize(s.float(), dim=1), F.normalize(t.float(), dim=1)
+    bank = t if queue is None or len(queue) == 0 else torch.cat([queue.to(t), t])  # (K + B, D)
+    log_p_t = F.log_softmax(t @ bank.T / teacher_temperature, dim=1)  # (B, K + B)
+    log_p_s = F.log_softmax(s @ bank.T / student_temperature, dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+
+
+class EmbeddingQueue:
+    """FIFO ring buffer of the last `size` L2-normalised teacher embeddings, (K, D)."""
+
+    def __init__(self, size: int, dim: int, device: torch.device | str = "cpu"):
+        self.buf = torch.zeros(size, dim, device=device)
+        self.ptr, self.count = 0, 0
+
+    def items(self) -> torch.Tensor:
+        return self.buf[:self.count]
+
+    @torch.no_grad()
+    def push(self, t: torch.Tensor) -> None:
+        size = len(self.buf)
+        if size == 0:
+            return
+        t = F.normalize(t.detach().float(), dim=1)[-size:]
+        idx = (self.ptr + torch.arange(len(t), device=self.buf.device)) % size
+        self.buf[idx] = t.to(self.buf)
+        self.ptr = int((self.ptr + len(t)) % size)
+        self.count = min(size, self.count + len(t))
+
+    def state_dict(self) -> dict:
+        return {"buf": self.buf.cpu(), "ptr": self.ptr, "count": self.count}
+
+    def load_state_dict(self, d: dict) -> None:
+        if d["buf"].shape != self.buf.shape:
+            raise ValueError(f"queue of shape {tuple(d['buf'].shape)} does not fit {tuple(self.buf.shape)}")
+        self.buf.copy_(d["buf"])
+        self.ptr, self.count = int(d["ptr"]), int(d["count"])

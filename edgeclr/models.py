@@ -15,7 +15,7 @@ no pool, the CIFAR stem) keep more resolution at more cost.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ class ModelSpec:
     embed_dim: int | None = None  # linear neck after the features; None = embed with the features themselves
     head_hidden: int | None = None  # projection head hidden width; None = feature width
     head_out: int = 128  # projection head output width
-    head_layers: int = 2  # linear layers in the projection head (SimCLR: 2)
+    head_layers: int = 2  # linear layers in the projection head (SimCLR: 2; 0 = no head, e.g. a distilled student)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -126,7 +126,9 @@ for _n in ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large"):
 
 
 def projection_head(in_dim: int, hidden: int, out: int, layers: int = 2) -> nn.Sequential:
-    """SimCLR's MLP head: (Linear -> BN -> ReLU) x (layers-1) -> Linear."""
+    """SimCLR's MLP head: (Linear -> BN -> ReLU) x (layers-1) -> Linear; layers=0: no head."""
+    if layers == 0:
+        return nn.Sequential()
     mods, d = [], in_dim
     for _ in range(layers - 1):
         mods += [nn.Linear(d, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]

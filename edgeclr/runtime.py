@@ -1,16 +1,23 @@
-"""Torch-free image loading and preprocessing: the ONE preprocessing path of edgeclr.
+"""The device side of edgeclr, torch-free: image loading, the ONE preprocessing path, exported-model
+metadata, `Embedder` (onnxruntime or OpenVINO) and `Index` (nearest-neighbour search).
 
-Only numpy and PIL are imported here (onnxruntime / openvino are imported inside the functions
-that need them), because this module runs on the device. Training-side evaluation
+Only numpy and PIL are imported at module level (onnxruntime / openvino inside the functions that
+need them), because this module runs on the device. Training-side evaluation
 (`edgeclr.evaluate`) calls the same `preprocess` so that torch and the runtime see the same
 input tensor for the same image file.
+
+    emb = Embedder.load("model.onnx")             # or model.xml; preprocessing read from the file
+    vectors = emb.embed(["a.jpg", "b.png"])        # (N, D) float32
+    index = Index(vectors, ids=["a", "b"])
+    scores, idx = index.search(emb.embed(["query.jpg"]), k=5)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -143,3 +150,406 @@ def preprocess(img: Image.Image, pp: Preprocess) -> np.ndarray:
 def preprocess_batch(images: Sequence[Image.Image], pp: Preprocess) -> np.ndarray:
     """List of PIL images -> (B, C, S, S) float32."""
     return np.stack([preprocess(im, pp) for im in images]) if len(images) else np.zeros((0, pp.channels, pp.input_size, pp.input_size), np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# exported models
+
+
+class ModelError(ValueError):
+    """An exported model file that cannot be used (missing, unknown format, no edgeclr metadata)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelMeta:
+    """What an exported model says about itself (ONNX metadata_props / OpenVINO rt_info / metadata.json)."""
+
+    preprocess: Preprocess
+    embedding_dim: int
+    normalized: bool  # the model L2-normalises its output
+    input_name: str = "images"
+    output_name: str = "embeddings"
+    dynamic_batch: bool = True
+    precision: str = "fp32"  # fp32 | int8
+    source_stage: str = ""  # train | distill | compress
+    checkpoint_sha256: str = ""
+    edgeclr_version: str = ""
+    model_spec: dict | None = None
+
+    def to_props(self) -> dict[str, str]:
+        """Flat string map (every value JSON-encoded), the form both file formats store."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "preprocess"}
+        d.update(self.preprocess.to_dict())
+        d["channel_order"] = "L" if self.preprocess.channels == 1 else "RGB"
+        return {k: json.dumps(v) for k, v in d.items()}
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], source: str = "the model") -> ModelMeta:
+        try:
+            d = {k: json.loads(v) for k, v in props.items()}
+            pp_keys = [f.name for f in dataclasses.fields(Preprocess)]
+            pp = Preprocess.from_dict({k: d[k] for k in pp_keys if k in d})
+            names = {f.name for f in dataclasses.fields(cls)}
+            return cls(preprocess=pp, **{k: v for k, v in d.items() if k in names and k != "preprocess"})
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelError(f"{source} carries no usable edgeclr metadata ({type(e).__name__}: {e}); "
+                             "export it with `edgeclr export`, which writes input size, mean, std and layout into the file") from e
+
+    def to_dict(self) -> dict:
+        return {k: json.loads(v) for k, v in self.to_props().items()}
+
+
+class _OnnxBackend:
+    def __init__(self, path: Path, threads: int):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.props = dict(self.session.get_modelmeta().custom_metadata_map)
+        inp = self.session.get_inputs()[0]
+        self.input_name, self.batch = inp.name, inp.shape[0] if isinstance(inp.shape[0], int) else None
+        self.precision = "f32"
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0]
+
+
+class _OpenVinoBackend:
+    def __init__(self, path: Path, threads: int, precision: str):
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(str(path))
+        keys = [f.name for f in dataclasses.fields(ModelMeta)] + [f.name for f in dataclasses.fields(Preprocess)]
+        self.props = {k: model.get_rt_info(["model_info", k]).astype(str) for k in keys if model.has_rt_info(["model_info", k])}
+        config = {}
+        if precision != "default":  # this CPU would otherwise run an "FP32" model in bf16
+            config["INFERENCE_PRECISION_HINT"] = precision
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = core.compile_model(model, "CPU", config)
+        self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        shape = model.inputs[0].get_partial_shape()
+        self.batch = shape[0].get_length() if shape[0].is_static else None
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.request.infer([x])[0])
+
+
+def _read_sidecar(path: Path) -> dict[str, str]:
+    """The model's entry in metadata.json beside it ({file name: metadata}), if any."""
+    side = path.with_name("metadata.json")
+    if side.is_file():
+        try:
+            entry = json.loads(side.read_text()).get(path.name) or {}
+            return {k: json.dumps(v) for k, v in entry.items()}
+        except (ValueError, AttributeError):
+            pass
+    return {}
+
+
+class Embedder:
+    """Images -> (N, D) float32 embeddings with an exported edgeclr model; no torch.
+
+    Use `Embedder.load(path)`: the backend comes from the suffix (.onnx: onnxruntime, .xml:
+    OpenVINO) and the preprocessing from the file's own metadata.
+    """
+
+    def __init__(self, backend, meta: ModelMeta, path: Path):
+        self.backend, self.meta, self.path = backend, meta, path
+
+    @classmethod
+    def load(cls, path: str | Path, threads: int = 0, precision: str = "f32") -> Embedder:
+        """Args: threads: CPU threads (0 = the runtime's default); precision (OpenVINO): f32 | bf16 | f16 | default."""
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"model file {path} does not exist")
+        suffix = path.suffix.lower()
+        try:
+            if suffix == ".onnx":
+                backend = _OnnxBackend(path, threads)
+            elif suffix == ".xml":
+                backend = _OpenVinoBackend(path, threads, precision)
+            else:
+                raise ModelError(f"{path}: unknown model format {suffix!r}; the runtime reads .onnx (onnxruntime) and .xml (OpenVINO)")
+        except ImportError as e:
+            pkg = "onnxruntime" if suffix == ".onnx" else "openvino"
+            raise ModelError(f"{path} needs {pkg}: pip install 'edgeclr[{'runtime' if pkg == 'onnxruntime' else 'openvino'}]'") from e
+        except ModelError:
+            raise
+        except Exception as e:  # the runtimes raise their own types on corrupt files
+            raise ModelError(f"cannot load model {path}: {type(e).__name__}: {str(e)[:300]}") from e
+        props = backend.props or _read_sidecar(path)
+        return cls(backend, ModelMeta.from_props(props, str(path)), path)
+
+    @property
+    def dim(self) -> int:
+        return self.meta.embedding_dim
+
+    def embed_arrays(self, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Preprocessed inputs (N, C, S, S) float32 -> (N, D) float32."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        step = self.backend.batch or batch_size
+        out = [self.backend(x[i:i + step]) for i in range(0, len(x), step)]
+        return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros((0, self.dim), np.float32)
+
+    def embed(self, images: Sequence[str | Path | Image.Image], batch_size: int = 32) -> np.ndarray:
+        """Image files or PIL images -> (N, D). An unreadable file raises ImageError (see embed_files)."""
+        pp, out = self.meta.preprocess, []
+        for i in range(0, len(images), batch_size):
+            chunk = [im if isinstance(im, Image.Image) else load_image(im, pp.channels) for im in images[i:i + batch_size]]
+            out.append(self.embed_arrays(preprocess_batch(chunk, pp), batch_size))
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def embed_files(self, paths: Iterable[str | Path], batch_size: int = 32, on_error: str = "skip"):
+        """Yield (ids, (n, D) embeddings, errors) per batch of readable files; with on_error="raise"
+        the first unreadable file raises ImageError, with "skip" it is reported in `errors`."""
+        pp = self.meta.preprocess
+        ids, arrays, errors = [], [], []
+        for p in paths:
+            try:
+                arrays.append(preprocess(load_image(p, pp.channels), pp))
+                ids.append(str(p))
+            except ImageError as e:
+                if on_error == "raise":
+                    raise
+                errors.append(str(e))
+            if len(arrays) == batch_size:
+                yield ids, self.embed_arrays(np.stack(arrays), batch_size), errors
+                ids, arrays, errors = [], [], []
+        if arrays or errors:
+            yield ids, (self.embed_arrays(np.stack(arrays), batch_size) if arrays else np.zeros((0, self.dim), np.float32)), errors
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+class Index:
+    """Exact cosine nearest-neighbour search over a gallery of embeddings (numpy), with optional
+    labels for kNN classification. Saved as a pickle-free .npz."""
+
+    def __init__(self, embeddings: np.ndarray, ids: Sequence[str] | None = None, labels: Sequence[str] | None = None):
+        emb = np.asarray(embeddings, np.float32)
+        if emb.ndim != 2 or len(emb) == 0:
+            raise ValueError(f"an index needs (N, D) embeddings with N >= 1, got shape {emb.shape}")
+        self.emb = l2_normalize(emb)
+        self.ids = np.asarray([str(i) for i in ids] if ids is not None else [str(i) for i in range(len(emb))])
+        self.labels = None if labels is None else np.asarray([str(v) for v in labels])
+        for name, v in (("ids", self.ids), ("labels", self.labels)):
+            if v is not None and len(v) != len(emb):
+                raise ValueError(f"{len(v)} {name} for {len(emb)} embeddings")
+
+    def __len__(self) -> int:
+        return len(self.emb)
+
+    def search(self, queries: np.ndarray, k: int = 10, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """queries (Q, D) -> (scores (Q, k) cosine similarities, best first; indices (Q, k) into the gallery)."""
+        q = l2_normalize(np.atleast_2d(queries))
+        if q.shape[1] != self.emb.shape[1]:
+            raise ValueError(f"queries have dimension {q.shape[1]}, the index {self.emb.shape[1]}")
+        k = min(k, len(self.emb))
+        scores, idx = [], []
+        for i in range(0, len(q), chunk):
+            sim = q[i:i + chunk] @ self.emb.T  # (q, N)
+            part = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+            s = np.take_along_axis(sim, part, 1)
+            order = np.argsort(-s, axis=1, kind="stable")
+            idx.append(np.take_along_axis(part, order, 1))
+            scores.append(np.take_along_axis(s, order, 1))
+        return np.concatenate(scores), np.concatenate(idx)
+
+    def classify(self, queries: np.ndarray, k: int = 20, t: float = 0.1) -> np.ndarray:
+        """Weighted kNN (votes exp(cos / t)), as `edgeclr eval`. Returns (Q,) labels."""
+        if self.labels is None:
+            raise ValueError("this index has no labels: build it with labels to classify")
+        classes, y = np.unique(self.labels, return_inverse=True)
+        scores, idx = self.search(queries, k)
+        votes = np.zeros((len(scores), len(classes)))
+        np.add.at(votes, (np.arange(len(scores))[:, None], y[idx]), np.exp(scores / t))
+        return classes[votes.argmax(1)]
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp.npz")
+        arrays = {"embeddings": self.emb, "ids": self.ids}
+        if self.labels is not None:
+            arrays["labels"] = self.labels
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Index:
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return cls(f["embeddings"], f["ids"], f["labels"] if "labels" in f.files else None)
+        except (OSError, KeyError, ValueError) as e:
+            raise ModelError(f"cannot read index {path}: {e}") from e
+
+
+
+# ----------------------------------------------------------------------------------------------
+# `edgeclr embed` and `edgeclr search`: file-level work on top of Embedder and Index
+
+
+def list_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files named directly, plus image files found recursively in named folders (sorted)."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ImageError(f"{p} does not exist: give image files or folders of images")
+    if not out:
+        raise ImageError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, inputs))}")
+    return out
+
+
+def ids_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".ids.txt")
+
+
+def read_embeddings(path: str | Path) -> tuple[np.ndarray, list[str]]:
+    """(N, D) embeddings and their ids from `edgeclr embed`'s OUT.npy + OUT.ids.txt."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"embeddings file {path} does not exist")
+    emb = np.load(path, allow_pickle=False)
+    ids = ids_path(path).read_text().splitlines() if ids_path(path).exists() else [str(i) for i in range(len(emb))]
+    if len(ids) != len(emb):
+        raise ModelError(f"{path} holds {len(emb)} embeddings but {ids_path(path)} {len(ids)} ids")
+    return emb, ids
+
+
+class _Partial:
+    """Append-only progress of an embedding run: OUT.partial.f32 (rows of D float32) + OUT.partial.ids.txt."""
+
+    def __init__(self, out: Path, dim: int):
+        self.rows_f, self.ids_f, self.dim = out.with_name(out.stem + ".partial.f32"), out.with_name(out.stem + ".partial.ids.txt"), dim
+
+    def read(self) -> tuple[np.ndarray, list[str]]:
+        if not self.rows_f.exists():
+            return np.zeros((0, self.dim), np.float32), []
+        rows = np.fromfile(self.rows_f, np.float32)
+        ids = self.ids_f.read_text().splitlines() if self.ids_f.exists() else []
+        n = min(len(rows) // self.dim, len(ids))  # a kill between the two writes leaves one longer
+        return rows[: n * self.dim].reshape(n, self.dim), ids[:n]
+
+    def append(self, emb: np.ndarray, ids: list[str]) -> None:
+        import os
+
+        with open(self.rows_f, "ab") as f:
+            f.write(np.ascontiguousarray(emb, np.float32).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        with open(self.ids_f, "a") as f:
+            f.write("".join(i + "\n" for i in ids))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def clear(self) -> None:
+        self.rows_f.unlink(missing_ok=True)
+        self.ids_f.unlink(missing_ok=True)
+
+
+def embed_files_to(model: str | Path, inputs: Sequence[str | Path], out: str | Path, batch_size: int = 32, threads: int = 0,
+                   on_error: str = "skip", precision: str = "f32", progress: bool = False) -> dict:
+    """Embed image files into OUT (.npy, (N, D) float32) + OUT.ids.txt (one path per row).
+
+    Resumable: ids already in OUT or in the progress files of an interrupted run are skipped,
+    and new rows are appended, so re-running on a grown folder embeds only the new files.
+    """
+    out = Path(out)
+    if out.suffix != ".npy":
+        raise ImageError(f"--out {out}: embeddings are written as .npy")
+    emb = Embedder.load(model, threads=threads, precision=precision)
+    files = list_inputs(inputs)
+    done_emb, done_ids = read_embeddings(out) if out.exists() else (np.zeros((0, emb.dim), np.float32), [])
+    if done_emb.shape[1] != emb.dim:
+        raise ModelError(f"{out} holds {done_emb.shape[1]}-d embeddings, {model} makes {emb.dim}-d: use another --out")
+    part = _Partial(out, emb.dim)
+    part_emb, part_ids = part.read()
+    done = set(done_ids) | set(part_ids)
+    todo = [f for f in files if str(f) not in done]
+    errors: list[str] = []
+    bar = None
+    if progress and todo:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), unit="img", desc="embed")
+        except ImportError:
+            bar = None
+    for ids, vectors, errs in emb.embed_files(todo, batch_size, on_error):
+        part.append(vectors, ids)
+        errors += errs
+        if bar is not None:
+            bar.update(len(ids) + len(errs))
+    if bar is not None:
+        bar.close()
+    part_emb, part_ids = part.read()
+    all_ids = done_ids + part_ids
+    tmp = out.with_name(f".{out.name}.tmp.npy")
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(all_ids), emb.dim))
+    arr[: len(done_ids)], arr[len(done_ids):] = done_emb, part_emb
+    arr.flush()
+    del arr
+    ids_tmp = ids_path(out).with_name(f".{ids_path(out).name}.tmp")
+    ids_tmp.write_text("".join(i + "\n" for i in all_ids))
+    tmp.replace(out)
+    ids_tmp.replace(ids_path(out))
+    part.clear()
+    return {"out": str(out), "ids": str(ids_path(out)), "total": len(all_ids), "new": len(part_ids), "skipped_done": len(files) - len(todo),
+            "errors": errors, "dim": emb.dim, "model": str(model)}
+
+
+def labels_for(ids: Sequence[str], spec: str | None) -> list[str] | None:
+    """Gallery labels: None; "folder" (each id's parent folder name); or a text file, one per line."""
+    if not spec:
+        return None
+    if spec == "folder":
+        return [Path(i).parent.name for i in ids]
+    p = Path(spec)
+    if not p.is_file():
+        raise ModelError(f"--labels {spec}: give 'folder' or a text file with one label per gallery row")
+    labels = p.read_text().splitlines()
+    if len(labels) != len(ids):
+        raise ModelError(f"--labels {spec} has {len(labels)} lines for {len(ids)} gallery rows")
+    return labels
+
+
+def search_main(cfg) -> list[dict]:
+    """`edgeclr search`: a list of {query, neighbours: [{id, score, label?}], class?} per query."""
+    g = Path(cfg.gallery)
+    if g.suffix == ".npz":
+        index = Index.load(g)
+        if cfg.labels:
+            index = Index(index.emb, index.ids, labels_for(index.ids.tolist(), cfg.labels))
+    else:
+        emb, ids = read_embeddings(g)
+        index = Index(emb, ids, labels_for(ids, cfg.labels))
+    if cfg.save_index:
+        index.save(cfg.save_index)
+    if cfg.query_embeddings:
+        q, qids = read_embeddings(cfg.query_embeddings)
+    else:
+        embedder = Embedder.load(cfg.model, threads=cfg.threads)
+        files = list_inputs(cfg.queries)
+        q, qids = embedder.embed(files), [str(f) for f in files]
+    scores, idx = index.search(q, cfg.k)
+    classes = index.classify(q, cfg.knn_k, cfg.knn_t) if index.labels is not None else None
+    out = []
+    for i, qid in enumerate(qids):
+        nb = [{"id": str(index.ids[j]), "score": round(float(s), 6), **({"label": str(index.labels[j])} if index.labels is not None else {})}
+              for s, j in zip(scores[i], idx[i])]
+        out.append({"query": qid, "neighbours": nb, **({"class": str(classes[i])} if classes is not None else {})})
+    return out

@@ -71,7 +71,8 @@ def load_data(cfg) -> tuple[data.Dataset, Preprocess]:
 
 
 def build_model(cfg, channels: int) -> Encoder:
-    spec = ModelSpec(cfg.model, in_chans=channels, stem_stride=cfg.stem_stride, width=cfg.width,
+    width = cfg.width if cfg.model.startswith("resnet") else None  # a preset's ResNet width means nothing to a MobileNet
+    spec = ModelSpec(cfg.model, in_chans=channels, stem_stride=cfg.stem_stride, width=width,
                      head_hidden=cfg.head_hidden, head_out=cfg.head_out)
     try:
         return create_model(spec)
@@ -148,11 +149,12 @@ def build_scheduler(opt, total_steps: int, warmup_steps: int, min_ratio: float =
 class Trainer:
     """State of one training run: model, optimiser, schedule, position, logging, checkpoints.
 
-    `step_fn(views1, views2) -> loss` is the stage's objective (SimCLR here, distillation there).
+    The stage's objective is a `loss_fn(images, indices) -> loss` (SimCLR here, distillation in
+    distill.py, which subclasses this to add its own state).
     """
 
     def __init__(self, cfg, stage: str, model: Encoder, ds: data.Dataset, pp: Preprocess, device: torch.device,
-                 stage_dir: Path):
+                 stage_dir: Path, trainable: torch.nn.Module | None = None):
         self.cfg, self.stage, self.model, self.ds, self.pp = cfg, stage, model, ds, pp
         self.device, self.dir = device, stage_dir
         self.steps_per_epoch = data.steps_per_epoch(len(ds), cfg.batch_size)
@@ -160,18 +162,22 @@ class Trainer:
             raise data.DataError(f"{ds.name}: {len(ds)} image(s) cannot make a batch of 2; NT-Xent needs >= 2 images")
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.epoch, self.step, self.global_step = 0, 0, 0
-        self.opt = build_optimizer(model, cfg.optimizer, cfg.scaled_lr, cfg.weight_decay, cfg.momentum)
+        self.trainable = trainable if trainable is not None else model  # what the optimiser updates
+        self.opt = build_optimizer(self.trainable, cfg.optimizer, cfg.scaled_lr, cfg.weight_decay, cfg.momentum)
         self.sched = build_scheduler(self.opt, self.total_steps, round(cfg.warmup_epochs * self.steps_per_epoch),
                                      cfg.min_lr_ratio)
         self.amp = amp_dtype(cfg.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         aug_cfg = replace(get_preset(cfg.augment or preset_for(ds.channels, cfg.input_size)), crop_scale=cfg.crop_scale)
+        if cfg.jitter is not None:
+            aug_cfg = replace(aug_cfg, jitter_strength=cfg.jitter)
         self.augment = SimCLRAugment(aug_cfg, cfg.input_size, pp.mean, pp.std)
         self.aug_cfg = aug_cfg
         self.project = torch.compile(model.project) if cfg.compile else model.project
         self.ckpt_path = stage_dir / "checkpoints" / "last.pt"
         self.skipped: set[str] = set()
         self.last_metrics: dict[str, float] = {}
+        self.step_metrics: dict[str, float] = {}  # loss parts etc. that a step_fn wants logged
         self.stop_signal: int | None = None
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -214,7 +220,7 @@ class Trainer:
         self.last_metrics = dict(ckpt.get("metrics") or {})
 
     # -- one step ---------------------------------------------------------------------------
-    def simclr_loss(self, x: torch.Tensor) -> torch.Tensor:
+    def simclr_loss(self, x: torch.Tensor, indices=None) -> torch.Tensor:
         """x: (B, C, H, W) uint8 -> NT-Xent over its two augmented views."""
         cfg = self.cfg
         v1 = self.augment(x, view_generator(cfg.seed, self.epoch, self.step, 0))
@@ -233,7 +239,7 @@ class Trainer:
         gnorm = None
         if self.cfg.grad_clip:
             self.scaler.unscale_(self.opt)
-            gnorm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+            gnorm = float(torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), self.cfg.grad_clip))
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
@@ -262,14 +268,14 @@ def train_one_epoch(tr: Trainer, loss_fn, metrics, progress=None, deadline: floa
     tr.model.train()
     t_last, n_last = time.perf_counter(), 0
     loss = gnorm = None
-    for step, x, bad in data.iterate_batches(tr.ds, cfg.batch_size, cfg.seed, tr.epoch, tr.step, cfg.num_workers):
+    for step, x, bad, idx in data.iterate_batches(tr.ds, cfg.batch_size, cfg.seed, tr.epoch, tr.step, cfg.num_workers):
         tr.step = step
         new_bad = [b for b in bad if b not in tr.skipped]
         for b in new_bad:
             warnings.warn(f"skipped unreadable image {b}")
         tr.skipped.update(bad)
         if len(x) >= 2:  # a batch left with < 2 readable images is skipped, not trained on
-            loss = loss_fn(x.to(tr.device, non_blocking=True))
+            loss = loss_fn(x.to(tr.device, non_blocking=True), idx)
             check_finite(loss, tr)  # before the update: a NaN never reaches the weights
             gnorm = tr.optimise(loss)
             n_last += len(x)
@@ -279,7 +285,7 @@ def train_one_epoch(tr: Trainer, loss_fn, metrics, progress=None, deadline: floa
         if loss is not None and (tr.global_step % cfg.log_every == 0 or tr.step == tr.steps_per_epoch):
             dt = time.perf_counter() - t_last
             m = {"loss": loss.item(), "lr": tr.opt.param_groups[0]["lr"], "images_per_s": n_last / max(dt, 1e-9),
-                 "skipped_images": len(tr.skipped)}
+                 "skipped_images": len(tr.skipped), **tr.step_metrics}
             if gnorm is not None:
                 m["grad_norm"] = gnorm
             tr.last_metrics.update(m)
@@ -296,58 +302,54 @@ def train_one_epoch(tr: Trainer, loss_fn, metrics, progress=None, deadline: floa
     return True
 
 
-def main(cfg: config.TrainConfig) -> dict:
-    """`edgeclr train`: pretrain, checkpoint, monitor, and write the run folder."""
-    from edgeclr.evaluate import KnnMonitor
-    from edgeclr.rundir import MetricsLog, write_manifest
-
-    t0 = time.time()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    stage_dir = Path(cfg.out) / "train"
+def prepare_stage_dir(stage_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a new run); refuses to overwrite a run's checkpoint."""
     ckpt_file = stage_dir / "checkpoints" / "last.pt"
-    if cfg.resume:
+    if resume:
         resume_from = checkpoint.find(stage_dir) if stage_dir.exists() else None
         if resume_from is None:
             raise checkpoint.CheckpointError(f"--resume: no checkpoint in {stage_dir}; drop --resume to start a new run")
-    else:
-        resume_from = None
-        if ckpt_file.exists() or checkpoint.previous_path(ckpt_file).exists():
-            raise config.ConfigError(f"{stage_dir} already holds a checkpoint: pass --resume to continue it, or "
-                                     "choose another --out (nothing was overwritten)")
+        return resume_from
+    if ckpt_file.exists() or checkpoint.previous_path(ckpt_file).exists():
+        raise config.ConfigError(f"{stage_dir} already holds a checkpoint: pass --resume to continue it, or "
+                                 "choose another --out (nothing was overwritten)")
     stage_dir.mkdir(parents=True, exist_ok=True)
+    return None
 
-    ds, pp = load_data(cfg)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, ds.channels).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    tr = Trainer(cfg, "train", model, ds, pp, device, stage_dir)
-    if resume_from is not None:
-        ckpt = checkpoint.load(resume_from, map_location=device)
-        tr.restore(ckpt, resume_from)
-        log.info("resumed from %s at epoch %d step %d", resume_from, tr.epoch, tr.step)
-    config.save_yaml(cfg, stage_dir / "config.yaml")
 
-    monitor = None
-    if cfg.knn_every:
-        try:
-            kw = dict(base_size=pp.resize_size, tile_size=cfg.tile_size, tile_stride=cfg.tile_stride,
-                      tile_min_foreground=cfg.tile_min_foreground, seed=cfg.seed)
-            bank, query = data.open_dataset(cfg.data, "train", **kw), data.open_dataset(cfg.data, "test", **kw)
-            if data.has_labels(bank) and data.has_labels(query):
-                monitor = KnnMonitor(bank, query, pp, cfg.knn_k, cfg.knn_t, cfg.knn_max_bank, cfg.seed)
-        except data.DataError as e:
-            log.info("no kNN monitor: %s", e)
+def build_monitor(cfg, pp: Preprocess):
+    """A kNN monitor on the dataset's labeled train/test splits, or None when it has no labels."""
+    from edgeclr.evaluate import KnnMonitor
 
-    metrics = MetricsLog(stage_dir / "metrics.csv", "train")
+    if not cfg.knn_every:
+        return None
+    try:
+        kw = dict(base_size=pp.resize_size, tile_size=cfg.tile_size, tile_stride=cfg.tile_stride,
+                  tile_min_foreground=cfg.tile_min_foreground, seed=cfg.seed)
+        bank, query = data.open_dataset(cfg.data, "train", **kw), data.open_dataset(cfg.data, "test", **kw)
+        if data.has_labels(bank) and data.has_labels(query):
+            return KnnMonitor(bank, query, pp, cfg.knn_k, cfg.knn_t, cfg.knn_max_bank, cfg.seed)
+    except data.DataError as e:
+        log.info("no kNN monitor: %s", e)
+    return None
+
+
+def fit(tr: Trainer, loss_fn, monitor=None, deadline: float | None = None) -> tuple[bool, float]:
+    """The epoch loop shared by every training stage: metrics.csv + TensorBoard, progress bar,
+    kNN monitor of tr.model, a checkpoint at every epoch end, SIGTERM -> checkpoint and stop.
+
+    Returns (completed the schedule, training seconds).
+    """
+    from edgeclr.rundir import MetricsLog
+
+    cfg = tr.cfg
+    metrics = MetricsLog(tr.dir / "metrics.csv", tr.stage)
     tb = None
     if cfg.tensorboard:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            tb = SummaryWriter(str(stage_dir / "tb"))
+            tb = SummaryWriter(str(tr.dir / "tb"))
         except ImportError:
             log.info("tensorboard is not installed: metrics go to metrics.csv only")
 
@@ -362,25 +364,22 @@ def main(cfg: config.TrainConfig) -> dict:
     if show:
         from tqdm import tqdm
 
-        progress = tqdm(total=tr.total_steps, initial=tr.global_step, desc=f"{tr.stage}", unit="step", dynamic_ncols=True)
+        progress = tqdm(total=tr.total_steps, initial=tr.global_step, desc=tr.stage, unit="step", dynamic_ncols=True)
 
     def on_signal(signum, frame):
         tr.stop_signal = signum
 
     old_handler = signal.signal(signal.SIGTERM, on_signal)
-    log.info("%s: %d images, %d steps/epoch x %d epochs; %s with %.1fM parameters on %s", ds.name, len(ds),
-             tr.steps_per_epoch, cfg.epochs, describe(model.spec.to_dict()), count_params(model) / 1e6, device)
-    deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else None
     completed = True
-    train_t0 = time.time()
+    t0 = time.time()
     try:
         while tr.epoch < cfg.epochs:
-            if not train_one_epoch(tr, tr.simclr_loss, log_metrics, progress, deadline):
+            if not train_one_epoch(tr, loss_fn, log_metrics, progress, deadline):
                 completed = False
                 break
             done_epochs = tr.epoch
             if monitor is not None and (done_epochs % cfg.knn_every == 0 or done_epochs == cfg.epochs):
-                acc = monitor(model, device)
+                acc = monitor(tr.model, tr.device)
                 tr.last_metrics["knn_top1"] = acc
                 log_metrics({"knn_top1": acc}, done_epochs, tr.global_step)
                 log.info("epoch %d: kNN %.2f%%", done_epochs, acc)
@@ -392,8 +391,37 @@ def main(cfg: config.TrainConfig) -> dict:
         metrics.close()
         if tb is not None:
             tb.close()
-    train_s = time.time() - train_t0
-    final = {k: v for k, v in tr.last_metrics.items()}
+    return completed, time.time() - t0
+
+
+def main(cfg: config.TrainConfig) -> dict:
+    """`edgeclr train`: pretrain, checkpoint, monitor, and write the run folder."""
+    from edgeclr.rundir import write_manifest
+
+    t0 = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    stage_dir = Path(cfg.out) / "train"
+    resume_from = prepare_stage_dir(stage_dir, cfg.resume)
+
+    ds, pp = load_data(cfg)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, ds.channels).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    tr = Trainer(cfg, "train", model, ds, pp, device, stage_dir)
+    if resume_from is not None:
+        tr.restore(checkpoint.load(resume_from, map_location=device), resume_from)
+        log.info("resumed from %s at epoch %d step %d", resume_from, tr.epoch, tr.step)
+    config.save_yaml(cfg, stage_dir / "config.yaml")
+    monitor = build_monitor(cfg, pp)
+
+    log.info("%s: %d images, %d steps/epoch x %d epochs; %s with %.1fM parameters on %s", ds.name, len(ds),
+             tr.steps_per_epoch, cfg.epochs, describe(model.spec.to_dict()), count_params(model) / 1e6, device)
+    deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else None
+    completed, train_s = fit(tr, tr.simclr_loss, monitor, deadline)
+    final = dict(tr.last_metrics)
     write_manifest(stage_dir, "train",
                    inputs={"data": ds.fingerprint(), "resumed_from": str(resume_from) if resume_from else None},
                    spec=model.spec.to_dict(), preprocess=pp.to_dict(), embed_dim=model.embed_dim, metrics=final,

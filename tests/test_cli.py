@@ -1,11 +1,12 @@
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 from edgeclr.cli import cli
 
-COMMANDS = ["train", "eval"]
+COMMANDS = ["train", "distill", "export", "embed", "search", "eval"]
 
 
 def test_help_lists_every_command_and_each_has_help():
@@ -18,14 +19,20 @@ def test_help_lists_every_command_and_each_has_help():
     assert set(cli.commands) == set(COMMANDS)
 
 
-def test_every_train_option_has_help_text():
-    from edgeclr.config import TrainConfig
+@pytest.mark.parametrize("command,cls", [("train", "TrainConfig"), ("distill", "DistillConfig"), ("export", "ExportConfig"),
+                                         ("embed", "EmbedConfig"), ("search", "SearchConfig"), ("eval", "EvalConfig")])
+def test_every_option_has_help_text(command, cls):
     import dataclasses
 
-    out = CliRunner().invoke(cli, ["train", "--help"], terminal_width=200).output
-    for f in dataclasses.fields(TrainConfig):
-        assert f"--{f.name.replace('_', '-')}" in out
-        assert f.metadata["help"]
+    from edgeclr import config
+
+    out = CliRunner().invoke(cli, [command, "--help"], terminal_width=200).output
+    for f in dataclasses.fields(getattr(config, cls)):
+        if f.metadata["cli"]:
+            assert f"--{f.name.replace('_', '-')}" in out
+            assert f.metadata["help"], f.name
+        else:
+            assert f"--{f.name.replace('_', '-')} " not in out
 
 
 def test_cli_start_does_not_import_torch():

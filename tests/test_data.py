@@ -191,7 +191,9 @@ def test_worker_processes_give_the_same_batches(image_folder):
         ds = open_dataset(str(image_folder), "pretrain", base_size=12)
     serial = list(data.iterate_batches(ds, 8, seed=3, epoch=1, start_step=1, num_workers=0))
     parallel = list(data.iterate_batches(ds, 8, seed=3, epoch=1, start_step=1, num_workers=2))
-    assert [s for s, _, _ in serial] == [s for s, _, _ in parallel] == list(range(1, 5))
-    for (_, a, bad_a), (_, b, bad_b) in zip(serial, parallel):
+    assert [s for s, *_ in serial] == [s for s, *_ in parallel] == list(range(1, 5))
+    for (_, a, bad_a, idx_a), (_, b, bad_b, idx_b) in zip(serial, parallel):
         assert a.dtype == b.dtype == torch.uint8 and a.shape[1:] == (1, 12, 12) and torch.equal(a, b)
-        assert bad_a == bad_b
+        assert bad_a == bad_b and len(idx_a) == len(a) and (idx_a == idx_b).all()
+        for i, img in zip(idx_a, a):  # the indices say which image each row is
+            assert torch.equal(img.permute(1, 2, 0), torch.as_tensor(ds.read(int(i))))

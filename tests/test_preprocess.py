@@ -9,8 +9,8 @@ from edgeclr.runtime import Preprocess, load_image, preprocess
 @pytest.mark.parametrize("channels", [1, 3])
 def test_eval_inputs_equal_runtime_and_torchvision(tmp_path, channels):
     """One preprocessing path: torch evaluation, the runtime, and an independent torchvision reference."""
-    from PIL import Image
     import torchvision.transforms as T
+    from PIL import Image
 
     rng = np.random.default_rng(0)
     (tmp_path / "a").mkdir()

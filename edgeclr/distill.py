@@ -1,0 +1,252 @@
+"""Self-supervised distillation: `edgeclr distill`.
+
+    load_teacher -> build_student -> DistillTrainer (train.Trainer + adapter, queue, cache) -> train.fit -> main
+
+The teacher (a `edgeclr train` checkpoint) is frozen in eval mode. Each step, one augmented view
+of every image goes through both networks; the student learns (a) to point its embedding where
+the teacher's points (cosine regression) and (b) to reproduce the teacher's similarity
+distribution over a queue of teacher embeddings (SEED), with weights. The student's embedding
+width defaults to the teacher's, so its embeddings live in the teacher's space and no adapter is
+needed; with another `--embed-dim`, a linear adapter maps the student's to the teacher's width for
+the losses (it is saved in the checkpoint, never exported).
+
+`--cache-teacher` embeds every training image's clean (evaluation) view once and distils the
+augmented student views onto those targets: the teacher's cost is paid once, at the price of
+targets that do not follow the augmentation.
+
+Training facilities (optimiser, schedule, AMP, resume, atomic checkpoints, metrics, TensorBoard,
+kNN monitor, SIGTERM) are train.py's, reused rather than copied.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeclr import checkpoint, config, data
+from edgeclr.augment import view_generator
+from edgeclr.losses import EmbeddingQueue, cosine_distill, relational_distill
+from edgeclr.models import Encoder, ModelSpec, count_params, create_model
+from edgeclr.runtime import Preprocess
+from edgeclr.train import Trainer, build_monitor, describe, fit, prepare_stage_dir, resolve_device
+
+log = logging.getLogger("edgeclr.distill")
+
+
+# ----------------------------------------------------------------------------------------------
+# set-up
+
+
+def load_teacher(target: str | Path, device) -> tuple[Encoder, dict, Path]:
+    """(frozen teacher in eval mode, its checkpoint, its path) from a `edgeclr train` checkpoint/run.
+
+    Raises:
+        CheckpointError: not found, truncated, not a teacher (e.g. a distilled student), or weights
+            that do not fit the recorded model.
+    """
+    path = checkpoint.find(target, "train")
+    ckpt = checkpoint.load(path)
+    if ckpt["stage"] != "train":
+        raise checkpoint.CheckpointError(
+            f"--teacher {path} is a {ckpt['stage']} checkpoint ({describe(ckpt['spec'])}), not a SimCLR teacher: "
+            "pass the checkpoint or run folder written by `edgeclr train` (runs/NAME/train)")
+    try:
+        pp = Preprocess.from_dict(ckpt["preprocess"])
+        teacher = create_model(ModelSpec.from_dict(ckpt["spec"]))
+        teacher.load_state_dict(ckpt["model"])
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+        raise checkpoint.CheckpointError(f"--teacher {path}: its model or preprocessing cannot be rebuilt: {str(e)[:300]}") from e
+    if pp.channels != ckpt["spec"]["in_chans"]:
+        raise checkpoint.CheckpointError(f"--teacher {path}: preprocessing has {pp.channels} channels but the model "
+                                         f"takes {ckpt['spec']['in_chans']}")
+    teacher.requires_grad_(False)
+    return teacher.to(device).eval(), ckpt, path
+
+
+def build_student(cfg: config.DistillConfig, channels: int, teacher_dim: int) -> tuple[Encoder, nn.Module]:
+    """The student (no projection head; embedding width cfg.embed_dim or the teacher's) and the
+    adapter from its embedding to the teacher's width (identity when they are equal)."""
+    dim = cfg.embed_dim or teacher_dim
+    spec = ModelSpec(cfg.model, in_chans=channels, stem_stride=cfg.stem_stride, embed_dim=dim, head_layers=0)
+    try:
+        student = create_model(spec)
+    except ValueError as e:
+        raise config.ConfigError(str(e)) from e
+    adapter = nn.Identity() if dim == teacher_dim else nn.Linear(dim, teacher_dim)
+    return student, adapter
+
+
+@torch.no_grad()
+def teacher_targets(teacher: Encoder, ds: data.Dataset, pp: Preprocess, device, cache_dir: Path, teacher_sha: str,
+                    batch_size: int = 512) -> torch.Tensor:
+    """(N, D) teacher embeddings of every image's clean view, cached in cache_dir and reused while
+    the teacher and the data are the same. Unreadable images get zeros (they are never trained on)."""
+    from edgeclr.evaluate import embed, eval_inputs
+
+    key = {"teacher_sha256": teacher_sha, "data": ds.fingerprint(), "count": len(ds)}
+    meta_f, arr_f = cache_dir / "teacher_cache.json", cache_dir / "teacher_cache.npy"
+    if meta_f.exists() and arr_f.exists():
+        try:
+            if json.loads(meta_f.read_text()) == json.loads(json.dumps(key)):
+                return torch.from_numpy(np.load(arr_f))
+        except (ValueError, OSError):
+            pass
+        log.info("teacher cache in %s is stale or unreadable: recomputing", cache_dir)
+    t0 = time.time()
+    out = torch.zeros(len(ds), teacher.embed_dim)
+    for i in range(0, len(ds), 4096):  # bounded memory for large folders
+        x, kept = eval_inputs(ds, pp, np.arange(i, min(i + 4096, len(ds))))
+        out[torch.as_tensor(kept)] = embed(teacher.embed, x, batch_size, device)
+    tmp = arr_f.with_name(".teacher_cache.tmp.npy")
+    np.save(tmp, out.numpy())
+    tmp.replace(arr_f)
+    meta_f.write_text(json.dumps(key))
+    log.info("cached teacher embeddings of %d images in %.0fs", len(ds), time.time() - t0)
+    return out
+
+
+class DistillTrainer(Trainer):
+    """train.Trainer with the teacher, the adapter, the relational queue and the optional cache."""
+
+    def __init__(self, cfg, student: Encoder, adapter: nn.Module, teacher: Encoder, ds, pp, device, stage_dir,
+                 teacher_info: dict, targets: torch.Tensor | None = None):
+        self.adapter = adapter.to(device)
+        super().__init__(cfg, "distill", student, ds, pp, device, stage_dir, trainable=nn.ModuleList([student, self.adapter]))
+        self.teacher, self.teacher_info, self.targets = teacher, teacher_info, targets
+        self.queue = EmbeddingQueue(cfg.queue_size if cfg.relational_weight else 0, teacher.embed_dim, device)
+
+    def state(self) -> dict:
+        st = super().state()
+        st.update(teacher=self.teacher_info, adapter=self.adapter.state_dict(), queue=self.queue.state_dict())
+        return st
+
+    def restore(self, ckpt: dict, path: Path) -> None:
+        if ckpt.get("teacher", {}).get("sha256") != self.teacher_info["sha256"]:
+            raise checkpoint.CheckpointError(
+                f"cannot resume from {path}: it was distilled from teacher {ckpt.get('teacher', {}).get('path')} "
+                f"(sha256 {str(ckpt.get('teacher', {}).get('sha256'))[:12]}), not {self.teacher_info['path']} "
+                f"(sha256 {self.teacher_info['sha256'][:12]}); resume with the same --teacher or choose another --out")
+        super().restore(ckpt, path)
+        self.adapter.load_state_dict(ckpt["adapter"])
+        self.queue.load_state_dict(ckpt["queue"])
+
+    def distill_loss(self, x: torch.Tensor, indices) -> torch.Tensor:
+        """x: (B, C, H, W) uint8 -> weighted cosine + relational loss of one augmented view."""
+        cfg = self.cfg
+        v = self.augment(x, view_generator(cfg.seed, self.epoch, self.step, 0))  # (B, C, S, S)
+        if cfg.channels_last:
+            v = v.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            if self.targets is not None:
+                t = self.targets[torch.as_tensor(indices)].to(self.device)  # (B, D_t)
+            else:
+                with torch.no_grad():
+                    t = self.teacher.embed(v)  # (B, D_t)
+            s = self.adapter(self.project(v))  # (B, D_t); project = embed for a head-less student
+        s, t = s.float(), t.float()
+        loss = torch.zeros((), device=self.device)
+        parts = {}
+        if cfg.cosine_weight:
+            parts["loss_cosine"] = cosine_distill(s, t)
+            loss = loss + cfg.cosine_weight * parts["loss_cosine"]
+        if cfg.relational_weight:
+            parts["loss_relational"] = relational_distill(s, t, self.queue.items(), cfg.temperature, cfg.teacher_temperature)
+            loss = loss + cfg.relational_weight * parts["loss_relational"]
+            self.queue.push(t)
+        logged = (self.global_step + 1) % cfg.log_every == 0 or self.step + 1 == self.steps_per_epoch  # as fit logs
+        self.step_metrics = {k: float(v) for k, v in parts.items()} if logged else {}
+        return loss
+
+
+@torch.no_grad()
+def student_vs_teacher(student: Encoder, adapter: nn.Module, teacher: Encoder, monitor, device) -> dict:
+    """Retention and agreement on the monitor's held-out (test-split) images."""
+    from edgeclr.evaluate import agreement, embed
+
+    was = student.training, adapter.training
+    student.eval(), adapter.eval()
+    try:
+        s = embed(lambda x: adapter(student.embed(x)), monitor.query_x, 512, device)
+        t = embed(teacher.embed, monitor.query_x, 512, device)
+    finally:
+        student.train(was[0]), adapter.train(was[1])
+    return agreement(s, t)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(cfg: config.DistillConfig) -> dict:
+    """`edgeclr distill`: train a student on the teacher's embeddings; write OUT/distill."""
+    from edgeclr.rundir import write_manifest
+    from edgeclr.train import load_data
+
+    t0 = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if not cfg.teacher:
+        raise config.ConfigError("--teacher is required: a checkpoint or run folder written by `edgeclr train`")
+    device = resolve_device(cfg.device)
+    teacher, tck, tpath = load_teacher(cfg.teacher, device)
+    tpp = Preprocess.from_dict(tck["preprocess"])
+    cfg.resolve(tck.get("config") or {}, tpp.input_size)
+    if cfg.out is None:  # runs/NAME/train/checkpoints/last.pt -> runs/NAME
+        cfg.out = str(checkpoint.run_dir_of(tpath))
+    stage_dir = Path(cfg.out) / "distill"
+    resume_from = prepare_stage_dir(stage_dir, cfg.resume)
+
+    ds, _ = load_data(cfg)
+    if ds.channels != tpp.channels:
+        raise data.DataError(f"{ds.name} has {ds.channels}-channel images but the teacher {tpath} was trained on "
+                             f"{tpp.channels}-channel images: distil on data like the teacher's (--data)")
+    pp = tpp  # the student's inputs are exactly the teacher's: same size, mean, std, channels
+    teacher_info = {"path": str(tpath.resolve()), "sha256": checkpoint.sha256(tpath), "spec": tck["spec"],
+                    "embed_dim": teacher.embed_dim}
+    torch.manual_seed(cfg.seed)
+    student, adapter = build_student(cfg, ds.channels, teacher.embed_dim)
+    student = student.to(device)
+    if cfg.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last)
+    targets = teacher_targets(teacher, ds, pp, device, stage_dir, teacher_info["sha256"]) if cfg.cache_teacher else None
+    tr = DistillTrainer(cfg, student, adapter, teacher, ds, pp, device, stage_dir, teacher_info, targets)
+    if resume_from is not None:
+        tr.restore(checkpoint.load(resume_from, map_location=device), resume_from)
+        log.info("resumed from %s at epoch %d step %d", resume_from, tr.epoch, tr.step)
+    config.save_yaml(cfg, stage_dir / "config.yaml")
+    monitor = build_monitor(cfg, pp)
+
+    log.info("%s: %d images, %d steps/epoch x %d epochs; teacher %s -> student %s (%.2fM parameters) on %s",
+             ds.name, len(ds), tr.steps_per_epoch, cfg.epochs, describe(tck["spec"]), describe(student.spec.to_dict()),
+             count_params(student) / 1e6, device)
+    deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else None
+    completed, train_s = fit(tr, tr.distill_loss, monitor, deadline)
+
+    final = dict(tr.last_metrics)
+    if monitor is not None:
+        final["teacher_knn_top1"] = monitor(teacher, device)
+        if "knn_top1" not in final:
+            final["knn_top1"] = monitor(student, device)
+        final["retention"] = final["knn_top1"] / max(final["teacher_knn_top1"], 1e-9)
+        final.update(student_vs_teacher(student, tr.adapter, teacher, monitor, device))
+        log.info("student kNN %.2f%% / teacher %.2f%% = retention %.3f; cosine agreement %.3f, top-10 overlap %.3f",
+                 final["knn_top1"], final["teacher_knn_top1"], final["retention"], final["cosine_agreement"],
+                 final["topk_overlap"])
+    write_manifest(stage_dir, "distill",
+                   inputs={"data": ds.fingerprint(), "teacher": teacher_info,
+                           "resumed_from": str(resume_from) if resume_from else None},
+                   spec=student.spec.to_dict(), preprocess=pp.to_dict(), embed_dim=student.embed_dim, metrics=final,
+                   wall_time_s=time.time() - t0,
+                   artifacts={"checkpoint": str(tr.ckpt_path), "checkpoint_sha256": checkpoint.sha256(tr.ckpt_path)},
+                   extra={"completed": completed, "epoch": tr.epoch, "step": tr.step, "global_step": tr.global_step,
+                          "train_seconds": round(train_s, 1), "parameters": count_params(student),
+                          "adapter": not isinstance(tr.adapter, nn.Identity), "skipped_files": sorted(tr.skipped)})
+    if tr.stop_signal is not None:
+        raise SystemExit(128 + tr.stop_signal)
+    return {"stage_dir": str(stage_dir), "checkpoint": str(tr.ckpt_path), "completed": completed, **final}

@@ -1,0 +1,236 @@
+"""Export: `edgeclr export` writes the encoder (no projection head) as a self-describing FP32 file.
+
+    load_model -> EmbeddingModel (embed + optional L2 norm) -> FORMATS[fmt].write -> parity_check -> main
+
+`EXPORT_FORMATS` is the single source of truth for formats, suffixes and the options each
+allows. Every export is written under a temporary name, checked (onnx.checker, then its
+embeddings against torch's on real images of the run's data, through `edgeclr.runtime`, the code
+the device runs), and only then renamed into place: a failed check is an error and leaves nothing
+that looks finished.
+
+ONNX goes through the TorchScript-based exporter (`dynamo=False`, opset 17 by default): it writes
+one file with GlobalAveragePool, which onnxruntime's quantiser handles (the dynamo exporter writes
+ReduceMean, which stays float, and needs onnxscript). OpenVINO IR is converted from that ONNX
+graph and saved in FP32 (`compress_to_fp16=False`); IR is a pair, model.xml + model.bin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import edgeclr
+from edgeclr import checkpoint, config, data
+from edgeclr.runtime import Embedder, ModelMeta, Preprocess
+
+log = logging.getLogger("edgeclr.export")
+
+
+class ExportError(RuntimeError):
+    """An export that failed its checks: nothing was written as done."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportFormat:
+    name: str
+    suffix: str  # of the main file
+    companions: tuple[str, ...]  # other files the format consists of (OpenVINO's .bin)
+    options: frozenset[str]  # ExportConfig fields this format honours
+    needs: tuple[str, ...]  # Python packages
+    runtime: str  # what runs it: the parity check uses the same
+
+
+EXPORT_FORMATS: dict[str, ExportFormat] = {
+    "onnx": ExportFormat("onnx", ".onnx", (), frozenset({"opset", "dynamic_batch", "normalize", "input_size"}),
+                         ("onnx", "onnxruntime"), "onnxruntime"),
+    "openvino": ExportFormat("openvino", ".xml", (".bin",), frozenset({"opset", "dynamic_batch", "normalize", "input_size"}),
+                             ("onnx", "openvino"), "openvino"),
+    "torchscript": ExportFormat("torchscript", ".pt", (), frozenset({"normalize", "input_size"}), (), "torch"),
+}
+
+
+class EmbeddingModel(nn.Module):
+    """What is exported: images (B, C, S, S) -> embeddings (B, D), L2-normalised when asked."""
+
+    def __init__(self, encoder: nn.Module, normalize: bool):
+        super().__init__()
+        self.encoder, self.normalize = encoder, normalize
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        e = self.encoder.embed(images)  # (B, D)
+        return F.normalize(e, dim=1) if self.normalize else e
+
+
+def load_model(target: str | Path) -> tuple[nn.Module, dict, Path]:
+    """(encoder in eval mode on CPU, checkpoint, path) from any stage's checkpoint or a run folder
+    (whose most downstream stage is taken)."""
+    from edgeclr.evaluate import load_encoder
+
+    path = checkpoint.find(target, tuple(reversed(checkpoint.STAGES)))
+    model, ckpt, path = load_encoder(path, "cpu")
+    return model, ckpt, path
+
+
+# ----------------------------------------------------------------------------------------------
+# writers: (model, example input, dynamic batch, opset, metadata, path) -> written files
+
+
+def _write_onnx(model: nn.Module, x: torch.Tensor, dynamic: bool, opset: int, meta: ModelMeta, path: Path) -> list[Path]:
+    import onnx
+
+    axes = {"images": {0: "batch"}, "embeddings": {0: "batch"}} if dynamic else None
+    torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset, input_names=["images"],
+                      output_names=["embeddings"], dynamic_axes=axes, do_constant_folding=True)
+    m = onnx.load(str(path))
+    onnx.checker.check_model(m, full_check=True)
+    onnx.helper.set_model_props(m, meta.to_props())
+    m.producer_name, m.producer_version = "edgeclr", edgeclr.__version__
+    onnx.save(m, str(path))
+    return [path]
+
+
+def _write_openvino(model: nn.Module, x: torch.Tensor, dynamic: bool, opset: int, meta: ModelMeta, path: Path) -> list[Path]:
+    import openvino as ov
+
+    onnx_path = path.with_suffix(".tmp.onnx")
+    try:
+        _write_onnx(model, x, dynamic, opset, meta, onnx_path)
+        ov_model = ov.convert_model(str(onnx_path))
+    finally:
+        onnx_path.unlink(missing_ok=True)
+    for k, v in meta.to_props().items():
+        ov_model.set_rt_info(v, ["model_info", k])
+    ov.save_model(ov_model, str(path), compress_to_fp16=False)
+    return [path, path.with_suffix(".bin")]
+
+
+def _write_torchscript(model: nn.Module, x: torch.Tensor, dynamic: bool, opset: int, meta: ModelMeta, path: Path) -> list[Path]:
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (x,), check_trace=False)
+    torch.jit.save(traced, str(path), _extra_files={"edgeclr.json": json.dumps(meta.to_dict())})
+    return [path]
+
+
+WRITERS: dict[str, Callable] = {"onnx": _write_onnx, "openvino": _write_openvino, "torchscript": _write_torchscript}
+
+
+# ----------------------------------------------------------------------------------------------
+# checks
+
+
+def parity_images(data_spec: str, pp: Preprocess, n: int, ckpt_cfg: dict) -> torch.Tensor:
+    """Up to n real images of the run's data through the one preprocessing path: (n, C, S, S)."""
+    from edgeclr.evaluate import eval_inputs
+
+    kw = dict(base_size=pp.resize_size, tile_size=ckpt_cfg.get("tile_size", 64), tile_stride=ckpt_cfg.get("tile_stride", 64),
+              tile_min_foreground=ckpt_cfg.get("tile_min_foreground", 0.5))
+    try:
+        ds = data.open_dataset(data_spec, "test", **kw)
+    except data.DataError:
+        ds = data.open_dataset(data_spec, "pretrain", **kw)
+    idx = np.linspace(0, len(ds) - 1, min(n, len(ds))).astype(np.int64)
+    x, _ = eval_inputs(ds, pp, np.unique(idx))
+    return x
+
+
+def exported_embeddings(fmt: ExportFormat, path: Path, x: torch.Tensor) -> np.ndarray:
+    """Run the exported file the way the device will: edgeclr.runtime (or torch.jit for TorchScript)."""
+    if fmt.runtime == "torch":
+        m = torch.jit.load(str(path))
+        with torch.no_grad():
+            return m(x).numpy()
+    return Embedder.load(path, threads=0, precision="f32").embed_arrays(x.numpy(), batch_size=len(x))
+
+
+def compare(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    """Per-image cosine (min, mean) and max absolute difference between two (N, D) embeddings."""
+    if ref.shape != got.shape:
+        raise ExportError(f"the exported model returns shape {got.shape}, torch {ref.shape}")
+    a = ref / np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-12)
+    b = got / np.maximum(np.linalg.norm(got, axis=1, keepdims=True), 1e-12)
+    cos = (a * b).sum(1)
+    return {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()), "max_abs_diff": float(np.abs(ref - got).max())}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(cfg: config.ExportConfig) -> dict:
+    """`edgeclr export`: write, check and describe one exported model."""
+    from edgeclr.rundir import read_manifest, write_json_atomic, write_manifest
+
+    t0 = time.time()
+    fmt = EXPORT_FORMATS[cfg.format]
+    missing = [m for m in fmt.needs if not _importable(m)]
+    if missing:
+        extra = "openvino" if "openvino" in missing else "runtime"
+        raise config.ConfigError(f"--format {fmt.name} needs {', '.join(missing)}: pip install 'edgeclr[{extra}]'")
+    if cfg.opset < 13 or cfg.opset > 17:
+        raise config.ConfigError(f"--opset {cfg.opset}: the ONNX exporter used here writes opsets 13 to 17")
+    encoder, ckpt, ckpt_path = load_model(cfg.target)
+    pp = Preprocess.from_dict(ckpt["preprocess"])
+    if cfg.input_size and cfg.input_size != pp.input_size:
+        ratio = pp.resize_size / pp.input_size
+        pp = dataclasses.replace(pp, input_size=cfg.input_size, resize_size=max(cfg.input_size, round(cfg.input_size * ratio)))
+        log.warning("exporting at %d px; the model was trained at %d px", cfg.input_size, ckpt["preprocess"]["input_size"])
+    model = EmbeddingModel(encoder, cfg.normalize).eval()
+
+    out_dir = Path(cfg.out) if cfg.out else checkpoint.run_dir_of(ckpt_path) / "export"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{cfg.name}{fmt.suffix}"
+    meta = ModelMeta(preprocess=pp, embedding_dim=encoder.embed_dim, normalized=cfg.normalize,
+                     dynamic_batch=cfg.dynamic_batch or fmt.name == "torchscript", precision="fp32",
+                     source_stage=ckpt["stage"], checkpoint_sha256=checkpoint.sha256(ckpt_path),
+                     edgeclr_version=edgeclr.__version__, model_spec=ckpt["spec"])
+
+    tmp = out_dir / f".{cfg.name}.partial{fmt.suffix}"
+    data_spec = cfg.data or (ckpt.get("config") or {}).get("data")
+    if not data_spec:
+        raise config.ConfigError(f"{ckpt_path} does not record its dataset: pass --data with images for the parity check")
+    x = parity_images(data_spec, pp, cfg.check_images, ckpt.get("config") or {})
+    example = x[:1]
+    try:
+        written = WRITERS[fmt.name](model, example, meta.dynamic_batch, cfg.opset, meta, tmp)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        check = compare(ref, exported_embeddings(fmt, tmp, x))
+        if check["min_cosine"] < cfg.min_cosine:
+            raise ExportError(f"{fmt.name} export of {ckpt_path} fails the parity check on {len(x)} real images: "
+                              f"min cosine to torch {check['min_cosine']:.6f} < {cfg.min_cosine} (max abs diff "
+                              f"{check['max_abs_diff']:.3g}); nothing was written. Try another --opset or report it")
+        final = []
+        for f in written:
+            dest = path.with_suffix(f.suffix) if f.suffix != fmt.suffix else path
+            f.replace(dest)
+            final.append(dest)
+    finally:
+        for f in out_dir.glob(f".{cfg.name}.partial*"):
+            f.unlink()
+    side = out_dir / "metadata.json"
+    entries = json.loads(side.read_text()) if side.exists() else {}
+    entries[path.name] = {**meta.to_dict(), "format": fmt.name, "opset": cfg.opset if "opset" in fmt.options else None}
+    write_json_atomic(entries, side)
+
+    artifacts = (read_manifest(out_dir).get("artifacts") or {})
+    artifacts[path.name] = {"format": fmt.name, "files": [str(f) for f in final], "bytes": sum(f.stat().st_size for f in final),
+                            "sha256": checkpoint.sha256(path), "parity": check, "parity_images": len(x)}
+    write_manifest(out_dir, "export", inputs={"checkpoint": str(ckpt_path), "checkpoint_sha256": meta.checkpoint_sha256},
+                   spec=ckpt["spec"], preprocess=pp.to_dict(), embed_dim=encoder.embed_dim, metrics={},
+                   wall_time_s=time.time() - t0, artifacts=artifacts)
+    log.info("%s: parity on %d images: min cosine %.6f, max abs diff %.2e", path, len(x), check["min_cosine"], check["max_abs_diff"])
+    return {"path": str(path), "files": [str(f) for f in final], "parity": check, "parity_images": len(x), "meta": meta.to_dict()}
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None

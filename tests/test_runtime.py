@@ -1,0 +1,171 @@
+"""The torch-free device path: image inputs, `edgeclr embed`, `edgeclr search`, Index."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import run
+from PIL import Image
+
+from edgeclr.runtime import Embedder, ImageError, Index, load_image
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """An exported (ONNX) tiny teacher trained on digits (a random-init network's embeddings
+    collapse: every image would be everyone's nearest neighbour)."""
+    from helpers import TINY
+
+    d = tmp_path_factory.mktemp("model")
+    run(["train", *TINY, "--out", str(d / "run")])
+    run(["export", str(d / "run"), "--check-images", "4"])
+    return d / "run" / "export" / "model.onnx"
+
+
+@pytest.fixture
+def gallery(tmp_path):
+    """Real images: digits at 32 px in class folders, PNG and JPEG."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    root = tmp_path / "gallery"
+    for i in range(30):
+        sub = root / str(d.target[i])
+        sub.mkdir(parents=True, exist_ok=True)
+        a = (d.images[i] * 255 / 16).astype(np.uint8)
+        Image.fromarray(np.kron(a, np.ones((4, 4), np.uint8))).save(sub / f"{i}.{'png' if i % 2 else 'jpg'}", quality=95)
+    return root
+
+
+# -- inputs --------------------------------------------------------------------------------------
+
+
+def test_bad_files_are_named_errors(tmp_path):
+    good = tmp_path / "good.jpg"
+    Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(good)
+    raw = good.read_bytes()
+    cases = {"zero.jpg": b"", "text.jpg": b"hello, not an image", "cut.jpg": raw[: raw.index(b"\xff\xda") + 30],
+             "garbage.png": b"\x89PNG\r\n\x1a\n" + os.urandom(200)}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ImageError, match=name):
+            load_image(tmp_path / name)
+    with pytest.raises(ImageError, match="missing.png"):
+        load_image(tmp_path / "missing.png")
+
+
+def test_huge_image_is_refused_not_decoded(tmp_path):
+    big = tmp_path / "bomb.png"
+    Image.new("1", (14000, 14000)).save(big)  # 196 Mpixel, a few kB on disk: a decompression bomb
+    assert big.stat().st_size < 1_000_000
+    with pytest.raises(ImageError, match="bomb.png"):
+        load_image(big)
+
+
+def test_grayscale_16bit_rgba_palette_and_exif_inputs(tmp_path):
+    a16 = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60)
+    Image.fromarray(a16).save(tmp_path / "g16.png")
+    assert load_image(tmp_path / "g16.png", 3).mode == "RGB"
+    assert abs(np.asarray(load_image(tmp_path / "g16.png", 1)).max() - round(a16.max() / 257)) <= 1
+    Image.new("RGBA", (10, 10), (255, 0, 0, 0)).save(tmp_path / "rgba.png")
+    assert np.asarray(load_image(tmp_path / "rgba.png", 3))[0, 0].tolist() == [255, 0, 0]
+    Image.new("P", (10, 10), 3).save(tmp_path / "pal.png")
+    assert load_image(tmp_path / "pal.png", 1).mode == "L"
+    im = Image.new("L", (20, 10), 0)
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 on display
+    im.save(tmp_path / "rot.jpg", exif=exif)
+    assert load_image(tmp_path / "rot.jpg", 1).size == (10, 20)
+
+
+# -- embed -------------------------------------------------------------------------------------
+
+
+def test_embed_writes_ids_resumes_and_skips_corrupt_files(model, gallery, tmp_path):
+    out = tmp_path / "emb.npy"
+    (gallery / "0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    r = run(["embed", str(gallery), "--model", str(model), "--out", str(out), "--batch-size", "7"])
+    assert "broken.jpg" in r.output and "30 x" in r.output
+    emb = np.load(out)
+    ids = (tmp_path / "emb.ids.txt").read_text().splitlines()
+    assert emb.shape == (30, 64) and len(ids) == 30 and all(Path(i).exists() for i in ids)
+    direct = Embedder.load(model).embed(ids[:5])
+    assert np.allclose(direct, emb[:5], atol=1e-5)
+    # a grown folder: only the new file is embedded, earlier rows are kept as they are
+    Image.fromarray(np.full((32, 32), 200, np.uint8)).save(gallery / "0" / "new.png")
+    r = run(["embed", str(gallery), "--model", str(model), "--out", str(out)])
+    assert "(1 new, 30 already done, 1 unreadable)" in r.output
+    assert np.array_equal(np.load(out)[:30], emb)
+    r = run(["embed", str(gallery), "--model", str(model), "--out", str(tmp_path / "x.npy"), "--on-error", "raise"], ok=False)
+    assert r.exit_code == 2 and "broken.jpg" in r.output
+
+
+def test_embed_killed_midway_resumes_without_redoing(model, gallery, tmp_path):
+    out = tmp_path / "emb.npy"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    p = subprocess.Popen([sys.executable, "-m", "edgeclr", "embed", str(gallery), "--model", str(model), "--out", str(out),
+                          "--batch-size", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ids = tmp_path / "emb.partial.ids.txt"
+    while not ids.exists() or ids.read_text().count("\n") < 2:  # two images done
+        assert p.poll() is None, p.stdout.read().decode()
+    p.kill()
+    p.wait()
+    assert not out.exists()
+    r = run(["embed", str(gallery), "--model", str(model), "--out", str(out)])
+    done = int(r.output.split(" already done")[0].split(", ")[-1])
+    assert 1 <= done < 30 and "30 x" in r.output
+    full = Embedder.load(model).embed((tmp_path / "emb.ids.txt").read_text().splitlines())
+    assert np.allclose(np.load(out), full, atol=1e-5)
+
+
+# -- search ------------------------------------------------------------------------------------
+
+
+def test_index_search_matches_brute_force_and_saves_without_pickle(tmp_path):
+    rng = np.random.default_rng(0)
+    g, q = rng.standard_normal((50, 8)), rng.standard_normal((4, 8))
+    idx = Index(g, [f"g{i}" for i in range(50)], [str(i % 3) for i in range(50)])
+    scores, nn = idx.search(q, 5)
+    gn, qn = g / np.linalg.norm(g, axis=1, keepdims=True), q / np.linalg.norm(q, axis=1, keepdims=True)
+    ref = np.argsort(-(qn @ gn.T), axis=1)[:, :5]
+    assert np.array_equal(nn, ref) and np.allclose(scores, np.take_along_axis(qn @ gn.T, ref, 1), atol=1e-6)
+    idx.save(tmp_path / "i.npz")
+    with np.load(tmp_path / "i.npz", allow_pickle=False) as f:
+        assert f["ids"].dtype.kind == "U"
+    back = Index.load(tmp_path / "i.npz")
+    assert np.array_equal(back.search(q, 5)[1], nn) and back.classify(q).tolist() == idx.classify(q).tolist()
+
+
+def test_search_cli_finds_the_image_itself_and_classifies(model, gallery, tmp_path):
+    out = tmp_path / "emb.npy"
+    run(["embed", str(gallery), "--model", str(model), "--out", str(out)])
+    q = sorted((gallery / "3").iterdir())[0]
+    r = run(["search", str(q), "--gallery", str(out), "--model", str(model), "--labels", "folder", "--k", "3", "--json",
+             "--save-index", str(tmp_path / "g.npz")])
+    res = json.loads(r.output.strip().splitlines()[-1])
+    assert res["neighbours"][0]["id"] == str(q) and res["neighbours"][0]["score"] > 0.9999
+    assert res["neighbours"][0]["label"] == "3" and "class" in res
+    r = run(["search", "--gallery", str(tmp_path / "g.npz"), "--query-embeddings", str(out), "--k", "1"])
+    assert r.output.count("1.0000") == 30
+    r = run(["search", str(q), "--gallery", str(out)], ok=False)
+    assert r.exit_code == 2 and "need --model" in r.output
+
+
+def test_a_runtime_only_install_has_no_torch_and_embeds(model, gallery, tmp_path):
+    """`pip install .[runtime]` in a fresh virtual environment: no torch, and `edgeclr embed` works."""
+    repo = Path(__file__).resolve().parents[1]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"{repo}[runtime]"], capture_output=True, text=True)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    r = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True, text=True)
+    assert r.returncode != 0 and "No module named 'torch'" in r.stderr
+    out = tmp_path / "e.npy"
+    r = subprocess.run([str(venv / "bin" / "edgeclr"), "embed", str(gallery), "--model", str(model), "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert np.load(out).shape == (30, 64)
