@@ -2,7 +2,7 @@
 torch-free runtime, onnxruntime) against the same embedding done with torch eager (the checkpoint
 loaded in PyTorch, the same preprocessing, the same batch size).
 
-Each measurement runs in its own fresh process, which reports its own peak RSS (ru_maxrss) when
+Each measurement runs in its own fresh process, which reports its own peak RSS (VmHWM) when
 done; modes alternate (runtime, torch, runtime, torch, ...) and medians are quoted.
 
     python benchmarks/embed_memory.py --run runs/bench-distill/distilled     # a MobileNet student run
@@ -32,7 +32,12 @@ HERE = Path(__file__).parent
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries the parent's high-water
+    mark across fork + exec into it, so a child of a big process would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def one(mode: str, model: str, folder: str, batch: int) -> None:
@@ -58,7 +63,7 @@ def one(mode: str, model: str, folder: str, batch: int) -> None:
         out = []
         with torch.no_grad():
             for i in range(0, len(files), batch):
-                x = np.stack([preprocess(load_image(f, pp.channels), pp) for f in files[i:i + batch]])
+                x = np.stack([preprocess(load_image(f, pp.channels, pp.resize_size), pp) for f in files[i:i + batch]])
                 out.append(torch.nn.functional.normalize(enc.embed(torch.from_numpy(x)), dim=1).numpy())
         n = sum(len(o) for o in out)
     print(json.dumps({"mode": mode, "images": n, "peak_rss_mb": round(peak_rss_mb(), 1), "seconds": round(time.perf_counter() - t, 2)}))

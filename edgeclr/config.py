@@ -39,7 +39,7 @@ DATA_PRESETS: dict[str, dict[str, Any]] = {
                    optimizer="adamw", lr=2e-3, weight_decay=1e-4, temperature=0.2, augment="small-gray",
                    crop_scale=(0.4, 1.0)),
     # 60k 28x28 grayscale images; recipe from benchmarks/fashion_mnist_teacher.py
-    "fashion-mnist": dict(model="resnet18", width=16, stem_stride=2, input_size=28, batch_size=256, epochs=25,
+    "fashion-mnist": dict(model="resnet18", width=16, stem_stride=2, input_size=28, batch_size=256, epochs=38,
                           optimizer="adamw", lr=2e-3, weight_decay=1e-4, temperature=0.2, augment="small-gray",
                           crop_scale=(0.3, 1.0)),
     "cifar10": dict(model="resnet18", stem_stride=1, input_size=32, batch_size=256, epochs=200, optimizer="sgd",
@@ -77,7 +77,8 @@ class TrainConfig:
     temperature: float | None = opt(None, "NT-Xent temperature")
     augment: str | None = opt(None, "augmentation preset: small-gray | small-rgb | rgb | gray | histo (default from data)")
     crop_scale: tuple[float, float] | None = opt(None, "random resized crop area range, e.g. 0.3 1.0")
-    jitter: float | None = opt(None, "colour-jitter strength s (SimCLR: brightness, contrast, saturation 0.8s, hue 0.2s; default: the augment preset's)")
+    jitter: float | None = opt(None, "colour-jitter strength s (SimCLR: brightness, contrast, saturation 0.8s, hue 0.2s; "
+                                     "default: the augment preset's)")
     grad_clip: float = opt(0.0, "clip the gradient norm to this value (0 = off)")
     amp: str = opt("auto", "mixed precision: auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off", ("auto", "bf16", "fp16", "off"))
     channels_last: bool = opt(True, "use the channels_last memory format (faster convolutions on CPU and GPU)")
@@ -150,7 +151,7 @@ class DistillConfig(TrainConfig):
 
     data: str | None = opt(None, "dataset (default: the teacher's); same forms as `edgeclr train --data`")
     out: str | None = opt(None, "run folder; this stage writes into OUT/distill (default: the teacher's run folder)")
-    model: str | None = opt("mobilenet_v3_large", "student: registry name (mobilenet_v3_large, mobilenet_v3_small, mobilenet_v2, ...)")
+    model: str | None = opt("mobilenet_v3_small", "student: registry name (mobilenet_v3_small, mobilenet_v3_large, mobilenet_v2, ...)")
     stem_stride: int | None = opt(None, "student stem stride: 2 = the architecture's, 1 = keep resolution for images under 64 px (default)")
     input_size: int | None = opt(None, "must equal the teacher's input size (default: the teacher's)")
     temperature: float | None = opt(0.1, "relational (SEED) loss: student softmax temperature")
@@ -274,10 +275,12 @@ class SearchConfig:
     knn_k: int = opt(20, "neighbours voting in kNN classification")
     knn_t: float = opt(0.1, "kNN temperature of the similarity weights")
     save_index: str | None = opt(None, "also save the gallery as an index .npz (pickle-free)")
+    backend: str = opt("numpy", "search: numpy (exact) | usearch (approximate HNSW, pip install usearch)", ("numpy", "usearch"))
     json: bool = opt(False, "print JSON lines instead of a table")
     threads: int = opt(0, "inference threads (0 = the runtime's default)")
 
     def __post_init__(self):
+        check_choices(self)
         if not self.gallery:
             raise ConfigError("--gallery is required: embeddings from `edgeclr embed` or an index .npz")
         if bool(self.queries) == bool(self.query_embeddings):

@@ -74,7 +74,7 @@ class ArrayDataset:
     def channels(self) -> int:
         return self.images.shape[-1]
 
-    def pil(self, i: int) -> Image.Image:
+    def pil(self, i: int, min_side: int | None = None) -> Image.Image:
         a = self.images[i]
         return Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a, "L" if a.shape[-1] == 1 else "RGB")
 
@@ -104,13 +104,14 @@ class FolderDataset:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def pil(self, i: int) -> Image.Image:
-        return load_image(self.paths[i], self.channels)
+    def pil(self, i: int, min_side: int | None = None) -> Image.Image:
+        """The decoded image; min_side lets a large JPEG decode at a reduced scale (runtime.load_image)."""
+        return load_image(self.paths[i], self.channels, min_side)
 
     def read(self, i: int) -> np.ndarray | None:
         """One image at the training base size, (S, S, C) uint8; None when it cannot be decoded."""
         try:
-            im = resize_center_crop(self.pil(i), self.base_size, self.base_size)
+            im = resize_center_crop(self.pil(i, self.base_size), self.base_size, self.base_size)
         except ImageError as e:
             log.debug("%s", e)
             return None

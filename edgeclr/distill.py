@@ -160,7 +160,7 @@ class DistillTrainer(Trainer):
             loss = loss + cfg.relational_weight * parts["loss_relational"]
             self.queue.push(t)
         logged = (self.global_step + 1) % cfg.log_every == 0 or self.step + 1 == self.steps_per_epoch  # as fit logs
-        self.step_metrics = {k: float(v) for k, v in parts.items()} if logged else {}
+        self.step_metrics = {k: float(v.detach()) for k, v in parts.items()} if logged else {}
         return loss
 
 

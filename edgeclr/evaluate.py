@@ -30,7 +30,7 @@ def eval_inputs(ds: data.Dataset, pp: Preprocess, indices=None) -> tuple[torch.T
     out, kept = [], []
     for i in idx:
         try:
-            out.append(preprocess(ds.pil(int(i)), pp))
+            out.append(preprocess(ds.pil(int(i), pp.resize_size), pp))
             kept.append(int(i))
         except ImageError as e:
             warnings.warn(f"skipped in evaluation: {e}")

@@ -61,12 +61,17 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
     raise ValueError(f"channels must be 1 or 3, got {channels}")
 
 
-def load_image(path: str | Path, channels: int = 3) -> Image.Image:
+def load_image(path: str | Path, channels: int = 3, min_side: int | None = None) -> Image.Image:
     """Open, fully decode and orient an image file.
 
     Args:
         path: image file.
         channels: 1 for 8-bit grayscale ('L'), 3 for 'RGB'.
+        min_side: the smallest shorter side the caller needs (the resize size). A JPEG at least
+            twice as large is decoded at a reduced DCT scale (1/2 .. 1/8) that still keeps both
+            sides >= min_side, so a 24-Mpixel photo never becomes a 72 MB array. Evaluation and
+            the runtime pass the same value, so both see the same pixels. Any format beyond
+            PIL's decompression-bomb limit (MAX_IMAGE_PIXELS) is refused.
 
     Raises:
         ImageError: the file is missing, not an image, corrupt or truncated. Decoding happens
@@ -75,6 +80,8 @@ def load_image(path: str | Path, channels: int = 3) -> Image.Image:
     """
     try:
         with Image.open(path) as im:
+            if min_side and im.format == "JPEG" and min(im.size) >= 2 * min_side:
+                im.draft(im.mode, (min_side, min_side))
             im = ImageOps.exif_transpose(im)  # honours the EXIF orientation tag; decodes
             im.load()
             return to_mode(im, channels)
@@ -300,7 +307,7 @@ class Embedder:
         """Image files or PIL images -> (N, D). An unreadable file raises ImageError (see embed_files)."""
         pp, out = self.meta.preprocess, []
         for i in range(0, len(images), batch_size):
-            chunk = [im if isinstance(im, Image.Image) else load_image(im, pp.channels) for im in images[i:i + batch_size]]
+            chunk = [im if isinstance(im, Image.Image) else load_image(im, pp.channels, pp.resize_size) for im in images[i:i + batch_size]]
             out.append(self.embed_arrays(preprocess_batch(chunk, pp), batch_size))
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
@@ -311,7 +318,7 @@ class Embedder:
         ids, arrays, errors = [], [], []
         for p in paths:
             try:
-                arrays.append(preprocess(load_image(p, pp.channels), pp))
+                arrays.append(preprocess(load_image(p, pp.channels, pp.resize_size), pp))
                 ids.append(str(p))
             except ImageError as e:
                 if on_error == "raise":
@@ -329,11 +336,22 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-class Index:
-    """Exact cosine nearest-neighbour search over a gallery of embeddings (numpy), with optional
-    labels for kNN classification. Saved as a pickle-free .npz."""
+INDEX_BACKENDS = ("numpy", "usearch")
 
-    def __init__(self, embeddings: np.ndarray, ids: Sequence[str] | None = None, labels: Sequence[str] | None = None):
+
+class Index:
+    """Cosine nearest-neighbour search over a gallery of embeddings, with optional labels for kNN
+    classification. Saved as a pickle-free .npz.
+
+    backend "numpy": exact search (the default). "usearch": an approximate HNSW graph
+    (`pip install usearch`), built on first search, for galleries too large to scan.
+    """
+
+    def __init__(self, embeddings: np.ndarray, ids: Sequence[str] | None = None, labels: Sequence[str] | None = None,
+                 backend: str = "numpy"):
+        if backend not in INDEX_BACKENDS:
+            raise ValueError(f"unknown index backend {backend!r}; valid: {', '.join(INDEX_BACKENDS)}")
+        self.backend, self._ann = backend, None
         emb = np.asarray(embeddings, np.float32)
         if emb.ndim != 2 or len(emb) == 0:
             raise ValueError(f"an index needs (N, D) embeddings with N >= 1, got shape {emb.shape}")
@@ -353,6 +371,8 @@ class Index:
         if q.shape[1] != self.emb.shape[1]:
             raise ValueError(f"queries have dimension {q.shape[1]}, the index {self.emb.shape[1]}")
         k = min(k, len(self.emb))
+        if self.backend == "usearch":
+            return self._search_usearch(q, k)
         scores, idx = [], []
         for i in range(0, len(q), chunk):
             sim = q[i:i + chunk] @ self.emb.T  # (q, N)
@@ -362,6 +382,18 @@ class Index:
             idx.append(np.take_along_axis(part, order, 1))
             scores.append(np.take_along_axis(s, order, 1))
         return np.concatenate(scores), np.concatenate(idx)
+
+    def _search_usearch(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._ann is None:
+            try:
+                from usearch.index import Index as HNSW
+            except ImportError as e:
+                raise ModelError("the usearch backend needs usearch: pip install usearch (or use the exact numpy backend)") from e
+            self._ann = HNSW(ndim=self.emb.shape[1], metric="cos", dtype="f32")
+            self._ann.add(np.arange(len(self.emb)), self.emb)
+        m = self._ann.search(q, k)
+        keys, dist = np.asarray(m.keys).reshape(len(q), -1), np.asarray(m.distances).reshape(len(q), -1)
+        return (1.0 - dist).astype(np.float32), keys.astype(np.int64)
 
     def classify(self, queries: np.ndarray, k: int = 20, t: float = 0.1) -> np.ndarray:
         """Weighted kNN (votes exp(cos / t)), as `edgeclr eval`. Returns (Q,) labels."""
@@ -384,10 +416,10 @@ class Index:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> Index:
+    def load(cls, path: str | Path, backend: str = "numpy") -> Index:
         try:
             with np.load(path, allow_pickle=False) as f:
-                return cls(f["embeddings"], f["ids"], f["labels"] if "labels" in f.files else None)
+                return cls(f["embeddings"], f["ids"], f["labels"] if "labels" in f.files else None, backend)
         except (OSError, KeyError, ValueError) as e:
             raise ModelError(f"cannot read index {path}: {e}") from e
 
@@ -531,12 +563,12 @@ def search_main(cfg) -> list[dict]:
     """`edgeclr search`: a list of {query, neighbours: [{id, score, label?}], class?} per query."""
     g = Path(cfg.gallery)
     if g.suffix == ".npz":
-        index = Index.load(g)
+        index = Index.load(g, cfg.backend)
         if cfg.labels:
-            index = Index(index.emb, index.ids, labels_for(index.ids.tolist(), cfg.labels))
+            index = Index(index.emb, index.ids, labels_for(index.ids.tolist(), cfg.labels), cfg.backend)
     else:
         emb, ids = read_embeddings(g)
-        index = Index(emb, ids, labels_for(ids, cfg.labels))
+        index = Index(emb, ids, labels_for(ids, cfg.labels), cfg.backend)
     if cfg.save_index:
         index.save(cfg.save_index)
     if cfg.query_embeddings:

@@ -66,6 +66,23 @@ def test_huge_image_is_refused_not_decoded(tmp_path):
         load_image(big)
 
 
+def test_a_large_jpeg_decodes_at_a_reduced_scale_and_evaluation_sees_the_same_pixels(tmp_path, model):
+    from edgeclr import data, evaluate
+    from edgeclr.runtime import preprocess
+
+    rng = np.random.default_rng(0)
+    big = tmp_path / "imgs" / "big.jpg"
+    big.parent.mkdir()
+    Image.fromarray(rng.integers(0, 256, (2000, 3000, 3), np.uint8)).save(big, quality=90)
+    assert load_image(big, 3).size == (3000, 2000)
+    assert load_image(big, 3, min_side=64).size == (375, 250)  # DCT scale 1/8, both sides still >= 64
+    e = Embedder.load(model)
+    ds = data.open_dataset(str(tmp_path / "imgs"), "pretrain")
+    x, _ = evaluate.eval_inputs(ds, e.meta.preprocess)  # the torch-side path
+    assert np.array_equal(x[0].numpy(), preprocess(load_image(big, 1, e.meta.preprocess.resize_size), e.meta.preprocess))
+    assert np.allclose(e.embed([big]), e.embed_arrays(x.numpy()), atol=1e-6)
+
+
 def test_grayscale_16bit_rgba_palette_and_exif_inputs(tmp_path):
     a16 = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60)
     Image.fromarray(a16).save(tmp_path / "g16.png")
@@ -169,3 +186,17 @@ def test_a_runtime_only_install_has_no_torch_and_embeds(model, gallery, tmp_path
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert np.load(out).shape == (30, 64)
+
+
+def test_usearch_backend_agrees_with_exact_search():
+    pytest.importorskip("usearch")  # in the dev extra; optional on a device
+    rng = np.random.default_rng(0)
+    g, q = rng.standard_normal((2000, 32)), rng.standard_normal((50, 32))
+    exact, ann = Index(g), Index(g, backend="usearch")
+    (se, ie), (sa, ia) = exact.search(q, 10), ann.search(q, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ie, ia)])
+    assert recall >= 0.95, recall
+    same = ie[:, 0] == ia[:, 0]
+    assert np.allclose(se[same, 0], sa[same, 0], atol=1e-4)  # scores are cosines in both
+    with pytest.raises(ValueError, match="unknown index backend"):
+        Index(g, backend="faiss2")
