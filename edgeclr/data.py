@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from edgeclr.runtime import GRAY_MODES, IMAGE_SUFFIXES, ImageError, load_image, resize_center_crop
+from edgeclr.runtime import GRAY_MODES, IMAGE_SUFFIXES, ImageError, list_images, load_image, resize_center_crop
 
 if TYPE_CHECKING:
     import torch
@@ -286,10 +286,6 @@ def load_stl10(root: str, split: str) -> ArrayDataset:
     if len(labels) != len(images):
         raise DataError(f"stl10: {len(labels)} labels in {yp} but {len(images)} images in {xp}")
     return ArrayDataset("stl10", np.ascontiguousarray(images), labels, STL10_CLASSES, [str(xp), str(yp)])
-
-
-def list_images(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _readable(paths: list[Path]) -> tuple[list[Path], list[str], list[str]]:

@@ -75,9 +75,7 @@ def load_model(target: str | Path) -> tuple[nn.Module, dict, Path]:
     (whose most downstream stage is taken)."""
     from edgeclr.evaluate import load_encoder
 
-    path = checkpoint.find(target, tuple(reversed(checkpoint.STAGES)))
-    model, ckpt, path = load_encoder(path, "cpu")
-    return model, ckpt, path
+    return load_encoder(checkpoint.find(target, tuple(reversed(checkpoint.STAGES))), "cpu")
 
 
 # ----------------------------------------------------------------------------------------------

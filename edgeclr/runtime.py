@@ -429,13 +429,18 @@ class Index:
 # `edgeclr embed` and `edgeclr search`: file-level work on top of Embedder and Index
 
 
+def list_images(root: Path) -> list[Path]:
+    """Image files under a folder, recursively, sorted."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def list_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     """Files named directly, plus image files found recursively in named folders (sorted)."""
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            out += list_images(p)
         elif p.is_file():
             out.append(p)
         else:
