@@ -117,8 +117,6 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     return ckpt
 
 
-# stages in pipeline order, most downstream last: a run folder's deployable model is its last one
-STAGES = ("train", "distill", "compress")
 
 
 def find(target: str | Path, stage: str | tuple[str, ...] | None = None) -> Path:

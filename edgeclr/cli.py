@@ -17,7 +17,8 @@ import click
 from edgeclr import __version__, config
 
 # errors that are the user's to fix: printed as one clear line, exit code 2, no traceback
-USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "ImageError", "NonFiniteLoss", "ExportError", "ModelError")
+USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "ImageError", "NonFiniteLoss", "ExportError", "ModelError",
+               "CompressError", "BenchError")
 
 
 def _option(fld: dataclasses.Field, none_default: str):
@@ -122,6 +123,24 @@ def export(target, config_file, **options):
 
 
 @cli.command()
+@click.argument("student")
+@config_options(config.CompressConfig)
+def compress(student, config_file, **options):
+    """Prune STUDENT (a distilled run) with recovery, export it and quantise it to INT8.
+
+    Writes OUT/compress/{checkpoints/last.pt, models/{fp32,int8}.{onnx,xml}, report.md, report.json,
+    manifest.json}: every artifact with kNN accuracy, agreement with the FP32 student, size, MACs
+    and 1-thread latency.
+    """
+    cfg = run_stage(config.build, config.CompressConfig, config_file, student=student, **options)
+    from edgeclr import compress as stage
+
+    r = run_stage(stage.main, cfg)
+    click.echo(r["table"])
+    click.echo(f"report: {r['stage_dir']}/report.md")
+
+
+@cli.command()
 @click.argument("inputs", nargs=-1, required=True)
 @config_options(config.EmbedConfig)
 def embed(inputs, config_file, **options):
@@ -161,6 +180,24 @@ def search(queries, config_file, **options):
             click.echo(f"  {n['score']:.4f}  {n['id']}" + (f"  [{n['label']}]" if "label" in n else ""))
 
 
+@cli.command()
+@click.argument("models", nargs=-1, required=True)
+@config_options(config.BenchConfig)
+def bench(models, config_file, **options):
+    """Latency (p50/p90/p99), images/s, peak memory, size, MACs and efficiency of MODELS.
+
+    MODELS are exported files, checkpoints or run folders. Each configuration runs in its own
+    process; configurations are interleaved and compared as ratios to a baseline. ONNX and
+    OpenVINO models need no torch.
+    """
+    cfg = run_stage(config.build, config.BenchConfig, config_file, models=tuple(models), **options)
+    from edgeclr import bench as stage
+
+    r = run_stage(stage.main, cfg)
+    click.echo(r["table"])
+    click.echo(f"written: {cfg.out}/bench.json, bench.md" + (", bench.png" if r.get("chart") else ""))
+
+
 @cli.command("eval")
 @click.argument("target")
 @config_options(config.EvalConfig)
@@ -173,6 +210,10 @@ def eval_(target, config_file, **options):
     from edgeclr import evaluate as stage
 
     result = run_stage(stage.main, cfg)
+    if cfg.compare:
+        click.echo(f"{result['run']} on {result['data']}: {result['train_images']} labeled bank / {result['test_images']} test images")
+        click.echo(result["table"])
+        return
     click.echo(f"{result['data']}: {result['train_images']} labeled bank / {result['test_images']} test images, "
                f"kNN k={result['knn_k']} T={result['knn_t']}")
     click.echo(result["table"])

@@ -11,7 +11,7 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -38,10 +38,11 @@ DATA_PRESETS: dict[str, dict[str, Any]] = {
     "digits": dict(model="resnet18", width=32, stem_stride=1, input_size=16, batch_size=128, epochs=30,
                    optimizer="adamw", lr=2e-3, weight_decay=1e-4, temperature=0.2, augment="small-gray",
                    crop_scale=(0.4, 1.0)),
-    # 60k 28x28 grayscale images; recipe from benchmarks/fashion_mnist_teacher.py
-    "fashion-mnist": dict(model="resnet18", width=16, stem_stride=2, input_size=28, batch_size=256, epochs=38,
-                          optimizer="adamw", lr=2e-3, weight_decay=1e-4, temperature=0.2, augment="small-gray",
-                          crop_scale=(0.3, 1.0)),
+    # 60k 28x28 grayscale images; recipe from benchmarks/fashion_mnist_teacher.py (teacher_sweep.py: a
+    # last stage at layer3's resolution, temperature 0.1, crops from 0.2 and jitter 1.0 each helped)
+    "fashion-mnist": dict(model="resnet18", width=16, stem_stride=2, last_stride=1, input_size=28, batch_size=256,
+                          epochs=26, optimizer="adamw", lr=2e-3, weight_decay=1e-4, temperature=0.1, augment="small-gray",
+                          crop_scale=(0.2, 1.0), jitter=1.0),
     "cifar10": dict(model="resnet18", stem_stride=1, input_size=32, batch_size=256, epochs=200, optimizer="sgd",
                     lr=0.3, weight_decay=5e-4, temperature=0.2, augment="small-rgb"),
     "stl10": dict(model="resnet18", stem_stride=2, input_size=96, batch_size=256, epochs=100, optimizer="sgd",
@@ -61,6 +62,7 @@ class TrainConfig:
     out: str = opt("runs/default", "run folder; this stage writes into OUT/train")
     model: str | None = opt(None, "registry name of the encoder (resnet18, resnet34, resnet50, mobilenet_*)")
     width: int | None = opt(None, "ResNet base width (64 = the paper's ResNet; smaller is faster on a CPU)")
+    last_stride: int | None = opt(None, "ResNet last-stage stride: 2 = the paper's, 1 = keep layer3's resolution (small images)")
     stem_stride: int | None = opt(None, "stride of the stem: 4 = ImageNet stem, 2 = 3x3 conv + max-pool, 1 = CIFAR stem")
     input_size: int | None = opt(None, "side of the square training and evaluation input, in pixels")
     head_hidden: int | None = opt(None, "projection head hidden width (default: feature width)")
@@ -79,6 +81,7 @@ class TrainConfig:
     crop_scale: tuple[float, float] | None = opt(None, "random resized crop area range, e.g. 0.3 1.0")
     jitter: float | None = opt(None, "colour-jitter strength s (SimCLR: brightness, contrast, saturation 0.8s, hue 0.2s; "
                                      "default: the augment preset's)")
+    blur: float | None = opt(None, "probability of a Gaussian blur of each view (default: the augment preset's; 0 on images <= 32 px)")
     grad_clip: float = opt(0.0, "clip the gradient norm to this value (0 = off)")
     amp: str = opt("auto", "mixed precision: auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off", ("auto", "bf16", "fp16", "off"))
     channels_last: bool = opt(True, "use the channels_last memory format (faster convolutions on CPU and GPU)")
@@ -126,6 +129,10 @@ class TrainConfig:
             raise ConfigError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
         if self.weight_decay < 0 or self.warmup_epochs < 0 or self.grad_clip < 0:
             raise ConfigError("weight_decay, warmup_epochs and grad_clip must be >= 0")
+        if self.blur is not None and not 0 <= self.blur <= 1:
+            raise ConfigError(f"blur is a probability: 0 <= blur <= 1, got {self.blur}")
+        if self.jitter is not None and self.jitter < 0:
+            raise ConfigError(f"jitter must be >= 0, got {self.jitter}")
 
     @property
     def scaled_lr(self) -> float:
@@ -136,7 +143,7 @@ class TrainConfig:
 # Distillation defaults for fields that are not taken from the teacher's training config.
 DISTILL_DEFAULTS: dict[str, Any] = dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4)
 # Taken from the teacher's training config when left at None: same data, schedule and views.
-FROM_TEACHER = ("data", "epochs", "batch_size", "augment", "crop_scale", "jitter", "tile_size", "tile_stride",
+FROM_TEACHER = ("data", "epochs", "batch_size", "augment", "crop_scale", "jitter", "blur", "tile_size", "tile_stride",
                 "tile_min_foreground")
 
 
@@ -156,6 +163,7 @@ class DistillConfig(TrainConfig):
     input_size: int | None = opt(None, "must equal the teacher's input size (default: the teacher's)")
     temperature: float | None = opt(0.1, "relational (SEED) loss: student softmax temperature")
     width: int | None = opt(None, "", cli=False)
+    last_stride: int | None = opt(None, "", cli=False)
     head_hidden: int | None = opt(None, "", cli=False)
     head_out: int = opt(128, "", cli=False)
     teacher: str = opt("", "teacher: a `edgeclr train` checkpoint, stage folder or run folder")
@@ -207,6 +215,9 @@ class EvalConfig:
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     threads: int = opt(0, "CPU threads for torch (0 = all cores)")
     seed: int = opt(0, "seed of subsampling, the random-init baseline and t-SNE")
+    compare: bool = opt(False, "TARGET is a run folder: the retention table of every stage and artifact in it (teacher, "
+                               "student, pruned, exported FP32 and INT8) against the teacher")
+    latency_runs: int = opt(30, "--compare: timed batch-1 runs per model for the 1-thread latency")
 
     def __post_init__(self):
         check_choices(self)
@@ -239,6 +250,92 @@ class ExportConfig:
             raise ConfigError(f"input_size must be >= 8, got {self.input_size}")
         if self.check_images < 1:
             raise ConfigError("check_images must be >= 1: every export is checked against torch")
+
+
+@dataclass
+class CompressConfig:
+    """`edgeclr compress`: prune + recover a distilled student, export it, quantise to INT8, report."""
+
+    MIN_CALIB: ClassVar[int] = 32
+
+    student: str = opt("", "distilled student: checkpoint, stage folder or run folder", cli=False)
+    out: str | None = opt(None, "run folder; writes OUT/compress (default: the student's run folder)")
+    teacher: str | None = opt(None, "teacher for recovery and the report (default: the one the student was distilled from)")
+    data: str | None = opt(None, "data for recovery and evaluation (default: the student's)")
+    prune_ratio: float | None = opt(None, "fraction of channels to remove (0 = no pruning); parameters shrink ~1-(1-r)^2")
+    target_macs: float | None = opt(None, "prune until MACs are this fraction of the student's (default 0.5 unless --prune-ratio)")
+    prune_steps: int = opt(2, "iterative pruning steps, each followed by recovery")
+    global_pruning: bool = opt(False, "rank channels across layers (default: the same ratio in every layer)")
+    recover_epochs: int = opt(2, "distillation epochs from the teacher after each pruning step (0 = none)")
+    recover_lr: float | None = opt(None, "recovery learning rate (default: the student's)")
+    formats: str = opt("onnx,openvino", "exports to write and quantise: comma list of onnx, openvino")
+    int8: bool = opt(True, "quantise each export to INT8 (--fp32-only: export the pruned model only)", off="fp32-only")
+    target: str = opt("x86", "INT8 flavour: x86 (u8 activations, s8 weights) | arm (s8/s8, for onnxruntime on aarch64)",
+                      ("x86", "arm"))
+    auto_exclude: bool = opt(True, "leave the first conv, the embedding layer and squeeze-excitation blocks in float "
+                                   "(--quantize-all: quantise every supported node)", off="quantize-all")
+    calib_data: str | None = opt(None, "images for INT8 calibration (default: the student's data)")
+    calib_images: int = opt(300, "calibration images")
+    max_drop: float | None = opt(None, "refuse an artifact whose kNN accuracy is more than this many points below the FP32 student's")
+    eval_images: int = opt(10000, "labeled bank / query images for the retention report (at most)")
+    latency_runs: int = opt(50, "timed batch-1 runs per model for the 1-thread latency")
+    device: str = opt("auto", "device for pruning and recovery: auto | cpu | cuda")
+    threads: int = opt(0, "torch CPU threads (0 = default)")
+    seed: int = opt(0, "random seed")
+    max_minutes: float = opt(0.0, "stop the recovery after this many minutes with a checkpoint (--resume continues); 0 = no limit")
+    resume: bool = opt(False, "continue an interrupted compress run from OUT/compress/checkpoints")
+    progress: bool | None = opt(None, "progress bar (default: when stderr is a terminal)")
+    tensorboard: bool = opt(True, "TensorBoard scalars for the recovery")
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.prune_ratio is not None and not 0 <= self.prune_ratio < 1:
+            raise ConfigError(f"prune_ratio must be in [0, 1), got {self.prune_ratio}")
+        if self.target_macs is not None and not 0 < self.target_macs <= 1:
+            raise ConfigError(f"target_macs is a fraction of the student's MACs in (0, 1], got {self.target_macs}")
+        if self.prune_ratio is not None and self.target_macs is not None:
+            raise ConfigError("give --prune-ratio or --target-macs, not both")
+        if self.prune_ratio is None and self.target_macs is None:
+            self.target_macs = 0.5
+        if self.prune_steps < 1 or self.recover_epochs < 0 or self.latency_runs < 1 or self.eval_images < 10:
+            raise ConfigError("prune_steps >= 1, recover_epochs >= 0, latency_runs >= 1 and eval_images >= 10 are required")
+        if self.calib_images < self.MIN_CALIB:
+            raise ConfigError(f"calib_images must be >= {self.MIN_CALIB} for a usable INT8 calibration, got {self.calib_images}")
+        bad = [f for f in self.formats.split(",") if f and f not in ("onnx", "openvino")]
+        if bad or not self.formats.strip(","):
+            raise ConfigError(f"formats: comma list of onnx, openvino; got {self.formats!r}")
+
+    @property
+    def pruning(self) -> bool:
+        return bool(self.prune_ratio) or self.target_macs is not None and self.target_macs < 1
+
+
+@dataclass
+class BenchConfig:
+    """`edgeclr bench`: latency, throughput, memory, size and efficiency of models, per format."""
+
+    models: tuple = opt((), "exported models (.onnx, .xml), checkpoints (.pt) or run folders", cli=False)
+    formats: str | None = opt(None, "comma list of torch, onnx, onnx-int8, openvino, openvino-int8 (default: all found, or the profile's)")
+    threads: str | None = opt(None, "comma list of thread counts, e.g. 1,2,4 (default: 1, or the profile's)")
+    batch: str | None = opt(None, "comma list of batch sizes, e.g. 1,8,32 (default: 1, or the profile's)")
+    input_size: int | None = opt(None, "torch models: input side in pixels (exported models run at their own size)")
+    profile: str | None = opt(None, "device profile: pi4 | pi5 (1 and 4 threads, batch 1, onnxruntime) | x86", ("pi4", "pi5", "x86"))
+    precision: str = opt("f32", "OpenVINO inference precision: f32 | bf16 (this CPU would run FP32 models in bf16 unasked)",
+                         ("f32", "bf16"))
+    baseline: str | None = opt(None, "configuration the speed-ups are against, LABEL[:FORMAT] (default: the teacher in torch eager)")
+    rounds: int = opt(5, "interleaved rounds (A B A B ...)")
+    runs: int = opt(20, "timed runs per configuration per round")
+    warmup: float = opt(1.0, "warm-up seconds per configuration")
+    out: str = opt("bench", "folder for bench.json, bench.md and bench.png")
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.rounds < 1 or self.runs < 1 or self.warmup < 0:
+            raise ConfigError("rounds and runs must be >= 1 and warmup >= 0")
+        for name in ("threads", "batch"):
+            v = getattr(self, name)
+            if v and not all(x.strip().isdigit() and int(x) > 0 for x in v.split(",")):
+                raise ConfigError(f"--{name} is a comma list of positive integers, got {v!r}")
 
 
 @dataclass
@@ -295,7 +392,7 @@ def check_choices(cfg) -> None:
     for f in dataclasses.fields(cfg):
         choices = f.metadata.get("choices")
         v = getattr(cfg, f.name)
-        if choices and v not in choices:
+        if choices and v is not None and v not in choices:
             raise ConfigError(f"{f.name}={v!r} is not one of {', '.join(choices)}")
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from edgeclr import checkpoint, config, data
 from edgeclr.augment import view_generator
 from edgeclr.losses import EmbeddingQueue, cosine_distill, relational_distill
-from edgeclr.models import Encoder, ModelSpec, count_params, create_model
+from edgeclr.models import Encoder, ModelSpec, count_params, create_model, model_from_checkpoint
 from edgeclr.runtime import Preprocess
 from edgeclr.train import Trainer, build_monitor, describe, fit, prepare_stage_dir, resolve_device
 
@@ -58,8 +58,7 @@ def load_teacher(target: str | Path, device) -> tuple[Encoder, dict, Path]:
             "pass the checkpoint or run folder written by `edgeclr train` (runs/NAME/train)")
     try:
         pp = Preprocess.from_dict(ckpt["preprocess"])
-        teacher = create_model(ModelSpec.from_dict(ckpt["spec"]))
-        teacher.load_state_dict(ckpt["model"])
+        teacher = model_from_checkpoint(ckpt)
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
         raise checkpoint.CheckpointError(f"--teacher {path}: its model or preprocessing cannot be rebuilt: {str(e)[:300]}") from e
     if pp.channels != ckpt["spec"]["in_chans"]:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from edgeclr import checkpoint, data
+from edgeclr.rundir import STAGES
 from edgeclr.runtime import ImageError, Preprocess, preprocess
 
 log = logging.getLogger("edgeclr.evaluate")
@@ -170,14 +171,13 @@ class KnnMonitor:
 
 def load_encoder(target: str | Path, device="cpu"):
     """(model in eval mode, checkpoint dict, checkpoint path) from a checkpoint / stage / run folder."""
-    from edgeclr.models import ModelSpec, create_model
+    from edgeclr.models import model_from_checkpoint
 
     path = checkpoint.find(target, "train")
     ckpt = checkpoint.load(path)
-    model = create_model(ModelSpec.from_dict(ckpt["spec"]))
     try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
+        model = model_from_checkpoint(ckpt)
+    except (RuntimeError, ValueError, KeyError) as e:
         raise checkpoint.CheckpointError(f"{path}: its weights do not fit its own model spec {ckpt['spec']}: {str(e)[:300]}") from e
     return model.to(device).eval(), ckpt, path
 
@@ -191,6 +191,138 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _latency_ms(fn, x: np.ndarray, runs: int) -> float:
+    """Median seconds of fn(x) (one batch-1 call) in ms, after warm-up."""
+    for _ in range(3):
+        fn(x)
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn(x)
+        ts.append(time.perf_counter() - t)
+    return 1000 * float(np.median(ts))
+
+
+def stage_checkpoints(run_dir: Path) -> dict[str, Path]:
+    """{stage: checkpoint} of a run, in pipeline order, following the links a stage records when
+    its inputs live in another run folder (compress -> its student, a student -> its teacher)."""
+    from edgeclr.rundir import read_manifest
+
+    found = {s: run_dir / s / "checkpoints" / "last.pt" for s in STAGES if (run_dir / s / "checkpoints" / "last.pt").is_file()}
+    if "compress" in found and "distill" not in found:
+        st = ((read_manifest(run_dir / "compress") or {}).get("inputs") or {}).get("student")
+        if st and Path(st).is_file():
+            found["distill"] = Path(st)
+    if "train" not in found:
+        for s in ("distill", "compress"):
+            tp = (checkpoint.load(found[s]).get("teacher") or {}).get("path") if s in found else None
+            if tp and Path(tp).is_file():
+                found["train"] = Path(tp)
+                break
+    return {s: found[s] for s in STAGES if s in found}
+
+
+def compare_main(cfg) -> dict:
+    """`edgeclr eval --compare RUN`: every stage and exported artifact of a run on the same held-out
+    images: kNN and linear-probe accuracy, agreement with the teacher (kNN predictions, top-10
+    neighbours, cosine), size, MACs, 1-thread batch-1 latency and speed-up vs the teacher (torch
+    eager for checkpoints, edgeclr.runtime for exported files)."""
+    from edgeclr.models import count_macs, count_params
+    from edgeclr.rundir import write_json_atomic
+    from edgeclr.runtime import Embedder
+
+    t0 = time.time()
+    run_dir = Path(cfg.target)
+    if not run_dir.is_dir():
+        raise data.DataError(f"--compare takes a run folder (runs/NAME), got {run_dir}")
+    entries = [({"train": "teacher", "distill": "student", "compress": "pruned"}[s], "torch", f)
+               for s, f in stage_checkpoints(run_dir).items()]  # (name, kind, path)
+    for f in sorted(run_dir.rglob("*")):
+        if f.suffix in (".onnx", ".xml") and not f.name.startswith("."):
+            entries.append((str(f.relative_to(run_dir)), "runtime", f))
+    if not entries or entries[0][0] != "teacher":
+        raise checkpoint.CheckpointError(f"{run_dir} has no teacher checkpoint (train/checkpoints/last.pt): --compare "
+                                         "needs a run folder written by `edgeclr train` and later stages")
+    teacher, tck, _ = load_encoder(entries[0][2], "cpu")
+    pp = Preprocess.from_dict(tck["preprocess"])
+    tcfg = tck.get("config") or {}
+    data_spec = cfg.data or tcfg.get("data")
+    kw = dict(base_size=pp.resize_size, tile_size=tcfg.get("tile_size", 64), tile_stride=tcfg.get("tile_stride", 64),
+              tile_min_foreground=tcfg.get("tile_min_foreground", 0.5), seed=cfg.seed)
+    train_ds, test_ds = data.open_dataset(data_spec, "train", **kw), data.open_dataset(data_spec, "test", **kw)
+    if not (data.has_labels(train_ds) and data.has_labels(test_ds)):
+        raise data.DataError(f"{data_spec} has no class labels: --compare needs a labeled split")
+    sub = None
+    if cfg.max_train and len(train_ds) > cfg.max_train:
+        sub = np.sort(np.random.default_rng(cfg.seed).choice(len(train_ds), cfg.max_train, replace=False))
+    x_tr, k_tr = eval_inputs(train_ds, pp, sub)
+    x_te, k_te = eval_inputs(test_ds, pp)
+    y_tr, y_te = torch.as_tensor(train_ds.labels[k_tr]), torch.as_tensor(test_ds.labels[k_te])
+    n_cls = int(max(y_tr.max(), y_te.max())) + 1
+    threads = torch.get_num_threads()
+    rows, ref = [], None
+    for name, kind, path in entries:
+        if kind == "torch":
+            model, ck, _ = load_encoder(path, "cpu")
+            if Preprocess.from_dict(ck["preprocess"]).input_size != pp.input_size:
+                continue
+            fn = model.embed
+            shape = (pp.channels, pp.input_size, pp.input_size)
+            macs, params, size = count_macs(model, shape), count_params(model), count_params(model) * 4
+
+            def one(x, m=model):
+                with torch.inference_mode():
+                    return m.embed(torch.from_numpy(x))
+            torch.set_num_threads(1)
+            lat = _latency_ms(one, x_te[:1].numpy(), cfg.latency_runs)
+            torch.set_num_threads(threads)
+            f_tr, f_te = embed(fn, x_tr, cfg.batch_size), embed(fn, x_te, cfg.batch_size)
+        else:
+            emb = Embedder.load(path, threads=0, precision="f32")
+            if emb.meta.preprocess != pp:
+                log.info("skipping %s: its preprocessing differs from the teacher's", path)
+                continue
+            macs, params = emb.meta.macs, emb.meta.params
+            size = sum(f.stat().st_size for f in [path] + ([path.with_suffix(".bin")] if path.suffix == ".xml" else []))
+            f_tr = torch.from_numpy(emb.embed_arrays(x_tr.numpy(), cfg.batch_size))
+            f_te = torch.from_numpy(emb.embed_arrays(x_te.numpy(), cfg.batch_size))
+            one_emb = Embedder.load(path, threads=1, precision="f32")
+            lat = _latency_ms(lambda x, e=one_emb: e.embed_arrays(x, 1), x_te[:1].numpy(), cfg.latency_runs)
+        pred = knn_predict(f_tr, y_tr, f_te, cfg.knn_k, cfg.knn_t, n_cls)
+        row = {"model": name, "kind": kind, "path": str(path), "knn_top1": 100.0 * float((pred == y_te).float().mean()),
+               "linear_top1": linear_probe(f_tr.numpy(), y_tr.numpy(), f_te.numpy(), y_te.numpy(), cfg.seed) if cfg.linear_probe else None,
+               "macs": macs, "params": params, "size_bytes": size, "latency_ms_1thread": lat}
+        if ref is None:
+            ref = {"pred": pred, "f_te": f_te, "row": row}
+        else:
+            row["knn_agreement_with_teacher"] = float((pred == ref["pred"]).float().mean())
+            row.update({f"{k}_with_teacher": v for k, v in agreement(f_te[:2000], ref["f_te"][:2000]).items()})
+            row["retention"] = row["knn_top1"] / ref["row"]["knn_top1"]
+        row["speedup_vs_teacher"] = ref["row"]["latency_ms_1thread"] / lat
+        rows.append(row)
+        log.info("%s: kNN %.2f%%, %.3f ms", name, row["knn_top1"], lat)
+    result = {"run": str(run_dir), "data": data_spec, "train_images": len(y_tr), "test_images": len(y_te), "rows": rows,
+              "wall_time_s": round(time.time() - t0, 1)}
+    write_json_atomic(result, run_dir / "compare.json")
+    result["table"] = format_compare(rows)
+    (run_dir / "compare.md").write_text(result["table"] + "\n")
+    return result
+
+
+def format_compare(rows: list[dict]) -> str:
+    def f(v, fmt):
+        return "" if v is None or (isinstance(v, float) and np.isnan(v)) else fmt.format(v)
+
+    lines = ["| model | kNN % | linear % | retention | kNN agreement | top-10 overlap | size MB | MMACs | ms (1 thread) | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {f(r['knn_top1'], '{:.2f}')} | {f(r['linear_top1'], '{:.2f}')} | {f(r.get('retention'), '{:.3f}')} | "
+                     f"{f(r.get('knn_agreement_with_teacher'), '{:.3f}')} | {f(r.get('topk_overlap_with_teacher'), '{:.3f}')} | "
+                     f"{r['size_bytes'] / 1e6:.2f} | {f(r['macs'] and r['macs'] / 1e6, '{:.1f}')} | {r['latency_ms_1thread']:.3f} | "
+                     f"{r['speedup_vs_teacher']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(cfg) -> dict:
     """`edgeclr eval`: print and record kNN / linear-probe accuracy of a checkpoint and baselines."""
     from edgeclr.models import create_model
@@ -200,6 +332,8 @@ def main(cfg) -> dict:
     t0 = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.compare:
+        return compare_main(cfg)
     device = resolve_device(cfg.device)
     model, ckpt, path = load_encoder(cfg.target, device)
     tcfg = ckpt.get("config") or {}

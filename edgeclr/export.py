@@ -30,6 +30,8 @@ from torch import nn
 
 import edgeclr
 from edgeclr import checkpoint, config, data
+from edgeclr.models import count_macs, count_params
+from edgeclr.rundir import STAGES
 from edgeclr.runtime import Embedder, ModelMeta, Preprocess
 
 log = logging.getLogger("edgeclr.export")
@@ -75,7 +77,7 @@ def load_model(target: str | Path) -> tuple[nn.Module, dict, Path]:
     (whose most downstream stage is taken)."""
     from edgeclr.evaluate import load_encoder
 
-    return load_encoder(checkpoint.find(target, tuple(reversed(checkpoint.STAGES))), "cpu")
+    return load_encoder(checkpoint.find(target, tuple(reversed(STAGES))), "cpu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +190,8 @@ def main(cfg: config.ExportConfig) -> dict:
     meta = ModelMeta(preprocess=pp, embedding_dim=encoder.embed_dim, normalized=cfg.normalize,
                      dynamic_batch=cfg.dynamic_batch or fmt.name == "torchscript", precision="fp32",
                      source_stage=ckpt["stage"], checkpoint_sha256=checkpoint.sha256(ckpt_path),
-                     edgeclr_version=edgeclr.__version__, model_spec=ckpt["spec"])
+                     edgeclr_version=edgeclr.__version__, model_spec=ckpt["spec"],
+                     macs=count_macs(encoder, (pp.channels, pp.input_size, pp.input_size)), params=count_params(encoder))
 
     tmp = out_dir / f".{cfg.name}.partial{fmt.suffix}"
     data_spec = cfg.data or (ckpt.get("config") or {}).get("data")

@@ -29,6 +29,7 @@ class ModelSpec:
     in_chans: int = 3  # input channels (1 for grayscale data)
     stem_stride: int | None = None  # total stride of the stem; None = the architecture's default
     width: int | None = None  # ResNet base width (64 in the paper; stages are w, 2w, 4w, 8w); None = 64
+    last_stride: int | None = None  # ResNet: stride of the last stage (1 keeps layer3's resolution); None = 2
     embed_dim: int | None = None  # linear neck after the features; None = embed with the features themselves
     head_hidden: int | None = None  # projection head hidden width; None = feature width
     head_out: int = 128  # projection head output width
@@ -81,6 +82,13 @@ def _resnet(arch: str):
             for i, mult in enumerate((1, 2, 4, 8)):
                 setattr(m, f"layer{i + 1}", m._make_layer(block, w * mult, len(getattr(m, f"layer{i + 1}")),
                                                           stride=1 if i == 0 else 2))
+        if spec.last_stride not in (None, 1, 2):
+            raise ValueError(f"{spec.name}: last_stride must be 1 or 2, got {spec.last_stride}")
+        if spec.last_stride == 1:  # no downsampling into layer4: its maps keep layer3's size
+            first = m.layer4[0]
+            conv = first.conv2 if hasattr(first, "conv3") else first.conv1  # Bottleneck strides conv2
+            conv.stride = (1, 1)
+            first.downsample[0].stride = (1, 1)
         if stride == 4:
             if spec.in_chans != 3 or w != 64:
                 m.conv1 = nn.Conv2d(spec.in_chans, w, 7, 2, 3, bias=False)
@@ -105,16 +113,42 @@ def _mobilenet(arch: str):
     def build(spec: ModelSpec) -> tuple[nn.Module, int]:
         import torchvision
 
-        m = getattr(torchvision.models, arch)(weights=None)
-        stride = 2 if spec.stem_stride is None else spec.stem_stride
-        if stride not in (1, 2):
-            raise ValueError(f"{spec.name}: stem_stride must be 1 or 2, got {stride}")
-        first = m.features[0][0]  # Conv2d(3, c, 3, stride 2)
-        if spec.in_chans != 3 or stride != 2:
-            m.features[0][0] = nn.Conv2d(spec.in_chans, first.out_channels, 3, stride, 1, bias=False)
-        width = m.classifier[0].in_features if arch != "mobilenet_v2" else m.classifier[-1].in_features
-        m.classifier = nn.Identity()
-        return m, width
+        return _mobilenet_stem(getattr(torchvision.models, arch)(weights=None), spec)
+
+    return build
+
+
+def _mobilenet_stem(m: nn.Module, spec: ModelSpec) -> tuple[nn.Module, int]:
+    """Adapt a torchvision MobileNet's first conv to spec (channels, stride); drop its classifier."""
+    stride = 2 if spec.stem_stride is None else spec.stem_stride
+    if stride not in (1, 2):
+        raise ValueError(f"{spec.name}: stem_stride must be 1 or 2, got {stride}")
+    first = m.features[0][0]  # Conv2d(3, c, 3, stride 2)
+    if spec.in_chans != 3 or stride != 2:
+        m.features[0][0] = nn.Conv2d(spec.in_chans, first.out_channels, 3, stride, 1, bias=False)
+    width = m.classifier[0].in_features if isinstance(m.classifier[0], nn.Linear) else m.classifier[-1].in_features
+    m.classifier = nn.Identity()
+    return m, width
+
+
+def _mobilenet_v3_minimal(arch: str):
+    """MobileNetV3 without squeeze-excitation, with ReLU instead of hard-swish and 3x3 depthwise
+    kernels: the idea of timm's `*_minimal` variants. Its layers are ones INT8 runtimes run in
+    8 bits (onnxruntime's quantiser leaves HardSwish/HardSigmoid and the SE branch in float, which
+    made INT8 MobileNetV3 slower than FP32: ../shared/FIELD-NOTES.md, INT8)."""
+
+    def build(spec: ModelSpec) -> tuple[nn.Module, int]:
+        from torchvision.models import mobilenetv3 as mv3
+
+        settings, last = mv3._mobilenet_v3_conf(arch)
+        settings = [mv3.InvertedResidualConfig(c.input_channels, 3, c.expanded_channels, c.out_channels, False, "RE",
+                                               c.stride, c.dilation, 1.0) for c in settings]
+        m = mv3.MobileNetV3(settings, last)
+        for parent in list(m.features.modules()):  # stem and last conv: hard-swish -> ReLU
+            for name, child in parent.named_children():
+                if isinstance(child, nn.Hardswish):
+                    setattr(parent, name, nn.ReLU(inplace=True))
+        return _mobilenet_stem(m, spec)
 
     return build
 
@@ -123,6 +157,24 @@ for _n in ("resnet18", "resnet34", "resnet50"):
     register(_n, "teacher")(_resnet(_n))
 for _n in ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large"):
     register(_n, "student")(_mobilenet(_n))
+for _n in ("mobilenet_v3_small", "mobilenet_v3_large"):
+    register(_n + "_minimal", "student")(_mobilenet_v3_minimal(_n))
+
+
+def model_from_checkpoint(ckpt: dict) -> "Encoder":
+    """The Encoder a checkpoint describes, with its weights: its spec, then (for a pruned model)
+    its channel plan replayed, then its state dict.
+
+    Raises:
+        ValueError / RuntimeError / KeyError: the spec, the pruning plan or the weights do not fit.
+    """
+    model = create_model(ModelSpec.from_dict(ckpt["spec"]))
+    if ckpt.get("pruning"):
+        from edgeclr.compress.prune import apply_pruning
+
+        apply_pruning(model, ckpt["pruning"], ckpt["preprocess"])
+    model.load_state_dict(ckpt["model"])
+    return model
 
 
 def projection_head(in_dim: int, hidden: int, out: int, layers: int = 2) -> nn.Sequential:
@@ -181,3 +233,30 @@ def create_model(spec: ModelSpec | str, **kwargs) -> Encoder:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: Encoder, shape: tuple[int, int, int]) -> int:
+    """Multiply-accumulates of one (C, H, W) image through model.embed: every Conv2d and Linear
+    (normalisation and activations, a few percent of a CNN's arithmetic, are not counted)."""
+    total = 0
+
+    def conv(m, i, o):
+        nonlocal total
+        total += o.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    def lin(m, i, o):
+        nonlocal total
+        total += o.numel() * m.in_features
+
+    hooks = [m.register_forward_hook(conv if isinstance(m, nn.Conv2d) else lin)
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model.embed(torch.zeros(1, *shape, device=next(model.parameters()).device))
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return int(total)

@@ -22,6 +22,8 @@ from typing import Any
 import edgeclr
 
 METRICS_HEADER = ["time", "stage", "epoch", "step", "name", "value"]
+# stages in pipeline order, most downstream last: a run folder's deployable model is its last one
+STAGES = ("train", "distill", "compress")
 
 
 class MetricsLog:

@@ -15,6 +15,7 @@ input tensor for the same image file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -182,6 +183,8 @@ class ModelMeta:
     checkpoint_sha256: str = ""
     edgeclr_version: str = ""
     model_spec: dict | None = None
+    macs: int | None = None  # multiply-accumulates of one image at input_size (Conv2d + Linear)
+    params: int | None = None
 
     def to_props(self) -> dict[str, str]:
         """Flat string map (every value JSON-encoded), the form both file formats store."""
@@ -193,8 +196,9 @@ class ModelMeta:
     @classmethod
     def from_props(cls, props: dict[str, str], source: str = "the model") -> ModelMeta:
         try:
-            d = {k: json.loads(v) for k, v in props.items()}
             pp_keys = [f.name for f in dataclasses.fields(Preprocess)]
+            known = set(pp_keys) | {f.name for f in dataclasses.fields(cls)}
+            d = {k: json.loads(v) for k, v in props.items() if k in known}  # tools add their own keys (quantisers)
             pp = Preprocess.from_dict({k: d[k] for k in pp_keys if k in d})
             names = {f.name for f in dataclasses.fields(cls)}
             return cls(preprocess=pp, **{k: v for k, v in d.items() if k in names and k != "preprocess"})
@@ -223,11 +227,17 @@ class _OnnxBackend:
         return self.session.run(None, {self.input_name: x})[0]
 
 
+@functools.lru_cache(maxsize=1)
+def openvino_core():
+    """One OpenVINO Core per process (OpenVINO's advice: each Core holds its own plugins and threads)."""
+    import openvino as ov
+
+    return ov.Core()
+
+
 class _OpenVinoBackend:
     def __init__(self, path: Path, threads: int, precision: str):
-        import openvino as ov
-
-        core = ov.Core()
+        core = openvino_core()
         model = core.read_model(str(path))
         keys = [f.name for f in dataclasses.fields(ModelMeta)] + [f.name for f in dataclasses.fields(Preprocess)]
         self.props = {k: model.get_rt_info(["model_info", k]).astype(str) for k in keys if model.has_rt_info(["model_info", k])}
@@ -237,7 +247,8 @@ class _OpenVinoBackend:
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = core.compile_model(model, "CPU", config)
-        self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type: "f32", "bf16", ...
+        self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         shape = model.inputs[0].get_partial_shape()
         self.batch = shape[0].get_length() if shape[0].is_static else None
         self.request = self.compiled.create_infer_request()

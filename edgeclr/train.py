@@ -71,8 +71,9 @@ def load_data(cfg) -> tuple[data.Dataset, Preprocess]:
 
 
 def build_model(cfg, channels: int) -> Encoder:
-    width = cfg.width if cfg.model.startswith("resnet") else None  # a preset's ResNet width means nothing to a MobileNet
-    spec = ModelSpec(cfg.model, in_chans=channels, stem_stride=cfg.stem_stride, width=width,
+    resnet = cfg.model.startswith("resnet")  # a preset's ResNet width / last stride mean nothing to a MobileNet
+    spec = ModelSpec(cfg.model, in_chans=channels, stem_stride=cfg.stem_stride, width=cfg.width if resnet else None,
+                     last_stride=cfg.last_stride if resnet and cfg.last_stride != 2 else None,
                      head_hidden=cfg.head_hidden, head_out=cfg.head_out)
     try:
         return create_model(spec)
@@ -171,6 +172,8 @@ class Trainer:
         aug_cfg = replace(get_preset(cfg.augment or preset_for(ds.channels, cfg.input_size)), crop_scale=cfg.crop_scale)
         if cfg.jitter is not None:
             aug_cfg = replace(aug_cfg, jitter_strength=cfg.jitter)
+        if cfg.blur is not None:
+            aug_cfg = replace(aug_cfg, blur_p=cfg.blur)
         self.augment = SimCLRAugment(aug_cfg, cfg.input_size, pp.mean, pp.std)
         self.aug_cfg = aug_cfg
         self.project = torch.compile(model.project) if cfg.compile else model.project

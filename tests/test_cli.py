@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from edgeclr.cli import cli
 
-COMMANDS = ["train", "distill", "export", "embed", "search", "eval"]
+COMMANDS = ["train", "distill", "compress", "export", "embed", "search", "bench", "eval"]
 
 
 def test_help_lists_every_command_and_each_has_help():
@@ -20,7 +20,8 @@ def test_help_lists_every_command_and_each_has_help():
 
 
 @pytest.mark.parametrize("command,cls", [("train", "TrainConfig"), ("distill", "DistillConfig"), ("export", "ExportConfig"),
-                                         ("embed", "EmbedConfig"), ("search", "SearchConfig"), ("eval", "EvalConfig")])
+                                         ("embed", "EmbedConfig"), ("search", "SearchConfig"), ("eval", "EvalConfig"),
+                                         ("compress", "CompressConfig"), ("bench", "BenchConfig")])
 def test_every_option_has_help_text(command, cls):
     import dataclasses
 

@@ -5,30 +5,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import run
+from helpers import PP, make_checkpoint, run
 from PIL import Image
 
 from edgeclr import checkpoint, export
-from edgeclr.models import ModelSpec, create_model, list_models
-from edgeclr.runtime import Embedder, ModelError, Preprocess
-
-PP = Preprocess(16, 16, (0.3,), (0.3,), 1)
-
-
-def make_checkpoint(path, name, stage="train", **spec_kw):
-    """A real edgeclr checkpoint of a random-init model on 16 px digits (the export input)."""
-    torch.manual_seed(0)
-    spec = ModelSpec(name, in_chans=1, stem_stride=1 if name.startswith("mobilenet") else 2, **spec_kw)
-    m = create_model(spec)
-    with torch.no_grad():  # non-trivial BN statistics, so that eval-mode BN is really exported
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.1, 0.1)
-                mod.running_var.uniform_(0.5, 1.5)
-    ck = {"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, "stage": stage,
-          "model": m.state_dict(), "spec": spec.to_dict(), "preprocess": PP.to_dict(), "config": {"data": "digits"}}
-    checkpoint.save(ck, path)
-    return path
+from edgeclr.models import list_models
+from edgeclr.runtime import Embedder, ModelError
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])

@@ -48,3 +48,27 @@ def test_same_seed_same_weights():
     b = create_model("resnet18", width=16)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_last_stride_one_keeps_layer3_resolution_and_the_weights(name):
+    a = create_model(name, in_chans=1, stem_stride=2, width=16)
+    b = create_model(name, in_chans=1, stem_stride=2, width=16, last_stride=1)
+    sizes = {}
+    for key, m in (("a", a), ("b", b)):
+        m.backbone.layer3.register_forward_hook(lambda mod, i, o, k=key: sizes.__setitem__(k + "3", o.shape[-1]))
+        m.backbone.layer4.register_forward_hook(lambda mod, i, o, k=key: sizes.__setitem__(k + "4", o.shape[-1]))
+        m(torch.randn(1, 1, 28, 28))
+    assert sizes["a3"] == sizes["b3"] == sizes["b4"] == 4 and sizes["a4"] == 2
+    assert count_params(a) == count_params(b)  # same layers, only the stride differs
+    with pytest.raises(ValueError, match="last_stride"):
+        create_model(name, last_stride=3)
+
+
+def test_minimal_mobilenet_v3_has_no_squeeze_excitation_or_hard_activations():
+    from torchvision.ops.misc import SqueezeExcitation
+
+    m = create_model("mobilenet_v3_small_minimal", in_chans=1, stem_stride=1)
+    kinds = {type(x) for x in m.modules()}
+    assert SqueezeExcitation not in kinds and torch.nn.Hardswish not in kinds and torch.nn.Hardsigmoid not in kinds
+    assert count_params(m) < count_params(create_model("mobilenet_v3_small", in_chans=1, stem_stride=1))

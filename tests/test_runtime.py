@@ -186,6 +186,12 @@ def test_a_runtime_only_install_has_no_torch_and_embeds(model, gallery, tmp_path
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert np.load(out).shape == (30, 64)
+    # and `edgeclr bench` on the exported model, in the same torch-free install
+    r = subprocess.run([str(venv / "bin" / "edgeclr"), "bench", str(model), "--rounds", "1", "--runs", "3", "--warmup", "0",
+                        "--out", str(tmp_path / "bench")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads((tmp_path / "bench" / "bench.json").read_text())["rows"][0]
+    assert row["format"] == "onnx" and row["p50_ms"] > 0 and row["runtime"].startswith("onnxruntime")
 
 
 def test_usearch_backend_agrees_with_exact_search():

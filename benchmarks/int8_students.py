@@ -1,0 +1,106 @@
+"""Which student architecture gets faster with INT8? onnxruntime FP32 vs static INT8 (edgeclr's
+compress.quantize_onnx) for every registered student, at 1 thread, batch 1, interleaved
+(FP32, INT8, FP32, INT8, ...) so the ratio survives a noisy machine; median of the rounds.
+
+Weights are random (latency does not depend on them); calibration uses real Fashion-MNIST images
+(or digits with --data digits) resized to the benchmark size. Grayscale input, stem stride 2
+(what a student is built with for inputs >= 64 px).
+
+    python benchmarks/int8_students.py --size 224
+    python benchmarks/int8_students.py --size 28 --stem-stride 1     # Fashion-MNIST's native size
+
+Writes benchmarks/results/int8_students-<size>px.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine  # noqa: E402
+
+from edgeclr import compress, data, export  # noqa: E402
+from edgeclr.models import ModelSpec, create_model, list_models  # noqa: E402
+from edgeclr.runtime import Embedder, ModelMeta, Preprocess  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--stem-stride", type=int, default=2)
+    ap.add_argument("--models", default=",".join(list_models("student")))
+    ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--runs", type=int, default=30, help="timed runs per model per round")
+    ap.add_argument("--calib", type=int, default=300)
+    ap.add_argument("--target", default="x86", choices=("x86", "arm"))
+    a = ap.parse_args()
+
+    torch.manual_seed(0)
+    pp = Preprocess(input_size=a.size, resize_size=a.size, mean=(0.286,), std=(0.353,), channels=1)
+    ds = data.open_dataset(a.data, "pretrain")
+    calib = compress.calibration_inputs(a.data, pp, a.calib, 0, {}) if len(ds) else None
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in a.models.split(","):
+            model = create_model(ModelSpec(name, in_chans=1, stem_stride=a.stem_stride, embed_dim=128, head_layers=0)).eval()
+            em = export.EmbeddingModel(model, True).eval()
+            f32, i8, i8all = (Path(tmp) / f"{name}-{k}.onnx" for k in ("fp32", "int8", "int8-all"))
+            meta = ModelMeta(preprocess=pp, embedding_dim=128, normalized=True)
+            export._write_onnx(em, torch.from_numpy(calib[:1]), True, 17, meta, f32)
+            scope = compress.float_scope(f32, em)
+            compress.quantize_onnx(f32, i8, calib, a.target, sorted({n for v in scope.values() for n in v}))
+            compress.quantize_onnx(f32, i8all, calib, a.target, [])
+            macs = compress.count_macs(model, torch.from_numpy(calib[:1]))[0]
+            sess = {k: Embedder.load(p, threads=1) for k, p in (("fp32", f32), ("int8", i8), ("int8-all", i8all))}
+            x1 = calib[:1]
+            ref = sess["fp32"].embed_arrays(calib[:64], 64)
+            cos = {k: float((ref * s.embed_arrays(calib[:64], 64)).sum(1).min()) for k, s in sess.items() if k != "fp32"}
+            for s in sess.values():
+                for _ in range(5):
+                    s.embed_arrays(x1, 1)
+            med = {k: [] for k in sess}
+            for _ in range(a.rounds):
+                for k, s in sess.items():
+                    ts = []
+                    for _ in range(a.runs):
+                        t = time.perf_counter()
+                        s.embed_arrays(x1, 1)
+                        ts.append(time.perf_counter() - t)
+                    med[k].append(np.median(ts) * 1000)
+            row = {"model": name, "macs_m": macs / 1e6, **{f"{k}_ms": float(np.median(v)) for k, v in med.items()},
+                   "float_scope": {k: len(v) for k, v in scope.items()}, "min_cosine_vs_fp32": cos}
+            row["speedup_int8"] = row["fp32_ms"] / row["int8_ms"]
+            row["speedup_int8_all"] = row["fp32_ms"] / row["int8-all_ms"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    res = {"machine": machine(), "command": "python " + " ".join(sys.argv), "size": a.size, "stem_stride": a.stem_stride,
+           "target": a.target, "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
+    stem = HERE / "results" / f"int8_students-{a.size}px"
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    md = [f"# INT8 vs FP32 per student, onnxruntime, 1 thread, batch 1, {a.size} px, grayscale, stem stride {a.stem_stride}", "",
+          f"Machine: {res['machine']['cpu']} ({res['machine']['cores']} cores, AVX-512: {res['machine']['avx512']}). "
+          f"Command: `{res['command']}`. Medians of {a.rounds} interleaved rounds of {a.runs} runs. "
+          "INT8 = static QDQ, per-channel, "
+          f"{'U8S8' if a.target == 'x86' else 'S8S8'}, with edgeclr's float scope (first conv, embedding layer, SE); "
+          "INT8-all = every supported node quantised. Random weights, real calibration images.", "",
+          "| student | MMACs | FP32 ms | INT8 ms | INT8 speed-up | INT8-all ms | INT8-all speed-up |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['model']} | {r['macs_m']:.1f} | {r['fp32_ms']:.3f} | {r['int8_ms']:.3f} | {r['speedup_int8']:.2f}x | "
+                  f"{r['int8-all_ms']:.3f} | {r['speedup_int8_all']:.2f}x |")
+    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

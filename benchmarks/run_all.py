@@ -1,0 +1,78 @@
+"""Reproduce every recorded table from scratch on Fashion-MNIST, in order, and collect them in
+benchmarks/results/<machine>.md:
+
+    teacher (fashion_mnist_teacher.py) -> distillation (distill_fashion_mnist.py)
+      -> compression (compress_fashion_mnist.py) -> edgeclr bench on the run (native size)
+      -> edgeclr eval --compare on the run -> train_overhead.py, embed_memory.py
+
+    python benchmarks/run_all.py --out runs/all          # about 2.5 hours on 2 CPU cores
+    python benchmarks/run_all.py --out runs/all --skip teacher,distill   # reuse finished stages
+
+Each step is the script a reader can also run alone; this one only chains them and gathers their
+markdown. A step whose output exists is re-run unless it is listed in --skip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+def sh(cmd: list[str]) -> None:
+    print("+", shlex.join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/all")
+    ap.add_argument("--skip", default="", help="comma list of steps to reuse: teacher, distill, compress, bench, compare, "
+                                                 "overhead, memory")
+    a = ap.parse_args()
+    out, skip, py = Path(a.out), set(filter(None, a.skip.split(","))), sys.executable
+    teacher, student, comp = out / "teacher", out / "distill", out / "compress"
+    t0 = time.time()
+    steps = [
+        ("teacher", [py, str(HERE / "fashion_mnist_teacher.py"), "--out", str(teacher)]),
+        ("distill", [py, str(HERE / "distill_fashion_mnist.py"), "--teacher", str(teacher), "--out", str(student)]),
+        ("compress", [py, str(HERE / "compress_fashion_mnist.py"), "--student", str(student / "distilled"), "--out", str(comp)]),
+        ("bench", [py, "-m", "edgeclr", "bench", str(comp / "compress" / "models"), "--threads", "1,2", "--batch", "1,32",
+                   "--out", str(out / "bench")]),
+        ("compare", [py, "-m", "edgeclr", "eval", "--compare", str(comp)]),
+        ("overhead", [py, str(HERE / "train_overhead.py")]),
+        ("memory", [py, str(HERE / "embed_memory.py")]),
+    ]
+    for name, cmd in steps:
+        if name not in skip:
+            sh(cmd)
+    m = machine()
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{m['cpu']}-{m['cores']}c".lower()).strip("-")
+    parts = [f"# All benchmarks on {m['cpu']} ({m['cores']} cores)", "",
+             f"Command: `python {shlex.join(sys.argv)}` ({(time.time() - t0) / 3600:.1f} h). Each section is the "
+             "file its script wrote.", ""]
+    for f in ("fashion_mnist_teacher.md", "distill_fashion_mnist.md", "compress_fashion_mnist.md", "train_overhead.md",
+              "embed_memory.md"):
+        p = HERE / "results" / f
+        if p.exists():
+            parts += [p.read_text().replace("\n# ", "\n## ").replace("# ", "## ", 1), ""]
+    for title, p in (("edgeclr bench (the compressed models, native size)", out / "bench" / "bench.md"),
+                     ("edgeclr eval --compare", comp / "compare.md")):
+        if p.exists():
+            parts += [f"## {title}", "", p.read_text(), ""]
+    dest = HERE / "results" / f"{slug}.md"
+    dest.write_text("\n".join(parts) + "\n")
+    print(f"written: {dest}")
+
+
+if __name__ == "__main__":
+    main()

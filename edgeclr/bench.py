@@ -1,0 +1,441 @@
+"""Benchmarks: `edgeclr bench` = latency, throughput, memory, size and efficiency, per format.
+
+    discover(MODEL...) -> configurations (model x format x threads x batch)
+      -> one worker process each (python -m edgeclr.bench --worker SPEC): load, warm up, wait
+      -> rounds: each worker in turn times a chunk of runs (A B C A B C ...), so a noisy machine
+         slows every configuration alike and ratios survive
+      -> percentiles, images/s, peak memory, MACs, roofline efficiency against this machine's own
+         matrix-multiply peak (measured in the same run), ratio to a baseline configuration
+      -> bench.json, bench.md, bench.png
+
+A worker imports only what its format needs: an ONNX or OpenVINO model is timed with numpy and its
+runtime (the `edgeclr[runtime]` install, no torch); `torch` configurations (eager FP32 of a
+checkpoint) need torch. OpenVINO's INFERENCE_PRECISION_HINT is pinned (f32 unless
+--precision bf16) and the precision the compiled model reports is the one recorded; the thread
+count recorded is the one the runtime reports (torch.get_num_threads, OpenVINO's
+INFERENCE_NUM_THREADS, onnxruntime's intra-op setting) next to the threads the worker process
+actually had running during the timed runs (/proc/self/task).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("edgeclr.bench")
+
+FORMATS = ("torch", "onnx", "onnx-int8", "openvino", "openvino-int8")
+# what a board runs: threads, batch sizes, formats (on ARM, INT8 means onnxruntime: OpenVINO's ARM
+# plugin executes INT8 models in fp16; ../shared/FIELD-NOTES.md)
+PROFILES: dict[str, dict] = {
+    "pi4": {"threads": (1, 4), "batch": (1,), "formats": ("onnx", "onnx-int8"), "int8_flavour": "arm (S8S8)"},
+    "pi5": {"threads": (1, 4), "batch": (1,), "formats": ("onnx", "onnx-int8"), "int8_flavour": "arm (S8S8)"},
+    "x86": {"threads": (1, 2), "batch": (1, 8, 32), "formats": FORMATS, "int8_flavour": "x86 (U8S8)"},
+}
+
+
+class BenchError(RuntimeError):
+    """A model that cannot be benchmarked as asked (missing runtime, wrong kind of file)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    label: str  # the user's name for the model (file or run)
+    path: str
+    format: str  # one of FORMATS
+    threads: int
+    batch: int
+    input_size: int | None = None  # torch only: another input size than the checkpoint's
+    precision: str = "f32"  # OpenVINO inference precision hint
+
+    @property
+    def key(self) -> str:
+        return f"{self.label}:{self.format}:t{self.threads}:b{self.batch}"
+
+
+# ----------------------------------------------------------------------------------------------
+# discovery
+
+
+def classify(path: Path) -> str | None:
+    """The format of one exported file (by suffix and its own precision metadata), or None."""
+    if path.suffix not in (".onnx", ".xml"):
+        return None
+    from edgeclr.runtime import _read_sidecar
+
+    prec = None
+    try:
+        if path.suffix == ".onnx":
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            meta = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+            prec = meta.get("precision")
+        else:
+            import openvino  # noqa: F401  (a clear error when it is missing)
+
+            from edgeclr.runtime import openvino_core
+
+            m = openvino_core().read_model(str(path))
+            if m.has_rt_info(["model_info", "precision"]):
+                prec = m.get_rt_info(["model_info", "precision"]).astype(str)
+    except ImportError as e:
+        raise BenchError(f"{path}: {'onnxruntime' if path.suffix == '.onnx' else 'openvino'} is not installed: "
+                         f"pip install 'edgeclr[{'runtime' if path.suffix == '.onnx' else 'openvino'}]'") from e
+    except Exception as e:  # a file the runtime cannot read
+        raise BenchError(f"{path} is not a model the runtime can read ({type(e).__name__}: {str(e)[:200]}); "
+                         "pass files written by `edgeclr export` / `edgeclr compress`") from e
+    prec = prec or _read_sidecar(path).get("precision")
+    int8 = prec is not None and "int8" in prec
+    return ("onnx" if path.suffix == ".onnx" else "openvino") + ("-int8" if int8 else "")
+
+
+def discover(models: list[str], formats: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """(label, path, format) for every model argument: exported files, checkpoints, run folders.
+
+    A run folder contributes its checkpoint (torch) and every exported file under it
+    (export/, compress/models/). Raises BenchError for a path that is none of these.
+    """
+    wanted = {s for s, prefix in ((".onnx", "onnx"), (".xml", "openvino")) if any(f.startswith(prefix) for f in formats)}
+    found = []
+    for m in models:
+        p = Path(m)
+        if not p.exists():
+            raise BenchError(f"{p} does not exist: pass exported models (.onnx, .xml), checkpoints or run folders")
+        if p.is_file() and p.suffix in (".onnx", ".xml"):
+            found.append((p.stem if len(models) > 1 else p.name, str(p), classify(p)))
+        elif p.is_file() and p.suffix == ".pt":
+            found.append((p.parent.parent.name, str(p), "torch"))
+        elif p.is_file():
+            raise BenchError(f"{p}: {p.suffix or 'no suffix'} is not a model file edgeclr benchmarks "
+                             "(.onnx for onnxruntime, .xml for OpenVINO, .pt edgeclr checkpoints for torch)")
+        else:
+            files = sorted(f for f in p.rglob("*") if f.suffix in wanted and not f.name.startswith("."))
+            for f in files:
+                found.append((f"{p.name}/{f.relative_to(p).with_suffix('')}", str(f), classify(f)))
+            if "torch" in formats and _has("torch"):  # the runtime install has no torch: files only
+                from edgeclr.rundir import STAGES
+
+                for stage in STAGES:
+                    c = p / stage / "checkpoints" / "last.pt"
+                    if c.is_file():
+                        found.append((f"{p.name}/{stage}", str(c), "torch"))
+            if not files and not any(f[2] == "torch" and f[1].startswith(str(p)) for f in found):
+                raise BenchError(f"{p}: no exported model (.onnx, .xml) or checkpoint under it")
+    return [f for f in found if f[2] in formats]
+
+
+# ----------------------------------------------------------------------------------------------
+# the worker: one configuration in its own process
+
+
+def _vm(key: str) -> float:
+    """VmHWM / VmRSS of this process in MB (Linux)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _threads_running() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return -1
+
+
+def _load(cfg: Config):
+    """(run(x) callable, input shape, facts) for one configuration."""
+    facts: dict = {}
+    if cfg.format == "torch":
+        import torch
+
+        from edgeclr.evaluate import load_encoder
+        from edgeclr.export import EmbeddingModel
+        from edgeclr.models import count_macs
+
+        torch.set_num_threads(cfg.threads)
+        enc, ck, _ = load_encoder(cfg.path, "cpu")
+        model = EmbeddingModel(enc, True).eval()
+        size = cfg.input_size or ck["preprocess"]["input_size"]
+        shape = (cfg.batch, enc.spec.in_chans, size, size)
+        weights = sum(t.numel() * t.element_size() for t in enc.state_dict().values())  # not the optimiser state
+        facts.update(threads_setting=torch.get_num_threads(), precision_ran="fp32", params=sum(p.numel() for p in enc.parameters()),
+                     macs=count_macs(enc, shape[1:]), size_bytes=weights, runtime=f"torch {torch.__version__}")
+
+        def run(x):
+            with torch.inference_mode():
+                return model(torch.from_numpy(x))
+
+        return run, shape, facts
+    from edgeclr.runtime import Embedder
+
+    emb = Embedder.load(cfg.path, threads=cfg.threads, precision=cfg.precision)
+    pp = emb.meta.preprocess
+    shape = (cfg.batch, pp.channels, pp.input_size, pp.input_size)
+    files = [Path(cfg.path)] + ([Path(cfg.path).with_suffix(".bin")] if cfg.path.endswith(".xml") else [])
+    facts.update(size_bytes=sum(f.stat().st_size for f in files), macs=getattr(emb.meta, "macs", None),
+                 params=getattr(emb.meta, "params", None), precision_file=emb.meta.precision)
+    b = emb.backend
+    if hasattr(b, "compiled"):
+        import openvino as ov
+
+        facts.update(precision_ran=b.precision,
+                     threads_setting=int(b.compiled.get_property("INFERENCE_NUM_THREADS")), runtime=f"openvino {ov.__version__}")
+    else:
+        import onnxruntime as ort
+
+        so = b.session.get_session_options()
+        facts.update(precision_ran="int8 (QDQ)" if "int8" in cfg.format else "fp32", threads_setting=so.intra_op_num_threads,
+                     runtime=f"onnxruntime {ort.__version__}")
+    if b.batch not in (None, cfg.batch):
+        raise BenchError(f"{cfg.path} has a fixed batch of {b.batch}: benchmark it with --batch {b.batch}, or export it "
+                         "with a dynamic batch")
+    return b, shape, facts
+
+
+def worker(spec: str) -> None:
+    """Protocol on stdin/stdout, one JSON line each: -> ready{facts}; 'run N' -> {times}; 'stats' -> {...}."""
+    cfg = Config(**json.loads(spec))
+    rss_before = _vm("VmRSS")
+    try:
+        run, shape, facts = _load(cfg)
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        for _ in range(3):
+            run(x)
+    except Exception as e:
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
+        return
+    facts.update(rss_before_load_mb=rss_before)
+    print(json.dumps({"ready": facts}), flush=True)
+    threads_seen = 0
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd or cmd[0] == "quit":
+            break
+        if cmd[0] == "warmup":
+            t_end = time.perf_counter() + float(cmd[1])
+            while time.perf_counter() < t_end:
+                run(x)
+            print(json.dumps({"ok": True}), flush=True)
+        elif cmd[0] == "run":
+            ts = []
+            for _ in range(int(cmd[1])):
+                t = time.perf_counter()
+                run(x)
+                ts.append(time.perf_counter() - t)
+                threads_seen = max(threads_seen, _threads_running())
+            print(json.dumps({"times": ts}), flush=True)
+        elif cmd[0] == "stats":
+            print(json.dumps({"peak_rss_mb": _vm("VmHWM"), "threads_in_process": threads_seen}), flush=True)
+
+
+def matmul_peak(threads: int, n: int = 1024, seconds: float = 1.0) -> float:
+    """This machine's FP32 GEMM rate at `threads` (MAC/s), numpy in a fresh process (BLAS threads set)."""
+    code = ("import numpy as np, time\n"
+            f"a = np.random.rand({n}, {n}).astype(np.float32); b = np.random.rand({n}, {n}).astype(np.float32)\n"
+            "a @ b\nts = []\nt_end = time.perf_counter() + %f\n"
+            "while time.perf_counter() < t_end:\n    t = time.perf_counter(); a @ b; ts.append(time.perf_counter() - t)\n"
+            f"print({n}**3 / sorted(ts)[len(ts) // 2])\n") % seconds
+    env = {**os.environ, **{k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
+
+
+# ----------------------------------------------------------------------------------------------
+# the parent
+
+
+class _Worker:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgeclr.bench", "--worker", json.dumps(dataclasses.asdict(cfg))],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, "OMP_NUM_THREADS": str(cfg.threads)})
+        msg = self._read()
+        if "error" in msg:
+            raise BenchError(f"{cfg.path} ({cfg.format}, {cfg.threads} thread(s), batch {cfg.batch}): {msg['error']}")
+        self.facts = msg["ready"]
+        self.times: list[float] = []
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read()[-1500:]
+            raise BenchError(f"the benchmark worker for {self.cfg.path} died: {err}")
+        return json.loads(line)
+
+    def ask(self, cmd: str) -> dict:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self):
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass
+        self.proc.wait(timeout=30)
+
+
+def run_bench(configs: list[Config], rounds: int, runs: int, warmup_s: float) -> list[dict]:
+    """Time every configuration, interleaved; one process per configuration, one running at a time."""
+    workers = []
+    try:
+        for c in configs:  # load one at a time: a worker is idle (blocked on stdin) while others load
+            workers.append(_Worker(c))
+        for w in workers:
+            w.ask(f"warmup {warmup_s}")
+        for _ in range(rounds):
+            for w in workers:
+                w.times += w.ask(f"run {runs}")["times"]
+        rows = []
+        for w in workers:
+            stats = w.ask("stats")
+            t = np.asarray(w.times) * 1000
+            c = w.cfg
+            row = {**dataclasses.asdict(c), **w.facts, **stats, "runs": len(t), "p50_ms": float(np.percentile(t, 50)),
+                   "p90_ms": float(np.percentile(t, 90)), "p99_ms": float(np.percentile(t, 99)), "mean_ms": float(t.mean())}
+            row["images_per_s"] = c.batch / (row["p50_ms"] / 1000)
+            row["model_rss_mb"] = row["peak_rss_mb"] - row["rss_before_load_mb"]
+            rows.append(row)
+        return rows
+    finally:
+        for w in workers:
+            w.close()
+
+
+def main(cfg) -> dict:
+    """`edgeclr bench`: write OUT/bench.{json,md,png} and return the rows."""
+    from edgeclr import __version__
+
+    t0 = time.time()
+    prof = PROFILES.get(cfg.profile) if cfg.profile else None
+    threads = tuple(int(t) for t in cfg.threads.split(",")) if cfg.threads else (prof["threads"] if prof else (1,))
+    batches = tuple(int(b) for b in cfg.batch.split(",")) if cfg.batch else (prof["batch"] if prof else (1,))
+    formats = tuple(cfg.formats.split(",")) if cfg.formats else (prof["formats"] if prof else FORMATS)
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise BenchError(f"unknown format(s) {bad}; valid: {', '.join(FORMATS)}")
+    found = discover(list(cfg.models), formats)
+    if not found:
+        raise BenchError(f"none of {list(cfg.models)} has a model in formats {', '.join(formats)}")
+    if "torch" in {f[2] for f in found} and not _has("torch"):
+        raise BenchError("torch configurations need torch (pip install 'edgeclr[train]'); or pass --formats without torch")
+    configs = [Config(label, path, fmt, t, b, cfg.input_size if fmt == "torch" else None, cfg.precision)
+               for label, path, fmt in found for t in threads for b in batches]
+    log.info("%d configuration(s): %s", len(configs), ", ".join(c.key for c in configs))
+    peaks = {t: matmul_peak(t) for t in sorted(set(threads))}
+    rows = run_bench(configs, cfg.rounds, cfg.runs, cfg.warmup)
+    for r in rows:
+        r["peak_macs_per_s"] = peaks[r["threads"]]
+        if r.get("macs"):
+            r["gmacs_per_s"] = r["macs"] * r["images_per_s"] / 1e9
+            r["efficiency"] = r["macs"] * r["images_per_s"] / peaks[r["threads"]]
+    base = _baseline(rows, cfg.baseline)
+    for r in rows:
+        b = next((x for x in rows if x["label"] == base["label"] and x["format"] == base["format"]
+                  and x["threads"] == r["threads"] and x["batch"] == r["batch"]), None) if base else None
+        if b is not None:
+            r["speedup_vs_baseline"] = b["p50_ms"] / r["p50_ms"]
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"edgeclr_version": __version__, "machine": _machine(), "profile": cfg.profile,
+              "baseline": base and base["label"] + ":" + base["format"],
+              "rounds": cfg.rounds, "runs_per_round": cfg.runs, "warmup_s": cfg.warmup, "matmul_peak_macs_per_s": peaks,
+              "rows": rows, "wall_time_s": round(time.time() - t0, 1)}
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "bench.md").write_text(format_table(result) + "\n")
+    result["chart"] = _chart(rows, out / "bench.png")
+    result["table"] = format_table(result)
+    return result
+
+
+def _has(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _baseline(rows: list[dict], spec: str | None) -> dict | None:
+    """The baseline configuration: 'LABEL[:FORMAT]', or by default the teacher in torch eager, else the first row."""
+    if spec:
+        label, _, fmt = spec.partition(":")
+        hit = [r for r in rows if r["label"] == label and (not fmt or r["format"] == fmt)]
+        if not hit:
+            raise BenchError(f"--baseline {spec}: no such configuration; labels: {sorted({r['label'] for r in rows})}")
+        return hit[0]
+    torch_train = [r for r in rows if r["format"] == "torch" and r["label"].endswith("/train")]
+    return (torch_train or rows)[0]
+
+
+def _machine() -> dict:
+    import platform
+
+    cpu = "unknown"
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    return {"cpu": cpu, "cores": os.cpu_count(), "arch": platform.machine(), "python": platform.python_version()}
+
+
+def format_table(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"Machine: {m['cpu']} ({m['cores']} cores, {m['arch']}); baseline: {result['baseline']}; "
+             f"{result['rounds']} interleaved rounds x {result['runs_per_round']} runs after {result['warmup_s']} s warm-up; "
+             "matmul peak (FP32 GMAC/s): " + ", ".join(f"{t} thread(s) {p / 1e9:.1f}" for t, p in result["matmul_peak_macs_per_s"].items()),
+             "", "| model | format | ran as | threads (set/seen) | batch | p50 ms | p90 ms | p99 ms | img/s | peak RSS MB | "
+             "size MB | MMACs | efficiency | speed-up vs baseline |", "|---" * 14 + "|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['label']} | {r['format']} | {r['precision_ran']} | {r['threads_setting']}/{r['threads_in_process']} | "
+                     f"{r['batch']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['images_per_s']:.1f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['size_bytes'] / 1e6:.2f} | "
+                     + (f"{r['macs'] / 1e6:.1f}" if r.get("macs") else "") + " | "
+                     + (f"{r['efficiency']:.3f}" if r.get("efficiency") else "") + " | "
+                     + (f"{r['speedup_vs_baseline']:.2f}x" if r.get("speedup_vs_baseline") else "") + " |")
+    return "\n".join(lines)
+
+
+def _chart(rows: list[dict], path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: no chart (bench.json and bench.md are written)")
+        return None
+    b1 = [r for r in rows if r["batch"] == min(x["batch"] for x in rows)]
+    names = sorted({f"{r['label']}\n{r['format']}" for r in b1})
+    threads = sorted({r["threads"] for r in b1})
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
+    w = 0.8 / len(threads)
+    for j, t in enumerate(threads):
+        vals = [next((r["p50_ms"] for r in b1 if f"{r['label']}\n{r['format']}" == n and r["threads"] == t), 0) for n in names]
+        ax.bar(np.arange(len(names)) + j * w, vals, w, label=f"{t} thread(s)")
+    ax.set_xticks(np.arange(len(names)) + w * (len(threads) - 1) / 2, names, fontsize=7)
+    ax.set_ylabel(f"p50 latency, ms (batch {b1[0]['batch']})")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
+    worker(sys.argv[2])

@@ -1,0 +1,149 @@
+"""INT8 post-training quantisation of exported FP32 graphs, calibrated on real images.
+
+    calibration_inputs -> float_scope (what stays float) -> quantize_onnx | quantize_openvino
+
+onnxruntime: `quant_pre_process`, static QDQ, per-channel weights, u8 activations on x86 and s8 on
+ARM. OpenVINO: NNCF `quantize` (performance preset, fast bias correction). Both leave the first
+conv, the embedding layer and squeeze-excitation branches in float (../shared/FIELD-NOTES.md, INT8).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from edgeclr import config, data
+from edgeclr.models import Encoder
+from edgeclr.runtime import Preprocess
+
+
+def calibration_inputs(spec: str, pp: Preprocess, n: int, seed: int, ckpt_cfg: dict) -> np.ndarray:
+    """n real images of `spec` (its pretraining split) through the runtime's preprocessing: (n, C, S, S).
+
+    Raises:
+        DataError: fewer than n readable images.
+    """
+    from edgeclr.evaluate import eval_inputs
+
+    kw = dict(base_size=pp.resize_size, tile_size=ckpt_cfg.get("tile_size", 64), tile_stride=ckpt_cfg.get("tile_stride", 64),
+              tile_min_foreground=ckpt_cfg.get("tile_min_foreground", 0.5))
+    ds = data.open_dataset(spec, "pretrain", **kw)
+    pick = np.sort(np.random.default_rng(seed).choice(len(ds), min(len(ds), n), replace=False))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        try:
+            x, _ = eval_inputs(ds, pp, pick)
+        except data.DataError:
+            x = np.zeros((0,))
+    if len(x) < n:
+        bad = sum("skipped" in str(m.message) for m in w)
+        raise data.DataError(f"INT8 calibration needs {n} readable images; {spec} has {len(ds)} image(s), {bad} of those "
+                             f"picked unreadable, {len(x)} usable. Give --calib-data a folder with more images, or lower "
+                             f"--calib-images (>= {config.CompressConfig.MIN_CALIB} for a trustworthy calibration)")
+    return np.asarray(x, np.float32)
+
+
+def float_scope(onnx_path: Path, model: Encoder) -> dict[str, list[str]]:
+    """ONNX node names to leave in float, by reason: first conv, embedding layer, squeeze-excitation."""
+    import onnx
+    from torchvision.ops.misc import SqueezeExcitation
+
+    g = onnx.load(str(onnx_path), load_external_data=False).graph
+    inp = g.input[0].name
+    first = [n.name for n in g.node if n.op_type == "Conv" and inp in n.input][:1]
+    weighted = [n for n in g.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    last = [weighted[-1].name] if weighted else []
+    se_prefixes = ["/" + name.replace(".", "/") + "/" for name, m in model.named_modules() if isinstance(m, SqueezeExcitation)]
+    se = [n.name for n in g.node if any(n.name.startswith("/encoder" + p) or n.name.startswith(p) for p in se_prefixes)]
+    return {"first_conv": first, "embedding_layer": last, "squeeze_excitation": se}
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over preprocessed arrays, one image per call."""
+
+    def __init__(self, name: str, x: np.ndarray):
+        self.name, self.x, self.i = name, x, 0
+
+    def get_next(self):
+        if self.i >= len(self.x):
+            return None
+        self.i += 1
+        return {self.name: self.x[self.i - 1:self.i]}
+
+    def rewind(self):
+        self.i = 0
+
+
+def quantize_onnx(fp32: Path, out: Path, calib: np.ndarray, target: str, exclude: list[str]) -> dict:
+    """Static QDQ INT8 of an exported FP32 ONNX model; writes `out`; returns what was done."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    act = QuantType.QUInt8 if target == "x86" else QuantType.QInt8
+    pre = out.with_name(f".{out.stem}.pre.onnx")
+    try:
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
+        quantize_static(str(pre), str(out), _Reader(name, calib), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=act, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                        calibrate_method=CalibrationMethod.MinMax)
+    finally:
+        pre.unlink(missing_ok=True)
+    m = onnx.load(str(out))
+    props = {p.key: p.value for p in m.metadata_props}
+    props["precision"] = json.dumps("int8")
+    del m.metadata_props[:]
+    onnx.helper.set_model_props(m, props)
+    onnx.save(m, str(out))
+    return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "per_channel": True,
+            "activations": act.name, "weights": "QInt8", "calibration": "MinMax", "calib_images": len(calib)}
+
+
+def quantize_openvino(fp32_xml: Path, out: Path, calib: np.ndarray, exclude: list[str]) -> dict:
+    """NNCF post-training INT8 of an FP32 OpenVINO IR; writes out (.xml + .bin).
+
+    NNCF runs in a child process: importing it beside torch patches torch's functions, and a later
+    torch.onnx export in the same process crashed (segmentation fault) on this machine.
+    """
+    import importlib.util
+    import subprocess
+    import sys
+    import tempfile
+
+    if not all(importlib.util.find_spec(m) for m in ("nncf", "openvino")):
+        raise config.ConfigError("OpenVINO INT8 needs openvino and nncf: pip install 'edgeclr[openvino,compress]'")
+    with tempfile.TemporaryDirectory() as tmp:
+        arr = Path(tmp) / "calib.npy"
+        np.save(arr, np.ascontiguousarray(calib, np.float32))
+        job = json.dumps({"fp32": str(fp32_xml), "out": str(out), "calib": str(arr), "exclude": list(exclude)})
+        r = subprocess.run([sys.executable, "-m", "edgeclr.compress.quantize", job], capture_output=True, text=True)
+    if r.returncode != 0 or not r.stdout.strip():
+        raise RuntimeError(f"NNCF quantisation of {fp32_xml} failed (exit {r.returncode}): {r.stderr[-1500:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _nncf_job(job: dict) -> dict:
+    import nncf
+    import openvino as ov
+
+    calib = np.load(job["calib"])
+    model = ov.Core().read_model(job["fp32"])
+    names = {op.get_friendly_name() for op in model.get_ops()}
+    ignored = sorted(n for n in job["exclude"] if n in names)
+    ds = nncf.Dataset([calib[i:i + 1] for i in range(len(calib))])
+    q = nncf.quantize(model, ds, subset_size=len(calib), preset=nncf.QuantizationPreset.PERFORMANCE,
+                      fast_bias_correction=True, ignored_scope=nncf.IgnoredScope(names=ignored, validate=False))
+    q.set_rt_info(json.dumps("int8"), ["model_info", "precision"])
+    ov.save_model(q, job["out"], compress_to_fp16=False)
+    return {"tool": "nncf.quantize", "nncf": nncf.__version__, "preset": "performance", "fast_bias_correction": True,
+            "calib_images": len(calib), "ignored": ignored}
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(json.dumps(_nncf_job(json.loads(sys.argv[1]))), flush=True)

@@ -1,0 +1,158 @@
+"""edgeclr compress: pruning (widths, MACs, exact save/reload), INT8 (size, agreement), budgets, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY, run
+
+from edgeclr import compress, config
+from edgeclr.evaluate import load_encoder
+from edgeclr.models import ModelSpec, create_model, model_from_checkpoint
+from edgeclr.runtime import Embedder
+
+pytest.importorskip("torch_pruning")
+
+STUDENT = ["--model", "mobilenet_v2", "--epochs", "3", "--batch-size", "64", "--knn-every", "0", "--no-tensorboard",
+           "--threads", "1"]
+FAST = ["--threads", "1", "--no-tensorboard", "--latency-runs", "3", "--eval-images", "300", "--calib-images", "64"]
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp") / "run"
+    run(["train", *TINY, "--epochs", "3", "--out", str(out)])
+    run(["distill", "--teacher", str(out), *STUDENT])
+    return out
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "mobilenet_v2", "resnet18"])
+def test_pruning_keeps_the_embedding_width_and_cuts_macs_as_asked(name):
+    width = 16 if name.startswith("resnet") else None
+    m = create_model(ModelSpec(name, in_chans=1, stem_stride=1, width=width, embed_dim=32, head_layers=0)).eval()
+    x = torch.zeros(1, 1, 16, 16)
+    macs0, _ = compress.count_macs(m, x)
+    ratio = compress.ratio_for_macs(m, x, 0.5 * macs0, False)
+    compress.prune_step(m, x, ratio, False)
+    macs1, _ = compress.count_macs(m, x)
+    assert m(torch.randn(2, 1, 16, 16)).shape == (2, 32)
+    assert macs1 / macs0 == pytest.approx(0.5, abs=0.05)
+    widths = [c.out_channels for c in m.modules() if isinstance(c, torch.nn.Conv2d)]
+    assert all(w % 8 == 0 for w in widths), widths  # round_to=8
+
+
+def test_channel_ratio_shrinks_parameters_quadratically():
+    m = create_model(ModelSpec("mobilenet_v2", in_chans=1, stem_stride=1, embed_dim=32, head_layers=0)).eval()
+    x = torch.zeros(1, 1, 16, 16)
+    p0 = compress.count_macs(m, x)[1]
+    compress.prune_step(m, x, 0.5, False)
+    assert compress.count_macs(m, x)[1] / p0 == pytest.approx(0.25, abs=0.08)  # ~ (1 - 0.5)^2
+
+
+def test_pruned_model_saves_without_pickle_and_reloads_exactly():
+    spec = ModelSpec("mobilenet_v3_small", in_chans=1, stem_stride=1, embed_dim=32, head_layers=0)
+    m = create_model(spec).eval()
+    x = torch.zeros(1, 1, 16, 16)
+    hist = compress.prune_step(m, x, 0.3, False)
+    hist += compress.prune_step(m, x, 0.2, False)  # two steps replay in order
+    pp = {"input_size": 16, "resize_size": 16, "mean": [0.5], "std": [0.25], "channels": 1}
+    ck = {"spec": spec.to_dict(), "preprocess": pp, "model": m.state_dict(), "pruning": json.loads(json.dumps({"history": hist}))}
+    m2 = model_from_checkpoint(ck).eval()
+    xi = torch.randn(4, 1, 16, 16)
+    assert torch.equal(m(xi), m2(xi))
+    with pytest.raises(RuntimeError):  # the unpruned model does not take these weights
+        create_model(spec).load_state_dict(ck["model"])
+
+
+def test_compress_end_to_end(student):
+    r = run(["compress", str(student), "--target-macs", "0.5", "--prune-steps", "1", "--recover-epochs", "1", *FAST])
+    d = student / "compress"
+    rep = json.loads((d / "report.json").read_text())
+    man = json.loads((d / "manifest.json").read_text())
+    assert "| onnx-int8 |" in r.output and (d / "report.md").exists()
+    assert rep["pruned"]["macs"] / rep["student"]["macs"] == pytest.approx(0.5, abs=0.05)
+    for fmt, suffix in (("onnx", ".onnx"), ("openvino", ".xml")):
+        f32, i8 = d / "models" / f"fp32{suffix}", d / "models" / f"int8{suffix}"
+        assert f32.exists()
+        assert i8.exists() and rep[f"{fmt}-int8"]["bytes"] < 0.5 * rep[f"{fmt}-fp32"]["bytes"]
+        assert rep[f"{fmt}-int8"]["cosine_mean"] > 0.98  # INT8 vs the FP32 student, on held-out images
+        assert rep[f"{fmt}-int8"]["latency_ms_1thread"] > 0
+        e = Embedder.load(i8)
+        assert e.meta.precision == "int8" and e.meta.embedding_dim == man["embedding_dim"]
+    q = man["artifacts"]["onnx-int8"]["quantization"]
+    assert q["per_channel"] and q["activations"] == "QUInt8" and q["float_scope"]["first_conv"]
+    assert not list((d / "models").glob(".*partial*"))
+    # the pruned checkpoint reloads (plan replayed) and exports like any checkpoint
+    model, ck, _ = load_encoder(d)
+    assert ck["stage"] == "compress" and ck["pruning"]["history"]
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, ck["spec"]["embed_dim"])
+    run(["export", str(d), "--format", "onnx", "--out", str(student / "re-export")])
+    # the retention table across every stage and artifact of the run
+    r = run(["eval", "--compare", str(student), "--threads", "1", "--latency-runs", "3", "--max-train", "400"])
+    cmp = json.loads((student / "compare.json").read_text())
+    names = [x["model"] for x in cmp["rows"]]
+    assert names[:3] == ["teacher", "student", "pruned"] and "compress/models/int8.onnx" in names
+    assert "compress/models/int8.xml" in names and "| teacher |" in r.output
+    for x in cmp["rows"][1:]:
+        assert 0 <= x["knn_agreement_with_teacher"] <= 1 and x["latency_ms_1thread"] > 0 and x["size_bytes"] > 0
+    assert cmp["rows"][0]["speedup_vs_teacher"] == 1.0
+    pruned = next(x for x in cmp["rows"] if x["model"] == "pruned")
+    assert pruned["macs"] == rep["pruned"]["macs"]
+
+
+def test_max_drop_refuses_and_overwrites_nothing(student, tmp_path):
+    out = tmp_path / "cut"
+    r = run(["compress", str(student / "distill"), "--out", str(out), "--prune-ratio", "0.9", "--prune-steps", "1",
+             "--recover-epochs", "0", "--max-drop", "0.01", "--formats", "onnx", *FAST], ok=False)
+    assert r.exit_code == 2 and "--max-drop" in r.output and "not written" in r.output
+    assert not (out / "compress" / "models").exists()
+
+
+def test_calibration_needs_enough_readable_images(student, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(folder / f"ok{i}.png")
+    (folder / "bad.png").write_bytes(b"not a png")
+    r = run(["compress", str(student), "--out", str(tmp_path / "c"), "--prune-ratio", "0", "--formats", "onnx",
+             "--calib-data", str(folder), *FAST[:-2], "--calib-images", "32"], ok=False)
+    assert r.exit_code == 2 and "calibration needs 32 readable images" in r.output and "--calib-images" in r.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run(["compress", str(student), "--out", str(tmp_path / "c2"), "--prune-ratio", "0", "--formats", "onnx",
+             "--calib-data", str(empty), *FAST], ok=False)
+    assert r.exit_code == 2 and "error:" in r.output
+
+
+def test_compress_refuses_a_teacher_checkpoint(student):
+    r = run(["compress", str(student / "train"), *FAST], ok=False)
+    assert r.exit_code == 2 and "distilled student" in r.output
+
+
+def test_config_rejects_both_ratio_and_macs():
+    with pytest.raises(config.ConfigError, match="not both"):
+        config.CompressConfig(student="x", prune_ratio=0.3, target_macs=0.5)
+    assert config.CompressConfig(student="x").target_macs == 0.5
+    assert not config.CompressConfig(student="x", prune_ratio=0).pruning
+
+
+def test_an_interrupted_recovery_resumes_and_is_never_taken_for_a_result(student, tmp_path):
+    from edgeclr import checkpoint
+
+    out = tmp_path / "cut"
+    args = ["compress", str(student / "distill"), "--out", str(out), "--prune-ratio", "0.3", "--prune-steps", "2",
+            "--recover-epochs", "1", "--formats", "onnx", "--fp32-only", *FAST]
+    r = run(args + ["--max-minutes", "1e-6"], ok=False)
+    assert r.exit_code == 2 and "--resume" in r.output
+    ck = checkpoint.load(out / "compress" / "checkpoints" / "prune.pt")
+    assert ck["pruning"]["steps_done"] == 1 and ck["step"] == 1
+    assert not (out / "compress" / "checkpoints" / "last.pt").exists()  # `export RUN` cannot pick a half-recovered model
+    r = run(args, ok=False)
+    assert r.exit_code == 2 and "interrupted" in r.output and "--resume" in r.output
+    run(args + ["--resume"])
+    ck = checkpoint.load(out / "compress" / "checkpoints" / "last.pt")
+    assert ck["stage"] == "compress" and ck["pruning"]["steps_done"] == 2 and ck["epoch"] == 1
+    assert (out / "compress" / "models" / "fp32.onnx").exists() and not (out / "compress" / "models" / "int8.onnx").exists()
