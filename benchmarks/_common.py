@@ -31,3 +31,36 @@ def machine() -> dict:
     except OSError:
         pass
     return info
+
+
+def run(cmd: list[str]) -> float:
+    """Run a command (echoed), fail on error; its wall time in seconds."""
+    import shlex
+    import time
+
+    print("+", shlex.join(cmd), flush=True)
+    t = time.time()
+    subprocess.run(cmd, check=True)
+    return time.time() - t
+
+
+def interleaved_ms(fns: dict, x, rounds: int, runs: int, warmup: int = 5) -> dict[str, float]:
+    """Median ms of each fn(x), timed in turns (A B C A B C ...) so machine noise hits all alike:
+    the median over rounds of each round's median of `runs` calls."""
+    import time
+
+    import numpy as np
+
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn(x)
+    med: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            ts = []
+            for _ in range(runs):
+                t = time.perf_counter()
+                fn(x)
+                ts.append(time.perf_counter() - t)
+            med[k].append(1000 * float(np.median(ts)))
+    return {k: float(np.median(v)) for k, v in med.items()}

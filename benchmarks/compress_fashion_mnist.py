@@ -20,43 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine  # noqa: E402
+from _common import interleaved_ms, machine, run  # noqa: E402
 
 HERE = Path(__file__).parent
-
-
-def run(cmd: list[str]) -> float:
-    print("+", shlex.join(cmd), flush=True)
-    t = time.time()
-    subprocess.run(cmd, check=True)
-    return time.time() - t
-
-
-def interleaved_ms(paths: dict[str, Path], x1: np.ndarray, rounds: int, runs: int, threads: int = 1) -> dict[str, float]:
-    from edgeclr.runtime import Embedder
-
-    sess = {k: Embedder.load(p, threads=threads, precision="f32") for k, p in paths.items()}
-    for s in sess.values():
-        for _ in range(5):
-            s.embed_arrays(x1, 1)
-    med = {k: [] for k in sess}
-    for _ in range(rounds):
-        for k, s in sess.items():
-            ts = []
-            for _ in range(runs):
-                t = time.perf_counter()
-                s.embed_arrays(x1, 1)
-                ts.append(time.perf_counter() - t)
-            med[k].append(1000 * float(np.median(ts)))
-    return {k: float(np.median(v)) for k, v in med.items()}
 
 
 def main():
@@ -95,8 +66,8 @@ def main():
     q = man["artifacts"]["onnx-int8"]["quantization"]
     exclude = sorted({n for v in q["float_scope"].values() for n in v})
     compress.quantize_onnx(big / "pruned.onnx", big / "pruned-int8.onnx", calib, "x86" if q["activations"] == "QUInt8" else "arm", exclude)
-    ms = interleaved_ms({"student": big / "student.onnx", "pruned": big / "pruned.onnx", "pruned-int8": big / "pruned-int8.onnx"},
-                        calib[:1], a.rounds, a.runs)
+    sess = {k: Embedder.load(big / f"{k}.onnx", threads=1, precision="f32") for k in ("student", "pruned", "pruned-int8")}
+    ms = interleaved_ms({k: (lambda x, e=e: e.embed_arrays(x, 1)) for k, e in sess.items()}, calib[:1], a.rounds, a.runs)
     macs = {k: compress.count_macs(compress.load_student(t, "cpu")[0], __import__("torch").zeros(1, 1, a.size, a.size))[0]
             for k, t in (("student", Path(a.student) / "distill"), ("pruned", out / "compress"))}
 

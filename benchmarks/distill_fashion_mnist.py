@@ -16,22 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine
+from _common import machine, run
 
 HERE = Path(__file__).parent
-
-
-def run(cmd: list[str]) -> float:
-    print("+", shlex.join(cmd), flush=True)
-    t = time.time()
-    subprocess.run(cmd, check=True)
-    return time.time() - t
 
 
 def evaluate(exe, target: Path, device: str, baselines: str = "") -> dict:

@@ -21,11 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine  # noqa: E402
+from _common import interleaved_ms, machine  # noqa: E402
 
 from edgeclr import compress, data, export  # noqa: E402
 from edgeclr.models import ModelSpec, create_model, list_models  # noqa: E402
@@ -63,22 +62,10 @@ def main():
             compress.quantize_onnx(f32, i8all, calib, a.target, [])
             macs = compress.count_macs(model, torch.from_numpy(calib[:1]))[0]
             sess = {k: Embedder.load(p, threads=1) for k, p in (("fp32", f32), ("int8", i8), ("int8-all", i8all))}
-            x1 = calib[:1]
             ref = sess["fp32"].embed_arrays(calib[:64], 64)
             cos = {k: float((ref * s.embed_arrays(calib[:64], 64)).sum(1).min()) for k, s in sess.items() if k != "fp32"}
-            for s in sess.values():
-                for _ in range(5):
-                    s.embed_arrays(x1, 1)
-            med = {k: [] for k in sess}
-            for _ in range(a.rounds):
-                for k, s in sess.items():
-                    ts = []
-                    for _ in range(a.runs):
-                        t = time.perf_counter()
-                        s.embed_arrays(x1, 1)
-                        ts.append(time.perf_counter() - t)
-                    med[k].append(np.median(ts) * 1000)
-            row = {"model": name, "macs_m": macs / 1e6, **{f"{k}_ms": float(np.median(v)) for k, v in med.items()},
+            ms = interleaved_ms({k: (lambda x, s=s: s.embed_arrays(x, 1)) for k, s in sess.items()}, calib[:1], a.rounds, a.runs)
+            row = {"model": name, "macs_m": macs / 1e6, **{f"{k}_ms": v for k, v in ms.items()},
                    "float_scope": {k: len(v) for k, v in scope.items()}, "min_cosine_vs_fp32": cos}
             row["speedup_int8"] = row["fp32_ms"] / row["int8_ms"]
             row["speedup_int8_all"] = row["fp32_ms"] / row["int8-all_ms"]

@@ -17,20 +17,14 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine  # noqa: E402
+from _common import machine, run  # noqa: E402
 
 HERE = Path(__file__).parent
-
-
-def sh(cmd: list[str]) -> None:
-    print("+", shlex.join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
 
 
 def main():
@@ -54,7 +48,7 @@ def main():
     ]
     for name, cmd in steps:
         if name not in skip:
-            sh(cmd)
+            run(cmd)
     m = machine()
     slug = re.sub(r"[^a-z0-9]+", "-", f"{m['cpu']}-{m['cores']}c".lower()).strip("-")
     parts = [f"# All benchmarks on {m['cpu']} ({m['cores']} cores)", "",

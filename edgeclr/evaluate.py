@@ -191,18 +191,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _latency_ms(fn, x: np.ndarray, runs: int) -> float:
-    """Median seconds of fn(x) (one batch-1 call) in ms, after warm-up."""
-    for _ in range(3):
-        fn(x)
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn(x)
-        ts.append(time.perf_counter() - t)
-    return 1000 * float(np.median(ts))
-
-
 def stage_checkpoints(run_dir: Path) -> dict[str, Path]:
     """{stage: checkpoint} of a run, in pipeline order, following the links a stage records when
     its inputs live in another run folder (compress -> its student, a student -> its teacher)."""
@@ -229,7 +217,7 @@ def compare_main(cfg) -> dict:
     eager for checkpoints, edgeclr.runtime for exported files)."""
     from edgeclr.models import count_macs, count_params
     from edgeclr.rundir import write_json_atomic
-    from edgeclr.runtime import Embedder
+    from edgeclr.runtime import Embedder, median_latency_ms
 
     t0 = time.time()
     run_dir = Path(cfg.target)
@@ -274,7 +262,7 @@ def compare_main(cfg) -> dict:
                 with torch.inference_mode():
                     return m.embed(torch.from_numpy(x))
             torch.set_num_threads(1)
-            lat = _latency_ms(one, x_te[:1].numpy(), cfg.latency_runs)
+            lat = median_latency_ms(one, x_te[:1].numpy(), cfg.latency_runs)
             torch.set_num_threads(threads)
             f_tr, f_te = embed(fn, x_tr, cfg.batch_size), embed(fn, x_te, cfg.batch_size)
         else:
@@ -287,7 +275,7 @@ def compare_main(cfg) -> dict:
             f_tr = torch.from_numpy(emb.embed_arrays(x_tr.numpy(), cfg.batch_size))
             f_te = torch.from_numpy(emb.embed_arrays(x_te.numpy(), cfg.batch_size))
             one_emb = Embedder.load(path, threads=1, precision="f32")
-            lat = _latency_ms(lambda x, e=one_emb: e.embed_arrays(x, 1), x_te[:1].numpy(), cfg.latency_runs)
+            lat = median_latency_ms(lambda x, e=one_emb: e.embed_arrays(x, 1), x_te[:1].numpy(), cfg.latency_runs)
         pred = knn_predict(f_tr, y_tr, f_te, cfg.knn_k, cfg.knn_t, n_cls)
         row = {"model": name, "kind": kind, "path": str(path), "knn_top1": 100.0 * float((pred == y_te).float().mean()),
                "linear_top1": linear_probe(f_tr.numpy(), y_tr.numpy(), f_te.numpy(), y_te.numpy(), cfg.seed) if cfg.linear_probe else None,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -225,6 +226,18 @@ class _OnnxBackend:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: x})[0]
+
+
+def median_latency_ms(fn, x: np.ndarray, runs: int, warmup: int = 3) -> float:
+    """Median wall time of fn(x) in ms over `runs` calls, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn(x)
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn(x)
+        ts.append(time.perf_counter() - t)
+    return 1000 * float(np.median(ts))
 
 
 @functools.lru_cache(maxsize=1)

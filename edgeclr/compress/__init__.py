@@ -45,7 +45,7 @@ from edgeclr import checkpoint, config, data
 from edgeclr.compress.prune import WORK, apply_pruning, count_macs, example_input, prune_and_recover, prune_step, ratio_for_macs  # noqa: F401
 from edgeclr.compress.quantize import calibration_inputs, float_scope, quantize_onnx, quantize_openvino  # noqa: F401
 from edgeclr.models import Encoder, model_from_checkpoint
-from edgeclr.runtime import Embedder, ModelMeta, Preprocess
+from edgeclr.runtime import Embedder, ModelMeta, Preprocess, median_latency_ms
 
 log = logging.getLogger("edgeclr.compress")
 
@@ -104,15 +104,7 @@ class HeldOut:
 def latency_ms(path: Path, x: np.ndarray, threads: int = 1, runs: int = 50, warmup: int = 5) -> float:
     """Median latency of one batch-1 inference of an exported model at `threads` (ms)."""
     emb = Embedder.load(path, threads=threads, precision="f32")
-    x1 = x[:1]
-    for _ in range(warmup):
-        emb.embed_arrays(x1, batch_size=1)
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        emb.embed_arrays(x1, batch_size=1)
-        ts.append(time.perf_counter() - t)
-    return 1000 * float(np.median(ts))
+    return median_latency_ms(lambda a: emb.embed_arrays(a, batch_size=1), x[:1], runs, warmup)
 
 
 def _runtime_embed(path: Path):
