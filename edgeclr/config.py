@@ -38,10 +38,11 @@ DATA_PRESETS: dict[str, dict[str, Any]] = {
     "digits": dict(model="resnet18", width=32, stem_stride=1, input_size=16, batch_size=128, epochs=30,
                    optimizer="adamw", lr=2e-3, weight_decay=1e-4, temperature=0.2, augment="small-gray",
                    crop_scale=(0.4, 1.0)),
-    # 60k 28x28 grayscale images; recipe from benchmarks/fashion_mnist_teacher.py (teacher_sweep.py: a
-    # last stage at layer3's resolution, temperature 0.1, crops from 0.2 and jitter 1.0 each helped)
+    # 60k 28x28 grayscale images; recipe from benchmarks/fashion_mnist_teacher.py, 86.89% kNN in 60 min on 2 cores
+    # (teacher_sweep.py: a last stage at layer3's resolution, temperature 0.1, crops from 0.2, jitter 1.0 and lr 4e-3
+    # each helped)
     "fashion-mnist": dict(model="resnet18", width=16, stem_stride=2, last_stride=1, input_size=28, batch_size=256,
-                          epochs=26, optimizer="adamw", lr=2e-3, weight_decay=1e-4, temperature=0.1, augment="small-gray",
+                          epochs=32, optimizer="adamw", lr=4e-3, weight_decay=1e-4, temperature=0.1, augment="small-gray",
                           crop_scale=(0.2, 1.0), jitter=1.0),
     "cifar10": dict(model="resnet18", stem_stride=1, input_size=32, batch_size=256, epochs=200, optimizer="sgd",
                     lr=0.3, weight_decay=5e-4, temperature=0.2, augment="small-rgb"),
