@@ -119,7 +119,9 @@ def discover(models: list[str], formats: tuple[str, ...]) -> list[tuple[str, str
             raise BenchError(f"{p}: {p.suffix or 'no suffix'} is not a model file edgeclr benchmarks "
                              "(.onnx for onnxruntime, .xml for OpenVINO, .pt edgeclr checkpoints for torch)")
         else:
-            files = sorted(f for f in p.rglob("*") if f.suffix in wanted and not f.name.startswith("."))
+            from edgeclr.rundir import exported_files
+
+            files = exported_files(p, tuple(wanted))
             for f in files:
                 found.append((f"{p.name}/{f.relative_to(p).with_suffix('')}", str(f), classify(f)))
             if "torch" in formats and _has("torch"):  # the runtime install has no torch: files only
@@ -358,6 +360,13 @@ def main(cfg) -> dict:
               "rounds": cfg.rounds, "runs_per_round": cfg.runs, "warmup_s": cfg.warmup, "matmul_peak_macs_per_s": peaks,
               "rows": rows, "wall_time_s": round(time.time() - t0, 1)}
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    from edgeclr.rundir import write_manifest
+
+    write_manifest(out, "bench", inputs={"models": sorted({c.path for c in configs})}, spec=None, preprocess=None, embed_dim=None,
+                   metrics={f"{r['label']}:{r['format']}:t{r['threads']}:b{r['batch']}": {"p50_ms": r["p50_ms"],
+                            **({"speedup_vs_baseline": r["speedup_vs_baseline"]} if r.get("speedup_vs_baseline") else {})}
+                            for r in rows},
+                   wall_time_s=time.time() - t0, artifacts={"json": str(out / "bench.json"), "md": str(out / "bench.md")})
     (out / "bench.md").write_text(format_table(result) + "\n")
     result["chart"] = _chart(rows, out / "bench.png")
     result["table"] = format_table(result)

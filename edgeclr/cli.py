@@ -219,6 +219,35 @@ def eval_(target, config_file, **options):
     click.echo(result["table"])
 
 
+_PIPELINE_STAGES = ("train", "distill", "compress", "export", "eval", "bench", "report")
+
+
+@cli.command()
+@config_options(config.PipelineConfig, "the preset's")
+@click.option("--from", "from_stage", type=click.Choice(_PIPELINE_STAGES), default=None,
+              help="re-run this stage and every later one (earlier ones must have finished)")
+@click.option("--until", type=click.Choice(_PIPELINE_STAGES), default=None, help="stop after this stage")
+def pipeline(config_file, **options):
+    """All stages in one command: train -> distill -> compress -> export -> eval -> bench -> report.
+
+    Writes OUT/{train,distill,compress,export,bench}/, OUT/compare.md and OUT/report.{md,html}.
+    Re-running skips finished stages whose options did not change and resumes an interrupted one;
+    --config FILE takes top-level options and a section per stage (train:, distill:, ...).
+    """
+    cfg = run_stage(config.build, config.PipelineConfig, config_file, **options)
+    from edgeclr import pipeline as stage
+
+    try:
+        r = run_stage(stage.main, cfg)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: re-run the same command to continue ({cfg.out}/pipeline.json records where it stopped)",
+                   err=True)
+        sys.exit(130)
+    click.echo("stages: " + ", ".join(f"{k} {v}" for k, v in r["stages"].items()))
+    if r["report"]:
+        click.echo(f"report: {r['report']}")
+
+
 def main():
     cli(prog_name="edgeclr")
 

@@ -225,9 +225,9 @@ def compare_main(cfg) -> dict:
         raise data.DataError(f"--compare takes a run folder (runs/NAME), got {run_dir}")
     entries = [({"train": "teacher", "distill": "student", "compress": "pruned"}[s], "torch", f)
                for s, f in stage_checkpoints(run_dir).items()]  # (name, kind, path)
-    for f in sorted(run_dir.rglob("*")):
-        if f.suffix in (".onnx", ".xml") and not f.name.startswith("."):
-            entries.append((str(f.relative_to(run_dir)), "runtime", f))
+    from edgeclr.rundir import exported_files
+
+    entries += [(str(f.relative_to(run_dir)), "runtime", f) for f in exported_files(run_dir)]
     if not entries or entries[0][0] != "teacher":
         raise checkpoint.CheckpointError(f"{run_dir} has no teacher checkpoint (train/checkpoints/last.pt): --compare "
                                          "needs a run folder written by `edgeclr train` and later stages")

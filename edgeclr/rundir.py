@@ -81,6 +81,14 @@ def write_manifest(stage_dir: str | Path, stage: str, *, inputs: dict, spec: dic
     return path
 
 
+def exported_files(run_dir: str | Path, suffixes=(".onnx", ".xml")) -> list[Path]:
+    """Exported models under a run folder, sorted; skips hidden files and folders (partial writes,
+    OUT/.replaced/ of the pipeline)."""
+    root = Path(run_dir)
+    return sorted(f for f in root.rglob("*") if f.suffix in suffixes
+                  and not any(part.startswith(".") for part in f.relative_to(root).parts))
+
+
 def read_manifest(stage_dir: str | Path) -> dict:
     p = Path(stage_dir) / "manifest.json"
     return json.loads(p.read_text()) if p.exists() else {}

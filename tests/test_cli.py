@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from edgeclr.cli import cli
 
-COMMANDS = ["train", "distill", "compress", "export", "embed", "search", "bench", "eval"]
+COMMANDS = ["train", "distill", "compress", "export", "embed", "search", "bench", "eval", "pipeline"]
 
 
 def test_help_lists_every_command_and_each_has_help():

@@ -76,7 +76,9 @@ def test_compress_end_to_end(student):
         f32, i8 = d / "models" / f"fp32{suffix}", d / "models" / f"int8{suffix}"
         assert f32.exists()
         assert i8.exists() and rep[f"{fmt}-int8"]["bytes"] < 0.5 * rep[f"{fmt}-fp32"]["bytes"]
-        assert rep[f"{fmt}-int8"]["cosine_mean"] > 0.98  # INT8 vs the FP32 student, on held-out images
+        # agreement with the FP32 student on held-out images: pruning costs some, INT8 adds < 0.01 to it
+        assert rep[f"{fmt}-fp32"]["cosine_mean"] > 0.9
+        assert rep[f"{fmt}-int8"]["cosine_mean"] > rep[f"{fmt}-fp32"]["cosine_mean"] - 0.01
         assert rep[f"{fmt}-int8"]["latency_ms_1thread"] > 0
         e = Embedder.load(i8)
         assert e.meta.precision == "int8" and e.meta.embedding_dim == man["embedding_dim"]
@@ -156,3 +158,16 @@ def test_an_interrupted_recovery_resumes_and_is_never_taken_for_a_result(student
     ck = checkpoint.load(out / "compress" / "checkpoints" / "last.pt")
     assert ck["stage"] == "compress" and ck["pruning"]["steps_done"] == 2 and ck["epoch"] == 1
     assert (out / "compress" / "models" / "fp32.onnx").exists() and not (out / "compress" / "models" / "int8.onnx").exists()
+
+    # killed after the pruning passed its checks, while exporting: --resume exports the same pruned model again
+    d = out / "compress"
+    sha = checkpoint.sha256(d / "checkpoints" / "last.pt")
+    (d / "manifest.json").unlink()
+    (d / "models" / "fp32.onnx").write_bytes(b"partial")
+    r = run(args, ok=False)
+    assert r.exit_code == 2 and "already holds" in r.output
+    r = run(args + ["--resume"])
+    assert checkpoint.sha256(d / "checkpoints" / "last.pt") == sha
+    assert Embedder.load(d / "models" / "fp32.onnx").meta.embedding_dim > 0
+    man = json.loads((d / "manifest.json").read_text())
+    assert man["pruning"]["mac_ratio"] < 1 and man["artifacts"]["checkpoint_sha256"] == sha

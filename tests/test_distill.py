@@ -166,3 +166,28 @@ def test_wrong_teachers_are_clear_errors(teacher, tmp_path):
     assert r.exit_code == 2 and "3-channel images" in r.output and "1-channel" in r.output
     r = run(["distill", *STUDENT, "--out", str(tmp_path / "v")], ok=False)
     assert r.exit_code == 2 and "--teacher is required" in r.output
+
+
+def test_bn_recalibration_sets_the_clean_image_statistics_and_is_recorded(teacher, tmp_path):
+    from edgeclr.evaluate import eval_inputs, load_encoder
+    from edgeclr.runtime import Preprocess
+
+    out = tmp_path / "run"
+    run(["distill", "--teacher", str(teacher), *STUDENT, "--out", str(out), "--bn-recalibrate", "300"])
+    ck = checkpoint.load(out / "distill/checkpoints/last.pt")
+    student, _, _ = load_encoder(out / "distill", "cpu")
+    pp = Preprocess.from_dict(ck["preprocess"])
+    ds = data.open_dataset("digits", "pretrain")
+    idx = np.sort(np.random.default_rng(0).choice(len(ds), 300, replace=False))
+    x, _ = eval_inputs(ds, pp, idx)
+    # the first BatchNorm's running mean is exactly the mean of its input over the 300 clean images
+    conv, bn = next((m, n) for m, n in zip(student.modules(), list(student.modules())[1:])
+                    if isinstance(m, torch.nn.Conv2d) and isinstance(n, torch.nn.BatchNorm2d))
+    with torch.no_grad():
+        want = conv(x).mean((0, 2, 3))
+    assert torch.allclose(bn.running_mean, want, atol=1e-4)
+    # off: the running averages of the augmented views stay, and they differ
+    run(["distill", "--teacher", str(teacher), *STUDENT, "--out", str(tmp_path / "off"), "--bn-recalibrate", "0"])
+    off = checkpoint.load(tmp_path / "off/distill/checkpoints/last.pt")["model"]
+    key = next(k for k in off if k.endswith("running_mean"))
+    assert not torch.allclose(off[key], ck["model"][key], atol=1e-3)

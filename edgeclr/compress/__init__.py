@@ -34,6 +34,7 @@ import copy
 import dataclasses
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -158,9 +159,12 @@ def main(cfg: config.CompressConfig) -> dict:
         raise config.ConfigError(f"{spath} is inside {stage_dir}: compress a distilled student (runs/NAME/distill), "
                                  "or pass --out to write elsewhere")
     ck_dir = stage_dir / "checkpoints"
-    if (ck_dir / "last.pt").exists() or (stage_dir / "models").exists():
+    finished = (stage_dir / "manifest.json").exists()
+    # pruning done, export/INT8 interrupted: --resume starts again from the pruned checkpoint
+    pruned_done = cfg.pruning and cfg.resume and not finished and (ck_dir / "last.pt").exists()
+    if finished or (not pruned_done and ((ck_dir / "last.pt").exists() or (stage_dir / "models").exists())):
         raise config.ConfigError(f"{stage_dir} already holds a compressed model: choose another --out (nothing was overwritten)")
-    resume_from = ck_dir / WORK if cfg.pruning and cfg.resume else None
+    resume_from = ck_dir / WORK if cfg.pruning and cfg.resume and not pruned_done else None
     if resume_from is not None and not resume_from.exists():
         raise checkpoint.CheckpointError(f"--resume: no interrupted pruning in {ck_dir}; drop --resume to start")
     if cfg.pruning and not cfg.resume and (ck_dir / WORK).exists():
@@ -203,7 +207,18 @@ def main(cfg: config.CompressConfig) -> dict:
 
     # 1. prune + recover
     model, model_ckpt, plan = student, spath, None
-    if cfg.pruning:
+    if pruned_done:  # the pruned model passed its checks before the interruption: export it again
+        model_ckpt = ck_dir / "last.pt"
+        ck = checkpoint.load(model_ckpt, map_location=device)
+        model, plan = model_from_checkpoint(ck).to(device).eval(), dict(ck["pruning"])
+        x = example_input(model, pp).to(device)
+        (plan["macs"], plan["params"]), (base_macs, base_params) = count_macs(model, x), count_macs(fp32_student, x)
+        plan.update(mac_ratio=plan["macs"] / base_macs, param_ratio=plan["params"] / base_params)
+        if held:
+            report["pruned"] = _public(held.score(torch_embed(model), base), model, example_input(model, pp))
+        shutil.rmtree(stage_dir / "models", ignore_errors=True)  # a partial export, rewritten from the checkpoint
+        log.info("resumed: pruning had finished (%s); exporting it again", model_ckpt)
+    elif cfg.pruning:
         model, plan, model_ckpt = prune_and_recover(cfg, student, sck, spath, device, stage_dir, resume_from)
         if held:
             r = held.score(torch_embed(model), base)

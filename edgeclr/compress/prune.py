@@ -112,7 +112,7 @@ def pruning_plan(history: list, steps_done: int, info: dict) -> dict:
 
 def prune_and_recover(cfg, student, sck, spath, device, stage_dir, resume_from) -> tuple[Encoder, dict, Path]:
     """Prune in cfg.prune_steps steps, recovering by distillation after each; (model, plan, checkpoint)."""
-    from edgeclr.distill import DistillTrainer, load_teacher
+    from edgeclr.distill import DistillTrainer, load_teacher, recalibrate_bn
     from edgeclr.train import fit, load_data
 
     cfg_start = time.time()
@@ -192,6 +192,9 @@ def prune_and_recover(cfg, student, sck, spath, device, stage_dir, resume_from) 
                 raise CompressError(f"--max-minutes {cfg.max_minutes} ran out during the recovery after pruning step {k + 1}/"
                                     f"{cfg.prune_steps}; its checkpoint is {ckpt_path}: run the same command with --resume")
         else:
+            tr.save()
+        if dcfg.bn_recalibrate:  # the recovered student's statistics, on clean images (see distill.recalibrate_bn)
+            recalibrate_bn(student, ds, pp, device, dcfg.bn_recalibrate, cfg.seed)
             tr.save()
     macs, params = count_macs(student, x)
     info.update(macs=macs, params=params, mac_ratio=macs / base_macs, param_ratio=params / base_params)

@@ -1,0 +1,281 @@
+"""The run report: OUT/report.md and OUT/report.html (self-contained: images embedded as base64).
+
+Built only from the files the stages wrote (pipeline.json, train/eval.json, compare.json,
+compress/report.json, bench/bench.json, each stage's metrics.csv and t-SNE plots), so it can be
+rebuilt at any time with `edgeclr pipeline --from report`.
+
+The report is a list of blocks (heading, text, table, image, code) rendered twice: markdown (the
+images as files in OUT/report_files/) and HTML (the same images inline).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import platform
+import re
+from pathlib import Path
+
+from edgeclr.rundir import read_manifest, read_metrics
+
+_CSS = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee;margin:.5em 0}
+pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:12px}.hl{background:#eef6ee;padding:.6em 1em;border-left:4px solid #4a4}
+figure{margin:1em 0}figure.half{display:inline-block;width:48%;vertical-align:top;margin-right:1%}
+figcaption{font-size:13px;color:#555}"""
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _series(csv_path: Path, name: str) -> dict[str, list[tuple[float, float]]]:
+    """{stage: [(x, value)]} of one metric in a stage's metrics.csv (x = global step, or epoch for kNN)."""
+    if not csv_path.exists():
+        return {}
+    out: dict[str, list[tuple[float, float]]] = {}
+    for r in read_metrics(csv_path):
+        if r["name"] == name:
+            x = r["epoch"] if name == "knn_top1" else r["step"]
+            if x != "":
+                out.setdefault(r["stage"], []).append((float(x), float(r["value"])))
+    return out
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def _curves_chart(out: Path, metric: str, ylabel: str, title: str) -> bytes | None:
+    series = {}
+    for stage in ("train", "distill", "compress"):
+        s = _series(out / stage / "metrics.csv", metric).get(stage)
+        if s:
+            series[stage] = s
+    if not series:
+        return None
+    plt = _plt()
+    if metric == "loss":  # different objectives: one panel each
+        fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3), squeeze=False)
+        for ax, (stage, s) in zip(axes[0], series.items()):
+            ax.plot([p[0] for p in s], [p[1] for p in s], lw=1)
+            ax.set_title({"train": "SimCLR (NT-Xent)", "distill": "distillation", "compress": "pruning recovery"}[stage], fontsize=10)
+            ax.set_xlabel("step")
+            ax.set_ylabel(ylabel)
+    else:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        for stage, s in series.items():
+            ax.plot([p[0] for p in s], [p[1] for p in s], marker="o", label={"train": "teacher", "distill": "student"}.get(stage, stage))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _speed_chart(rows: list[dict]) -> bytes | None:
+    if not rows:
+        return None
+    plt = _plt()
+    names = [r["model"] for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 0.45 * len(rows) + 1.2), sharey=True)
+    y = range(len(rows))
+    a1.barh(y, [r["latency_ms_1thread"] for r in rows], color="#4a7")
+    a1.set_yticks(list(y), names, fontsize=8)
+    a1.invert_yaxis()
+    a1.set_xlabel("latency, ms (1 thread, batch 1)")
+    a2.barh(y, [r["size_bytes"] / 1e6 for r in rows], color="#47a")
+    a2.set_xlabel("size on disk, MB")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    v = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in ("edgeclr", "torch", "torchvision", "onnx", "onnxruntime", "openvino", "nncf", "torch-pruning", "numpy"):
+        try:
+            v[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return v
+
+
+def _fmt(v, f="{:.2f}") -> str:
+    return "" if v is None else f.format(v)
+
+
+def build_blocks(out: Path) -> list[tuple]:
+    """The report as blocks: ("h", level, text) ("p", text) ("table", md) ("img", name, png, caption[, "half"]) ("code", text)."""
+    from edgeclr.evaluate import format_compare
+
+    state = _load(out / "pipeline.json") or {}
+    teacher_eval = _load(out / "train" / "eval.json")
+    cmp = _load(out / "compare.json")
+    creport = _load(out / "compress" / "report.json")
+    bench = _load(out / "bench" / "bench.json")
+    blocks: list[tuple] = [("h", 1, f"edgeclr run report: {out.name}")]
+    data = state.get("data") or ((read_manifest(out / "train").get("inputs") or {}).get("data") or {}).get("name")
+    blocks.append(("p", f"Dataset: {data}. Preset: {state.get('preset', '-')}. Built from the files in `{out}`."))
+
+    # headline
+    rows = cmp["rows"] if cmp else []
+    by = {r["model"]: r for r in rows}
+    teacher = by.get("teacher")
+    final = next((by[k] for k in ("compress/models/int8.onnx", "compress/models/int8.xml") if k in by), None)
+    t_onnx = by.get("export/teacher.onnx")
+    if teacher_eval and final and teacher:
+        base = {r["key"]: r for r in teacher_eval["rows"]}
+        msg = (f"Teacher kNN {teacher['knn_top1']:.2f}% (raw pixels {_fmt(base.get('pixels', {}).get('knn_top1'))}%, random-init "
+               f"network {_fmt(base.get('random', {}).get('knn_top1'))}%). Deployable INT8 student `{final['model']}`: kNN "
+               f"{final['knn_top1']:.2f}% ({final['knn_top1'] - teacher['knn_top1']:+.2f} points vs the teacher), "
+               f"{final['size_bytes'] / 1e6:.2f} MB, {final['latency_ms_1thread']:.3f} ms at 1 thread: "
+               f"{final['speedup_vs_teacher']:.1f}x faster than the teacher in torch")
+        if t_onnx and final["model"].endswith(".onnx"):
+            msg += f", {t_onnx['latency_ms_1thread'] / final['latency_ms_1thread']:.1f}x faster than the teacher in onnxruntime"
+        blocks.append(("hl", msg + "."))
+
+    if teacher_eval:
+        blocks.append(("h", 2, "Teacher against the baselines"))
+        blocks.append(("p", f"Weighted kNN (k={teacher_eval['knn_k']}, T={teacher_eval['knn_t']}) and linear probe on "
+                            f"{teacher_eval['train_images']} labeled bank / {teacher_eval['test_images']} test images."))
+        t = ["| features | dim | kNN top-1 % | linear probe % |", "|---|---|---|---|"]
+        t += [f"| {r['features']} | {r['dim']} | {r['knn_top1']:.2f} | {_fmt(r['linear_top1'])} |" for r in teacher_eval["rows"]]
+        blocks.append(("table", "\n".join(t)))
+    if cmp:
+        blocks.append(("h", 2, "Retention across stages"))
+        blocks.append(("p", "Every stage and exported artifact on the same held-out images; retention = kNN accuracy / the "
+                            "teacher's; agreement columns compare with the teacher's predictions and neighbours; latency at 1 "
+                            "thread, batch 1; speed-up against the teacher in torch eager."))
+        blocks.append(("table", format_compare(rows)))
+        png = _speed_chart(rows)
+        if png:
+            blocks.append(("img", "latency_size.png", png, "Latency and size of every artifact"))
+    if creport:
+        from edgeclr.compress import format_report
+
+        blocks.append(("h", 2, "Compression"))
+        man = read_manifest(out / "compress")
+        pr = man.get("pruning") or {}
+        if pr.get("base_macs"):
+            blocks.append(("p", f"Pruning: {pr['base_macs'] / 1e6:.2f}M -> {pr['macs'] / 1e6:.2f}M MACs "
+                                f"({100 * pr['mac_ratio']:.0f}%), {pr['base_params'] / 1e6:.3f}M -> {pr['params'] / 1e6:.3f}M "
+                                f"parameters, in {pr['steps']} step(s) with {pr['recover_epochs']} recovery epoch(s) each. "
+                                "INT8 speed-up is against the same runtime's FP32 model."))
+        blocks.append(("table", format_report(creport)))
+    for metric, ylabel, title, name in (("loss", "loss", "Training losses", "losses.png"),
+                                        ("knn_top1", "kNN top-1 %", "kNN accuracy over epochs (monitor split)", "knn.png")):
+        png = _curves_chart(out, metric, ylabel, title)
+        if png:
+            blocks.append(("img", name, png, title))
+    tsnes = [(s, out / s / "tsne.png") for s in ("train", "compress", "distill") if (out / s / "tsne.png").exists()]
+    if tsnes:
+        blocks.append(("h", 2, "Embeddings (t-SNE of the test images)"))
+        for s, p in tsnes[:2]:
+            blocks.append(("img", f"tsne_{s}.png", p.read_bytes(), {"train": "teacher", "distill": "student",
+                                                                   "compress": "final (pruned) student"}[s], "half"))
+    if bench:
+        from edgeclr.bench import format_table
+
+        blocks.append(("h", 2, "Benchmark"))
+        blocks.append(("table", format_table(bench)))
+        if (out / "bench" / "bench.png").exists():
+            blocks.append(("img", "bench.png", (out / "bench" / "bench.png").read_bytes(), "p50 latency per configuration"))
+
+    blocks.append(("h", 2, "Deployable files"))
+    arts = (read_manifest(out / "compress").get("artifacts") or {})
+    t = ["| artifact | file | size MB | 1-thread latency ms |", "|---|---|---|---|"]
+    for k, a in arts.items():
+        if isinstance(a, dict) and "path" in a:
+            t.append(f"| {k} | `{a['path']}` | {a['bytes'] / 1e6:.2f} | {_fmt(a.get('latency_ms_1thread'), '{:.3f}')} |")
+    blocks.append(("table", "\n".join(t)) if len(t) > 2 else ("p", "No compressed artifacts yet."))
+    blocks.append(("p", "On the device (no torch): `pip install 'edgeclr[runtime]'`, then "
+                        "`edgeclr embed images/ --model int8.onnx --out emb.npy` and `edgeclr search`."))
+
+    blocks.append(("h", 2, "Stages, commands and versions"))
+    st = state.get("stages") or {}
+    if st:
+        t = ["| stage | status | seconds | key |", "|---|---|---|---|"]
+        t += [f"| {n} | {s.get('status')}{' (resumed)' if s.get('resumed') else ''} | {_fmt(s.get('seconds'), '{:.0f}')} | "
+              f"`{s.get('key')}` |" for n, s in st.items()]
+        blocks.append(("table", "\n".join(t)))
+    cmds = [r.get("command") for r in state.get("runs", []) if r.get("command")]
+    blocks.append(("code", "\n".join(cmds[-3:] + [f"# reproduce: edgeclr pipeline --config {out / 'pipeline.yaml'}"])))
+    blocks.append(("code", "\n".join(f"{k}: {v}" for k, v in _versions().items())))
+    return blocks
+
+
+def _md_table_to_html(md: str) -> str:
+    lines = [ln.strip() for ln in md.strip().splitlines()]
+    pre = []
+    while lines and not lines[0].startswith("|"):
+        pre.append(f"<p>{_inline(lines.pop(0))}</p>")
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines if not re.fullmatch(r"\|?(-+\|?)+", ln.replace(" ", ""))]
+    if not cells:
+        return "".join(pre)
+    head = "".join(f"<th>{_inline(c)}</th>" for c in cells[0])
+    body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in cells[1:])
+    return "".join(pre) + f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _inline(text: str) -> str:
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
+def render(blocks: list[tuple], files_dir: Path) -> tuple[str, str]:
+    """(markdown, html); the markdown's images are written into files_dir."""
+    md, h = [], []
+    files_dir.mkdir(parents=True, exist_ok=True)
+    for b in blocks:
+        kind = b[0]
+        if kind == "h":
+            md.append("#" * b[1] + " " + b[2])
+            h.append(f"<h{b[1]}>{_inline(b[2])}</h{b[1]}>")
+        elif kind in ("p", "hl"):
+            md.append(("**" + b[1] + "**") if kind == "hl" else b[1])
+            h.append(f"<p class='hl'>{_inline(b[1])}</p>" if kind == "hl" else f"<p>{_inline(b[1])}</p>")
+        elif kind == "table":
+            md.append(b[1])
+            h.append(_md_table_to_html(b[1]))
+        elif kind == "img":
+            name, png, caption = b[1:4]
+            (files_dir / name).write_bytes(png)
+            md.append(f"![{caption}]({files_dir.name}/{name})")
+            src = "data:image/png;base64," + base64.b64encode(png).decode()
+            h.append(f"<figure{' class=half' if b[4:] == ('half',) else ''}><img alt='{html.escape(caption)}' src='{src}'>"
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        elif kind == "code":
+            md.append("```\n" + b[1] + "\n```")
+            h.append(f"<pre>{html.escape(b[1])}</pre>")
+    title = next((b[2] for b in blocks if b[0] == "h"), "edgeclr report")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head>"
+            f"<body>{''.join(h)}</body></html>")
+    return "\n\n".join(md) + "\n", page
+
+
+def write(out: str | Path) -> dict:
+    """Write OUT/report.md (+ OUT/report_files/*.png) and OUT/report.html; returns their paths."""
+    out = Path(out)
+    md, page = render(build_blocks(out), out / "report_files")
+    for name, text in (("report.md", md), ("report.html", page)):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
+    return {"md": str(out / "report.md"), "html": str(out / "report.html")}

@@ -1,0 +1,239 @@
+"""`edgeclr pipeline`: every stage in one command; skip, resume, re-run on changed options; the report."""
+
+import base64
+import importlib.util
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import run
+from PIL import Image
+
+from edgeclr import config, pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# every stage, as small as it gets: one epoch each, ONNX only, a few timed runs
+FAST = dict(
+    preset="demo",
+    train=dict(width=8, epochs=1, batch_size=128, knn_every=1, threads=1, tensorboard=False),
+    distill=dict(epochs=2, knn_every=0, ckpt_every=3, threads=1, tensorboard=False),
+    compress=dict(recover_epochs=1, calib_images=32, latency_runs=3, eval_images=300, formats="onnx", tensorboard=False),
+    export=dict(formats="onnx", check_images=4),
+    eval=dict(latency_runs=3, linear_probe=False, max_train=300, baselines="pixels,random", tsne=True),
+    bench=dict(rounds=1, runs=3, warmup=0.05, formats="onnx,onnx-int8"),
+)
+
+
+def write_cfg(path, **changes):
+    d = json.loads(json.dumps(FAST))
+    for section, kv in changes.items():
+        d[section].update(kv)
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def spawn(*args):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.Popen([sys.executable, "-m", "edgeclr", "pipeline", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(*args) -> str:
+    p = spawn(*args)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    return out
+
+
+def stages_line(out: str) -> dict:
+    line = next(ln for ln in out.splitlines() if ln.startswith("stages: "))
+    return dict(s.strip().split(" ") for s in line[len("stages: "):].split(","))
+
+
+def wait_until(cond, proc, timeout=300):
+    t = time.time()
+    while not cond():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() - t < timeout, "timed out"
+        time.sleep(0.01)
+
+
+def _screenshot_script():
+    spec = importlib.util.spec_from_file_location("report_screenshot", ROOT / "scripts" / "report_screenshot.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_pipeline_killed_mid_stage_resumes_skips_and_reports(tmp_path):
+    cfg, out = write_cfg(tmp_path / "p.yaml"), tmp_path / "run"
+    state = out / "pipeline.json"
+    # 1. SIGKILL once the distillation has written a mid-run checkpoint
+    p = spawn("--config", cfg, "--out", out)
+    wait_until(lambda: (out / "distill/checkpoints/last.pt").exists(), p)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    st = json.loads(state.read_text())["stages"]
+    assert st["train"]["status"] == "done" and st["distill"]["status"] == "running"
+    train_ckpt = out / "train/checkpoints/last.pt"
+    mtime = train_ckpt.stat().st_mtime_ns
+
+    # 2. the same command finishes the run: train is not redone, distillation resumes
+    s = stages_line(finish("--config", cfg, "--out", out))
+    assert s["train"] == "skipped" and s["distill"] == "resumed"
+    assert all(s[k] == "ran" for k in ("compress", "export", "eval", "bench", "report"))
+    assert train_ckpt.stat().st_mtime_ns == mtime
+    st = json.loads(state.read_text())["stages"]
+    assert all(st[k]["status"] == "done" for k in pipeline.STAGES)
+    man = json.loads((out / "distill/manifest.json").read_text())
+    assert man["completed"] and man["inputs"]["resumed_from"]
+
+    # the report: markdown and a self-contained HTML whose every image is a decodable PNG
+    html = (out / "report.html").read_text()
+    imgs = re.findall(r"<img [^>]*src='data:image/png;base64,([^']+)'", html)
+    assert len(imgs) >= 4 and html.count("<img") == len(imgs)
+    for b in imgs:
+        im = Image.open(io.BytesIO(base64.b64decode(b)))
+        im.verify()
+        assert min(im.size) > 50
+    md = (out / "report.md").read_text()
+    for text in ("Teacher against the baselines", "raw pixels", "random init", "Retention across stages",
+                 "compress/models/int8.onnx", "Deployable files", "onnxruntime"):
+        assert text in md, text
+    for f in re.findall(r"\]\((report_files/[^)]+)\)", md):
+        assert (out / f).is_file()
+    shot = _screenshot_script()
+    assert shot.check_images(html) == len(imgs)
+    if shot.chromium():  # headless Chromium renders it (apt-get install chromium; CI images may lack it)
+        png = shot.screenshot(out / "report.html", tmp_path / "report.png", 1000, 2500)
+        assert Image.open(png).size == (1000, 2500)
+
+    # 3. nothing changed: nothing runs
+    assert set(stages_line(finish("--config", cfg, "--out", out)).values()) == {"skipped"}
+
+    # 4. a changed bench option re-runs bench and report only; the old bench folder is kept aside
+    s = stages_line(finish("--config", write_cfg(tmp_path / "p2.yaml", bench=dict(runs=4)), "--out", out))
+    assert [k for k, v in s.items() if v != "skipped"] == ["bench", "report"]
+    kept = list((out / ".replaced").glob("*-bench/bench.json"))
+    assert len(kept) == 1
+    rows = json.loads((out / "bench/bench.json").read_text())["rows"]
+    assert json.loads((out / "bench/bench.json").read_text())["runs_per_round"] == 4
+    assert not any(".replaced" in r["path"] for r in rows), "set-aside files must not be benchmarked"
+
+    # 5. --from re-runs a stage and the ones after it, --until stops
+    s = stages_line(finish("--config", write_cfg(tmp_path / "p2.yaml", bench=dict(runs=4)), "--out", out,
+                           "--from", "bench", "--until", "bench"))
+    assert s == {**{k: "skipped" for k in pipeline.STAGES[:5]}, "bench": "ran"}
+
+
+def test_sigint_during_training_then_rerun_resumes(tmp_path):
+    cfg = write_cfg(tmp_path / "p.yaml", train=dict(epochs=3, ckpt_every=2))
+    out = tmp_path / "run"
+    p = spawn("--config", cfg, "--out", out, "--until", "train")
+    wait_until(lambda: (out / "train/checkpoints/last.pt").exists(), p)
+    p.send_signal(signal.SIGINT)
+    text, _ = p.communicate(timeout=120)
+    assert p.returncode == 130 and "re-run the same command" in text
+    assert json.loads((out / "pipeline.json").read_text())["stages"]["train"]["status"] == "running"
+    s = stages_line(finish("--config", cfg, "--out", out, "--until", "train"))
+    assert s == {"train": "resumed"}
+    assert json.loads((out / "train/manifest.json").read_text())["completed"]
+
+
+def test_sigterm_during_training_then_changed_options_start_over(tmp_path):
+    out = tmp_path / "run"
+    p = spawn("--config", write_cfg(tmp_path / "p.yaml", train=dict(epochs=30, ckpt_every=2)), "--out", out, "--until", "train")
+    wait_until(lambda: (out / "train/checkpoints/last.pt").exists(), p)
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=120)
+    assert p.returncode == 143
+    # a shorter schedule is another config: the interrupted run is set aside (kept), not resumed
+    s = stages_line(finish("--config", write_cfg(tmp_path / "p.yaml", train=dict(epochs=1)), "--out", out, "--until", "train"))
+    assert s == {"train": "ran"}
+    kept = list((out / ".replaced").iterdir())
+    assert len(kept) == 1 and (kept[0] / "checkpoints/last.pt").exists()
+
+
+def test_pipeline_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"train": {"widht": 8}}))
+    r = run(["pipeline", "--config", str(bad), "--out", str(tmp_path / "r")], ok=False)
+    assert r.exit_code == 2 and "section 'train'" in r.output and "widht" in r.output
+    bad.write_text(yaml.safe_dump({"train": [1, 2]}))
+    r = run(["pipeline", "--config", str(bad), "--out", str(tmp_path / "r")], ok=False)
+    assert r.exit_code == 2 and "mapping" in r.output
+    r = run(["pipeline", "--out", str(tmp_path / "r"), "--from", "bench", "--until", "train"], ok=False)
+    assert r.exit_code == 2 and "comes after" in r.output
+    r = run(["pipeline", "--out", str(tmp_path / "r2"), "--from", "distill"], ok=False)
+    assert r.exit_code == 2 and "has not finished" in r.output
+    r = run(["pipeline", "--preset", "nope"], ok=False)
+    assert r.exit_code == 2
+
+
+def test_stage_keys_chain_and_ignore_runtime_options():
+    a = config.PipelineConfig(out="/tmp/x")
+    b = config.PipelineConfig(out="/tmp/x", train={"epochs": 3})
+    c = config.PipelineConfig(out="/tmp/x", device="cpu", threads=1)
+
+    def keys(cfg):
+        cs, up, out = pipeline.stage_configs(cfg), "", []
+        for n in pipeline.STAGES:
+            up = pipeline.stage_key(n, cs[n], up)
+            out.append(up)
+        return out
+
+    ka, kb, kc = keys(a), keys(b), keys(c)
+    assert all(x != y for x, y in zip(ka, kb)), "a teacher option changes every downstream key"
+    assert ka == kc, "device and threads do not change what a stage produces"
+    assert config.PipelineConfig().out == "runs/demo" and config.PipelineConfig(preset="fashion-mnist").data == "fashion-mnist"
+
+
+@pytest.mark.parametrize("preset", sorted(config.PIPELINE_PRESETS))
+def test_every_preset_builds_its_stage_configs(preset, tmp_path):
+    cs = pipeline.stage_configs(config.PipelineConfig(preset=preset, out=str(tmp_path)))
+    assert cs["train"].data == config.PIPELINE_PRESETS[preset]["data"]
+    assert cs["distill"].teacher.endswith("train") and cs["compress"].student.endswith("distill")
+
+
+def test_new_training_images_change_the_train_key(tmp_path):
+    import numpy as np
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((20, 20), 40 * i, np.uint8)).save(d / f"{i}.png")
+    cfg = config.PipelineConfig(data=str(d), out=str(tmp_path / "run"), train={"input_size": 16})
+    before = pipeline.data_fingerprint(pipeline.stage_configs(cfg)["train"])
+    assert before == pipeline.data_fingerprint(pipeline.stage_configs(cfg)["train"])
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(d / "new.png")
+    assert pipeline.data_fingerprint(pipeline.stage_configs(cfg)["train"]) != before
+
+
+def test_unlabeled_folder_runs_every_stage(tmp_path):
+    """The common case: a folder of unlabeled tiles (here cut from scikit-image's stained tissue image)."""
+    skdata = pytest.importorskip("skimage.data")
+    img = skdata.immunohistochemistry()  # (512, 512, 3) uint8
+    d = tmp_path / "tiles"
+    d.mkdir()
+    for i in range(0, 512 - 32, 48):
+        for j in range(0, 512 - 32, 48):
+            Image.fromarray(img[i:i + 32, j:j + 32]).save(d / f"t{i}_{j}.png")
+    cfg = write_cfg(tmp_path / "p.yaml", train=dict(input_size=16, stem_stride=1, batch_size=32),
+                    distill=dict(batch_size=32))
+    out = tmp_path / "run"
+    text = finish("--config", cfg, "--data", d, "--out", out)
+    assert set(stages_line(text).values()) == {"ran"}
+    st = json.loads((out / "pipeline.json").read_text())["stages"]
+    assert st["eval"]["summary"] == {"no_labels": True}
+    assert (out / "compress/models/int8.onnx").exists() and (out / "report.html").exists()
+    assert "Deployable files" in (out / "report.md").read_text()
+    assert set(stages_line(finish("--config", cfg, "--data", d, "--out", out)).values()) == {"skipped"}
