@@ -191,6 +191,13 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def labeled_splits(data_spec: str, pp: Preprocess, train_cfg: dict, seed: int, splits=("train", "test")) -> list:
+    """The labeled splits of a checkpoint's dataset, opened the way its training run opened them."""
+    kw = dict(base_size=pp.resize_size, tile_size=train_cfg.get("tile_size", 64), tile_stride=train_cfg.get("tile_stride", 64),
+              tile_min_foreground=train_cfg.get("tile_min_foreground", 0.5), seed=seed)
+    return [data.open_dataset(data_spec, s, **kw) for s in splits]
+
+
 def stage_checkpoints(run_dir: Path) -> dict[str, Path]:
     """{stage: checkpoint} of a run, in pipeline order, following the links a stage records when
     its inputs live in another run folder (compress -> its student, a student -> its teacher)."""
@@ -235,9 +242,7 @@ def compare_main(cfg) -> dict:
     pp = Preprocess.from_dict(tck["preprocess"])
     tcfg = tck.get("config") or {}
     data_spec = cfg.data or tcfg.get("data")
-    kw = dict(base_size=pp.resize_size, tile_size=tcfg.get("tile_size", 64), tile_stride=tcfg.get("tile_stride", 64),
-              tile_min_foreground=tcfg.get("tile_min_foreground", 0.5), seed=cfg.seed)
-    train_ds, test_ds = data.open_dataset(data_spec, "train", **kw), data.open_dataset(data_spec, "test", **kw)
+    train_ds, test_ds = labeled_splits(data_spec, pp, tcfg, cfg.seed)
     if not (data.has_labels(train_ds) and data.has_labels(test_ds)):
         raise data.DataError(f"{data_spec} has no class labels: --compare needs a labeled split")
     sub = None
@@ -330,9 +335,7 @@ def main(cfg) -> dict:
     data_spec = cfg.data or tcfg.get("data")
     if not data_spec:
         raise data.DataError(f"{path} does not record its dataset: pass --data")
-    kw = dict(base_size=pp.resize_size, tile_size=tcfg.get("tile_size", 64), tile_stride=tcfg.get("tile_stride", 64),
-              tile_min_foreground=tcfg.get("tile_min_foreground", 0.5), seed=cfg.seed)
-    train_ds, test_ds = data.open_dataset(data_spec, "train", **kw), data.open_dataset(data_spec, "test", **kw)
+    train_ds, test_ds = labeled_splits(data_spec, pp, tcfg, cfg.seed)
     for ds in (train_ds, test_ds):
         if not data.has_labels(ds):
             raise data.DataError(f"{ds.name} has no class labels: kNN and linear-probe accuracy need a labeled "

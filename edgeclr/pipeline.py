@@ -245,22 +245,20 @@ def main(cfg: config.PipelineConfig) -> dict:
 
 def _labeled(out: Path, c: config.EvalConfig) -> bool:
     from edgeclr import checkpoint, data
+    from edgeclr.evaluate import labeled_splits
+    from edgeclr.runtime import Preprocess
 
     ck = checkpoint.load(checkpoint.find(out / "train"))
     tcfg = ck.get("config") or {}
-    ds = data.open_dataset(c.data or tcfg["data"], "test", base_size=ck["preprocess"]["resize_size"],
-                           tile_size=tcfg.get("tile_size", 64), tile_stride=tcfg.get("tile_stride", 64),
-                           tile_min_foreground=tcfg.get("tile_min_foreground", 0.5), seed=c.seed)
-    return data.has_labels(ds)
+    (test,) = labeled_splits(c.data or tcfg["data"], Preprocess.from_dict(ck["preprocess"]), tcfg, c.seed, ("test",))
+    return data.has_labels(test)
 
 
 def data_fingerprint(c: config.TrainConfig) -> dict:
     """The training images' identity (file hashes, or a folder listing with sizes and times)."""
-    from edgeclr import data
+    from edgeclr.train import open_pretrain
 
-    ds = data.open_dataset(c.data, "pretrain", base_size=round(c.input_size * 1.25), tile_size=c.tile_size,
-                           tile_stride=c.tile_stride, tile_min_foreground=c.tile_min_foreground, seed=c.seed)
-    return ds.fingerprint()
+    return open_pretrain(c).fingerprint()
 
 
 def _resumable(out: Path, name: str) -> bool:

@@ -55,14 +55,19 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
+def open_pretrain(cfg) -> data.Dataset:
+    """The unlabeled training images of a TrainConfig (folders decoded at 1.25x the input size)."""
+    return data.open_dataset(cfg.data, "pretrain", base_size=round(cfg.input_size * 1.25), tile_size=cfg.tile_size,
+                             tile_stride=cfg.tile_stride, tile_min_foreground=cfg.tile_min_foreground, seed=cfg.seed)
+
+
 def load_data(cfg) -> tuple[data.Dataset, Preprocess]:
     """The pretraining dataset and the preprocessing that travels with the model.
 
     Folder images are decoded at 1.25x the input size for the random resized crop; tiles are
     stored at that size too.
     """
-    ds = data.open_dataset(cfg.data, "pretrain", base_size=round(cfg.input_size * 1.25), tile_size=cfg.tile_size,
-                           tile_stride=cfg.tile_stride, tile_min_foreground=cfg.tile_min_foreground, seed=cfg.seed)
+    ds = open_pretrain(cfg)
     mean, std = data.channel_stats(ds)
     # arrays hold whole images at their native size: evaluate on the whole image resized to the input;
     # folders hold photographs of any size: resize to input/0.875 and centre-crop, as ImageNet evaluation does
