@@ -215,10 +215,12 @@ class SimCLRAugment:
         return (x - self.mean.to(dev)) / self.std.to(dev)
 
 
-def view_generator(seed: int, epoch: int, step: int, view: int) -> torch.Generator:
-    """The generator for one view of one batch: randomness is a pure function of these four numbers."""
+def view_generator(seed: int, epoch: int, step: int, view: int, rank: int = 0) -> torch.Generator:
+    """The generator for one view of one batch: randomness is a pure function of these numbers
+    (and of the rank, so that the ranks of a distributed run draw different augmentations)."""
     import numpy as np
 
+    key = [seed, epoch, step, view] + ([rank] if rank else [])
     g = torch.Generator()
-    g.manual_seed(int(np.random.SeedSequence([seed, epoch, step, view]).generate_state(1, np.uint64)[0] >> 1))
+    g.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1))
     return g

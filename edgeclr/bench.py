@@ -354,7 +354,9 @@ def main(cfg) -> dict:
         if b is not None:
             r["speedup_vs_baseline"] = b["p50_ms"] / r["p50_ms"]
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from edgeclr.rundir import make_writable_dir
+
+    make_writable_dir(out)
     result = {"edgeclr_version": __version__, "machine": _machine(), "profile": cfg.profile,
               "baseline": base and base["label"] + ":" + base["format"],
               "rounds": cfg.rounds, "runs_per_round": cfg.runs, "warmup_s": cfg.warmup, "matmul_peak_macs_per_s": peaks,

@@ -78,6 +78,12 @@ def save(obj: dict, path: str | Path, keep_previous: bool = True) -> Path:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    except OSError as e:  # disk full, quota, I/O error: the previous checkpoint is untouched
+        Path(tmp).unlink(missing_ok=True)
+        kept = path if path.exists() else previous_path(path)
+        raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}. "
+                              + (f"The previous checkpoint {kept} is intact; " if kept.exists() else "")
+                              + "free space (or choose another --out) and run the same command with --resume") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -117,6 +123,30 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     return ckpt
 
 
+
+
+def load_for_resume(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, Path]:
+    """Load the checkpoint to resume from; when it is truncated or corrupt (a disk error, a copy
+    cut short), fall back to the previous good one beside it and say so.
+
+    Returns (checkpoint, the path actually loaded).
+    """
+    import warnings
+
+    path = Path(path)
+    try:
+        return load(path, map_location), path
+    except CheckpointError as e:
+        prev = previous_path(path)
+        if path.name.endswith(".prev.pt") or not prev.is_file():
+            raise
+        try:
+            ckpt = load(prev, map_location)
+        except CheckpointError:
+            raise e from None
+        warnings.warn(f"{path} cannot be read ({str(e).split(': ', 1)[-1][:160]}); resuming from the previous "
+                      f"checkpoint {prev} instead (one save earlier: the steps after it are trained again)")
+        return ckpt, prev
 
 
 def find(target: str | Path, stage: str | tuple[str, ...] | None = None) -> Path:

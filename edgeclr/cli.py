@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from edgeclr import __version__, config
 
 # errors that are the user's to fix: printed as one clear line, exit code 2, no traceback
 USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "ImageError", "NonFiniteLoss", "ExportError", "ModelError",
-               "CompressError", "BenchError")
+               "CompressError", "BenchError", "OutputError")
 
 
 def _option(fld: dataclasses.Field, none_default: str):
@@ -50,10 +51,16 @@ def config_options(cls, none_default: str = "from the dataset preset"):
     return deco
 
 
-def run_stage(fn, *args, **kwargs):
-    """Call a stage; user errors become one line on stderr and exit code 2."""
+def run_stage(fn, *args, interrupted: str | None = None, **kwargs):
+    """Call a stage; user errors become one line on stderr and exit code 2; with `interrupted`,
+    Ctrl-C prints that line and exits with 130."""
     try:
         return fn(*args, **kwargs)
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        click.echo(f"\n{interrupted}", err=True)
+        sys.exit(130)
     except Exception as e:
         if type(e).__name__ in USER_ERRORS or any(c.__name__ in USER_ERRORS for c in type(e).__mro__):
             click.echo(f"error: {e}", err=True)
@@ -78,10 +85,15 @@ def train(config_file, **options):
     Writes OUT/train/{config.yaml, manifest.json, metrics.csv, checkpoints/last.pt, tb/}.
     """
     cfg = run_stage(config.build, config.TrainConfig, config_file, **options)
+    from edgeclr import distributed
+
+    if cfg.devices > 1 and not distributed.launched_by_torchrun():
+        sys.exit(distributed.launch(cfg.devices, distributed.strip_option(sys.argv[1:], "--devices")))
     from edgeclr import train as stage
 
-    result = run_stage(stage.main, cfg)
-    click.echo(f"checkpoint: {result['checkpoint']}" + (f"  kNN top-1: {result['knn_top1']:.2f}%" if "knn_top1" in result else ""))
+    result = run_stage(stage.main, cfg, interrupted="interrupted: the checkpoint is written; add --resume to continue")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        click.echo(f"checkpoint: {result['checkpoint']}" + (f"  kNN top-1: {result['knn_top1']:.2f}%" if "knn_top1" in result else ""))
 
 
 @cli.command()
@@ -95,7 +107,7 @@ def distill(config_file, **options):
     cfg = run_stage(config.build, config.DistillConfig, config_file, **options)
     from edgeclr import distill as stage
 
-    result = run_stage(stage.main, cfg)
+    result = run_stage(stage.main, cfg, interrupted="interrupted: the checkpoint is written; add --resume to continue")
     msg = f"checkpoint: {result['checkpoint']}"
     if "retention" in result:
         msg += (f"  kNN top-1: student {result['knn_top1']:.2f}% / teacher {result['teacher_knn_top1']:.2f}% "
@@ -135,7 +147,7 @@ def compress(student, config_file, **options):
     cfg = run_stage(config.build, config.CompressConfig, config_file, student=student, **options)
     from edgeclr import compress as stage
 
-    r = run_stage(stage.main, cfg)
+    r = run_stage(stage.main, cfg, interrupted="interrupted: the checkpoint is written; add --resume to continue")
     click.echo(r["table"])
     click.echo(f"report: {r['stage_dir']}/report.md")
 

@@ -443,8 +443,32 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.nda
     return batches
 
 
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    return n // batch_size + (1 if n % batch_size >= 2 else 0)
+def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    """Steps per epoch; with `world` ranks, every rank takes the same number of steps."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if _keep_last(rest, world) else 0)
+
+
+def _keep_last(rest: int, world: int) -> bool:
+    return rest >= 2 and rest // world >= 1
+
+
+def shard_batches(batches: list[np.ndarray], rank: int, world: int) -> list[np.ndarray]:
+    """Rank `rank`'s part of each global batch: contiguous equal slices, len(b) // world images each.
+
+    Every rank gets the same number of batches of the same sizes (an all-gather needs equal
+    shapes, and a rank with one step more would hang the others); a short last batch loses at
+    most world - 1 images, and is dropped when it cannot give each rank an image.
+    """
+    if world == 1:
+        return batches
+    out = []
+    for b in batches:
+        share = len(b) // world
+        if share == 0 or share * world < 2:
+            continue
+        out.append(b[rank * share:(rank + 1) * share])
+    return out
 
 
 class _BatchSet:
@@ -461,12 +485,15 @@ class _BatchSet:
 
 
 def iterate_batches(ds: Dataset, batch_size: int, seed: int, epoch: int, start_step: int = 0,
-                    num_workers: int = 0) -> Iterator[tuple[int, "torch.Tensor", list[str], np.ndarray]]:
+                    num_workers: int = 0, rank: int = 0,
+                    world: int = 1) -> Iterator[tuple[int, "torch.Tensor", list[str], np.ndarray]]:
     """Yield (step, uint8 images (B, C, H, W), unreadable files, dataset indices of the B images) for
-    one epoch from `start_step` on."""
+    one epoch from `start_step` on. With `world` ranks, `batch_size` is the global batch and
+    this rank gets its shard of each (shard_batches): the epoch's order does not depend on the
+    number of ranks, so a run resumes with another world size at the same position."""
     import torch
 
-    batches = epoch_batches(len(ds), batch_size, seed, epoch)[start_step:]
+    batches = shard_batches(epoch_batches(len(ds), batch_size, seed, epoch), rank, world)[start_step:]
     if isinstance(ds, FolderDataset) and num_workers > 0:
         loader = torch.utils.data.DataLoader(_BatchSet(ds, batches), batch_size=None, shuffle=False,
                                              num_workers=num_workers, persistent_workers=False, prefetch_factor=4)

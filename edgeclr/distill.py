@@ -34,7 +34,7 @@ from edgeclr.augment import view_generator
 from edgeclr.losses import EmbeddingQueue, cosine_distill, relational_distill
 from edgeclr.models import Encoder, ModelSpec, count_params, create_model, model_from_checkpoint
 from edgeclr.runtime import Preprocess
-from edgeclr.train import Trainer, build_monitor, describe, fit, prepare_stage_dir, resolve_device
+from edgeclr.train import Trainer, build_monitor, describe, exit_for_signal, fit, prepare_stage_dir, resolve_device
 
 log = logging.getLogger("edgeclr.distill")
 
@@ -250,7 +250,8 @@ def main(cfg: config.DistillConfig) -> dict:
     targets = teacher_targets(teacher, ds, pp, device, stage_dir, teacher_info["sha256"]) if cfg.cache_teacher else None
     tr = DistillTrainer(cfg, student, adapter, teacher, ds, pp, device, stage_dir, teacher_info, targets)
     if resume_from is not None:
-        tr.restore(checkpoint.load(resume_from, map_location=device), resume_from)
+        ckpt, resume_from = checkpoint.load_for_resume(resume_from, map_location=device)
+        tr.restore(ckpt, resume_from)
         log.info("resumed from %s at epoch %d step %d", resume_from, tr.epoch, tr.step)
     config.save_yaml(cfg, stage_dir / "config.yaml")
     monitor = build_monitor(cfg, pp)
@@ -260,15 +261,18 @@ def main(cfg: config.DistillConfig) -> dict:
              count_params(student) / 1e6, device)
     deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else None
     completed, train_s = fit(tr, tr.distill_loss, monitor, deadline)
-    if completed and cfg.bn_recalibrate:
+    # the student as it will be used: at the end of the schedule, or where --max-minutes stopped it (a
+    # signal stops at once instead). Re-estimating BatchNorm statistics does not change what a resumed
+    # run computes: training normalises with each batch's own statistics, never the running ones.
+    if (completed or tr.stop_signal is None) and cfg.bn_recalibrate:
         used = recalibrate_bn(student, ds, pp, device, cfg.bn_recalibrate, cfg.seed)
         tr.save()
         log.info("BatchNorm statistics re-estimated on %d clean training images", used)
-        if monitor is not None:
-            tr.last_metrics["knn_top1"] = monitor(student, device)
+    if monitor is not None and tr.stop_signal is None and (cfg.bn_recalibrate or not completed):
+        tr.last_metrics["knn_top1"] = monitor(student, device)  # the final weights, not the last epoch's monitor
 
     final = dict(tr.last_metrics)
-    if monitor is not None:
+    if monitor is not None and tr.stop_signal is None:  # a preempted run leaves at once
         final["teacher_knn_top1"] = monitor(teacher, device)
         if "knn_top1" not in final:
             final["knn_top1"] = monitor(student, device)
@@ -286,6 +290,5 @@ def main(cfg: config.DistillConfig) -> dict:
                    extra={"completed": completed, "epoch": tr.epoch, "step": tr.step, "global_step": tr.global_step,
                           "train_seconds": round(train_s, 1), "parameters": count_params(student),
                           "adapter": not isinstance(tr.adapter, nn.Identity), "skipped_files": sorted(tr.skipped)})
-    if tr.stop_signal is not None:
-        raise SystemExit(128 + tr.stop_signal)
+    exit_for_signal(tr.stop_signal)
     return {"stage_dir": str(stage_dir), "checkpoint": str(tr.ckpt_path), "completed": completed, **final}

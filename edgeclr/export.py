@@ -31,7 +31,7 @@ from torch import nn
 import edgeclr
 from edgeclr import checkpoint, config, data
 from edgeclr.models import count_macs, count_params
-from edgeclr.rundir import STAGES
+from edgeclr.rundir import STAGES, make_writable_dir
 from edgeclr.runtime import Embedder, ModelMeta, Preprocess
 
 log = logging.getLogger("edgeclr.export")
@@ -185,7 +185,7 @@ def main(cfg: config.ExportConfig) -> dict:
     model = EmbeddingModel(encoder, cfg.normalize).eval()
 
     out_dir = Path(cfg.out) if cfg.out else checkpoint.run_dir_of(ckpt_path) / "export"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_writable_dir(out_dir)
     path = out_dir / f"{cfg.name}{fmt.suffix}"
     meta = ModelMeta(preprocess=pp, embedding_dim=encoder.embed_dim, normalized=cfg.normalize,
                      dynamic_batch=cfg.dynamic_batch or fmt.name == "torchscript", precision="fp32",

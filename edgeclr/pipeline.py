@@ -30,7 +30,7 @@ log = logging.getLogger("edgeclr.pipeline")
 
 STAGES = ("train", "distill", "compress", "export", "eval", "bench", "report")
 # options that change how a stage runs, not what it produces: left out of its key
-_NOT_IN_KEY = {"resume", "progress", "device", "threads", "tensorboard", "out", "teacher", "student", "target", "models"}
+_NOT_IN_KEY = {"resume", "progress", "device", "devices", "threads", "tensorboard", "out", "teacher", "student", "target", "models"}
 
 
 def stage_configs(cfg: config.PipelineConfig) -> dict[str, Any]:
@@ -191,7 +191,9 @@ def _run_stage(name: str, c, resume: bool) -> dict:
 def main(cfg: config.PipelineConfig) -> dict:
     """Run the pipeline's stages in order, skipping finished ones; returns {stage: what happened}."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from edgeclr.rundir import make_writable_dir
+
+    make_writable_dir(out)
     configs = stage_configs(cfg)
     first = STAGES.index(cfg.from_stage) if cfg.from_stage else 0
     last = STAGES.index(cfg.until) if cfg.until else len(STAGES) - 1

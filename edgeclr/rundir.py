@@ -26,6 +26,28 @@ METRICS_HEADER = ["time", "stage", "epoch", "step", "name", "value"]
 STAGES = ("train", "distill", "compress")
 
 
+class OutputError(OSError):
+    """The output folder cannot be written: raised before a stage does any work."""
+
+
+def make_writable_dir(path: str | Path, what: str = "output folder") -> Path:
+    """Create `path` (and parents) and prove a file can be written there, before any work.
+
+    Raises:
+        OutputError: read-only file system, no permission, or a file where a folder should be.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = __import__("tempfile").mkstemp(prefix=".write-test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"cannot write to the {what} {path}: {e.strerror or e}. Choose another --out (a folder "
+                          "you can write to), or fix its permissions; nothing was done") from None
+    return path
+
+
 class MetricsLog:
     """Append-only metrics.csv; each row is flushed so a killed run keeps what it logged."""
 

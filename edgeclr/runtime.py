@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import struct
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -80,15 +81,23 @@ def load_image(path: str | Path, channels: int = 3, min_side: int | None = None)
             inside the same try as opening, because a truncated JPEG opens fine and fails only
             when its pixels are read.
     """
+    import warnings
+
     try:
-        with Image.open(path) as im:
-            if min_side and im.format == "JPEG" and min(im.size) >= 2 * min_side:
-                im.draft(im.mode, (min_side, min_side))
-            im = ImageOps.exif_transpose(im)  # honours the EXIF orientation tag; decodes
-            im.load()
-            return to_mode(im, channels)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"cannot decode image {path}: {e}") from e
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that: refuse those too, before decoding
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if min_side and im.format == "JPEG" and min(im.size) >= 2 * min_side:
+                    im.draft(im.mode, (min_side, min_side))
+                im = ImageOps.exif_transpose(im)  # honours the EXIF orientation tag; decodes
+                im.load()
+                return to_mode(im, channels)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"cannot decode image {path}: {e} (images above {Image.MAX_IMAGE_PIXELS} pixels are refused)") from e
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, ZeroDivisionError) as e:
+        # PIL's pure-Python parsers raise these on malformed headers (found by tests/faults' fuzzing)
+        raise ImageError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +231,8 @@ class _OnnxBackend:
         self.props = dict(self.session.get_modelmeta().custom_metadata_map)
         inp = self.session.get_inputs()[0]
         self.input_name, self.batch = inp.name, inp.shape[0] if isinstance(inp.shape[0], int) else None
+        self.input_shape = [d if isinstance(d, int) else None for d in inp.shape]
+        self.output_shape = [d if isinstance(d, int) else None for d in self.session.get_outputs()[0].shape]
         self.precision = "f32"
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -264,6 +275,8 @@ class _OpenVinoBackend:
         self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         shape = model.inputs[0].get_partial_shape()
         self.batch = shape[0].get_length() if shape[0].is_static else None
+        self.input_shape = [d.get_length() if d.is_static else None for d in shape]
+        self.output_shape = [d.get_length() if d.is_static else None for d in model.outputs[0].get_partial_shape()]
         self.request = self.compiled.create_infer_request()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -280,6 +293,27 @@ def _read_sidecar(path: Path) -> dict[str, str]:
         except (ValueError, AttributeError):
             pass
     return {}
+
+
+def _check_consistent(meta: ModelMeta, in_shape, out_shape, path: Path) -> None:
+    """The metadata must describe this graph: (C, S, S) input and D-wide output where static."""
+    pp = meta.preprocess
+    problems = []
+    if in_shape is not None:
+        if len(in_shape) != 4:
+            problems.append(f"the model takes a {len(in_shape)}-d input, not (N, C, H, W)")
+        else:
+            for name, want, got in (("channels", pp.channels, in_shape[1]), ("input height", pp.input_size, in_shape[2]),
+                                    ("input width", pp.input_size, in_shape[3])):
+                if got is not None and got != want:
+                    problems.append(f"metadata {name} {want}, model {got}")
+    if out_shape is not None and len(out_shape) == 2 and out_shape[1] is not None and out_shape[1] != meta.embedding_dim:
+        problems.append(f"metadata embedding_dim {meta.embedding_dim}, model output {out_shape[1]}")
+    if meta.embedding_dim < 1 or pp.input_size < 1:
+        problems.append("embedding_dim and input_size must be >= 1")
+    if problems:
+        raise ModelError(f"{path}: its metadata does not match the model ({'; '.join(problems)}): the file was edited, or the "
+                         "metadata belongs to another model. Re-export it with `edgeclr export`")
 
 
 class Embedder:
@@ -314,7 +348,9 @@ class Embedder:
         except Exception as e:  # the runtimes raise their own types on corrupt files
             raise ModelError(f"cannot load model {path}: {type(e).__name__}: {str(e)[:300]}") from e
         props = backend.props or _read_sidecar(path)
-        return cls(backend, ModelMeta.from_props(props, str(path)), path)
+        meta = ModelMeta.from_props(props, str(path))
+        _check_consistent(meta, getattr(backend, "input_shape", None), getattr(backend, "output_shape", None), path)
+        return cls(backend, meta, path)
 
     @property
     def dim(self) -> int:

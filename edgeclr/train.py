@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from edgeclr import checkpoint, config, data
+from edgeclr import checkpoint, config, data, faults
+from edgeclr import distributed as dist_
 from edgeclr.augment import SimCLRAugment, get_preset, preset_for, view_generator
 from edgeclr.losses import nt_xent
 from edgeclr.models import Encoder, ModelSpec, count_params, create_model
@@ -39,12 +41,18 @@ class NonFiniteLoss(RuntimeError):
 # set-up
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, d: dist_.Dist = dist_.SINGLE) -> torch.device:
+    """The torch device; under torchrun with CUDA, rank LOCAL_RANK's GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise config.ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if dev.type == "cuda" and d.enabled:
+        if d.local_rank >= torch.cuda.device_count():
+            raise config.ConfigError(f"rank {d.rank} has local rank {d.local_rank}, but this machine has "
+                                     f"{torch.cuda.device_count()} GPU(s): lower --nproc_per_node / --devices")
+        dev = torch.device("cuda", d.local_rank)
     return dev
 
 
@@ -160,12 +168,13 @@ class Trainer:
     """
 
     def __init__(self, cfg, stage: str, model: Encoder, ds: data.Dataset, pp: Preprocess, device: torch.device,
-                 stage_dir: Path, trainable: torch.nn.Module | None = None):
+                 stage_dir: Path, trainable: torch.nn.Module | None = None, dist: dist_.Dist = dist_.SINGLE):
         self.cfg, self.stage, self.model, self.ds, self.pp = cfg, stage, model, ds, pp
-        self.device, self.dir = device, stage_dir
-        self.steps_per_epoch = data.steps_per_epoch(len(ds), cfg.batch_size)
+        self.device, self.dir, self.dist = device, stage_dir, dist
+        self.steps_per_epoch = data.steps_per_epoch(len(ds), cfg.batch_size, dist.world)
         if self.steps_per_epoch == 0:
-            raise data.DataError(f"{ds.name}: {len(ds)} image(s) cannot make a batch of 2; NT-Xent needs >= 2 images")
+            raise data.DataError(f"{ds.name}: {len(ds)} image(s) cannot make a batch of 2"
+                                 + (f" across {dist.world} processes" if dist.enabled else "") + "; NT-Xent needs >= 2 images")
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.epoch, self.step, self.global_step = 0, 0, 0
         self.trainable = trainable if trainable is not None else model  # what the optimiser updates
@@ -181,7 +190,13 @@ class Trainer:
             aug_cfg = replace(aug_cfg, blur_p=cfg.blur)
         self.augment = SimCLRAugment(aug_cfg, cfg.input_size, pp.mean, pp.std)
         self.aug_cfg = aug_cfg
-        self.project = torch.compile(model.project) if cfg.compile else model.project
+        project = torch.compile(model.project) if cfg.compile else model.project
+        if dist.enabled:  # gradients averaged over ranks by DDP; negatives gathered in simclr_loss
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(_Projector(model, project), device_ids=[device.index] if device.type == "cuda" else None)
+            project = self.ddp
+        self.project = project
         self.ckpt_path = stage_dir / "checkpoints" / "last.pt"
         self.skipped: set[str] = set()
         self.last_metrics: dict[str, float] = {}
@@ -203,7 +218,10 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        return checkpoint.save(self.state(), self.ckpt_path)
+        """Write the checkpoint (rank 0 only: the weights are the same on every rank)."""
+        if self.dist.is_main:
+            checkpoint.save(self.state(), self.ckpt_path)
+        return self.ckpt_path
 
     def restore(self, ckpt: dict, path: Path) -> None:
         if ckpt["spec"] != self.model.spec.to_dict():
@@ -231,14 +249,17 @@ class Trainer:
     def simclr_loss(self, x: torch.Tensor, indices=None) -> torch.Tensor:
         """x: (B, C, H, W) uint8 -> NT-Xent over its two augmented views."""
         cfg = self.cfg
-        v1 = self.augment(x, view_generator(cfg.seed, self.epoch, self.step, 0))
-        v2 = self.augment(x, view_generator(cfg.seed, self.epoch, self.step, 1))
+        rank = self.dist.rank
+        v1 = self.augment(x, view_generator(cfg.seed, self.epoch, self.step, 0, rank))
+        v2 = self.augment(x, view_generator(cfg.seed, self.epoch, self.step, 1, rank))
         v = torch.cat([v1, v2])  # (2B, C, S, S): one forward, BN statistics over both views
         if cfg.channels_last:
             v = v.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             z = self.project(v)  # (2B, P)
         z1, z2 = z.float().chunk(2)
+        if self.dist.enabled:  # this rank's anchors against the negatives of the whole global batch
+            return nt_xent(z1, z2, cfg.temperature, gather=dist_.gather_with_grad, rank=rank)
         return nt_xent(z1, z2, cfg.temperature)
 
     def optimise(self, loss: torch.Tensor) -> float | None:
@@ -254,6 +275,29 @@ class Trainer:
         return gnorm
 
 
+class _Projector(torch.nn.Module):
+    """model.project as a module's forward (what DistributedDataParallel wraps)."""
+
+    def __init__(self, model: Encoder, project):
+        super().__init__()
+        self.model, self._project = model, project
+
+    def forward(self, x):
+        return self._project(x)
+
+
+def exit_for_signal(signum: int | None, distributed: bool = False) -> None:
+    """After a stage stopped on a signal and wrote its checkpoint: SIGINT -> KeyboardInterrupt
+    (exit 130), SIGTERM -> exit 143 (128 + signal, what a scheduler expects of a preempted job)."""
+    if signum is None:
+        return
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    if distributed:  # torchrun sends SIGTERM again to the ranks still running once one has exited:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # this one is leaving with its checkpoint written
+    raise SystemExit(128 + signum)
+
+
 def describe(spec: dict) -> str:
     extras = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "name" and v is not None)
     return f"{spec['name']} ({extras})"
@@ -263,7 +307,9 @@ def check_finite(loss: torch.Tensor, trainer: Trainer) -> None:
     if not torch.isfinite(loss).all():
         last = trainer.ckpt_path if trainer.ckpt_path.exists() else None
         raise NonFiniteLoss(
-            f"the loss became {loss.item()} at epoch {trainer.epoch}, step {trainer.step} (global step "
+            f"the loss became {loss.item()}"
+            + (f" on one of the {trainer.dist.world} processes" if trainer.dist.enabled else "")
+            + f" at epoch {trainer.epoch}, step {trainer.step} (global step "
             f"{trainer.global_step}); training stopped without writing a checkpoint. "
             + (f"The last good checkpoint {last} is kept; " if last else "")
             + f"lower --lr (now {trainer.cfg.lr}), raise --temperature (now {trainer.cfg.temperature}), "
@@ -272,27 +318,36 @@ def check_finite(loss: torch.Tensor, trainer: Trainer) -> None:
 
 def train_one_epoch(tr: Trainer, loss_fn, metrics, progress=None, deadline: float | None = None) -> bool:
     """Run the rest of epoch tr.epoch from tr.step. Returns False when stopped early (time or signal)."""
-    cfg = tr.cfg
+    cfg, d = tr.cfg, tr.dist
     tr.model.train()
     t_last, n_last = time.perf_counter(), 0
     loss = gnorm = None
-    for step, x, bad, idx in data.iterate_batches(tr.ds, cfg.batch_size, cfg.seed, tr.epoch, tr.step, cfg.num_workers):
+    for step, x, bad, idx in data.iterate_batches(tr.ds, cfg.batch_size, cfg.seed, tr.epoch, tr.step, cfg.num_workers,
+                                                  d.rank, d.world):
         tr.step = step
         new_bad = [b for b in bad if b not in tr.skipped]
         for b in new_bad:
             warnings.warn(f"skipped unreadable image {b}")
         tr.skipped.update(bad)
-        if len(x) >= 2:  # a batch left with < 2 readable images is skipped, not trained on
+        if d.enabled and isinstance(tr.ds, data.FolderDataset):  # unreadable files: every rank trains on
+            keep = -int(dist_.sync_flags(d, tr.device, -len(x))[0])  # as many images as the emptiest shard
+            x, idx = x[:keep], idx[:keep]
+        if len(x) * d.world >= 2 and len(x) >= 1:  # a batch left with < 2 readable images is skipped
             loss = loss_fn(x.to(tr.device, non_blocking=True), idx)
+            if faults.armed("nan_loss", stage=tr.stage, step=tr.global_step, rank=d.rank):
+                loss = loss * float("nan")
+            finite = bool(torch.isfinite(loss).all())
+            if d.enabled and dist_.sync_flags(d, tr.device, float(not finite))[0] and finite:
+                loss = loss.new_tensor(float("nan"))  # another rank's loss is not finite: all stop together
             check_finite(loss, tr)  # before the update: a NaN never reaches the weights
             gnorm = tr.optimise(loss)
-            n_last += len(x)
+            n_last += len(x) * d.world
         tr.step, tr.global_step = step + 1, tr.global_step + 1
         if progress is not None:
             progress.update(1)
         if loss is not None and (tr.global_step % cfg.log_every == 0 or tr.step == tr.steps_per_epoch):
             dt = time.perf_counter() - t_last
-            m = {"loss": loss.item(), "lr": tr.opt.param_groups[0]["lr"], "images_per_s": n_last / max(dt, 1e-9),
+            m = {"loss": dist_.all_mean(loss.item(), d, tr.device), "lr": tr.opt.param_groups[0]["lr"], "images_per_s": n_last / max(dt, 1e-9),
                  "skipped_images": len(tr.skipped), **tr.step_metrics}
             if gnorm is not None:
                 m["grad_norm"] = gnorm
@@ -302,8 +357,14 @@ def train_one_epoch(tr: Trainer, loss_fn, metrics, progress=None, deadline: floa
                 progress.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
             t_last, n_last = time.perf_counter(), 0
         stop = tr.stop_signal is not None or (deadline is not None and time.time() > deadline)
+        if d.enabled:  # a signal on any rank, or rank 0's clock, stops every rank at the same step
+            sig, late = dist_.sync_flags(d, tr.device, float(tr.stop_signal or 0),
+                                         float(d.is_main and deadline is not None and time.time() > deadline))
+            tr.stop_signal = int(sig) or None
+            stop = tr.stop_signal is not None or bool(late)
         if stop or (cfg.ckpt_every and tr.global_step % cfg.ckpt_every == 0 and tr.step < tr.steps_per_epoch):
             tr.save()
+        faults.maybe_kill(tr.stage, tr.global_step, d.rank)
         if stop:
             return False
     tr.epoch, tr.step = tr.epoch + 1, 0
@@ -311,17 +372,21 @@ def train_one_epoch(tr: Trainer, loss_fn, metrics, progress=None, deadline: floa
 
 
 def prepare_stage_dir(stage_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None for a new run); refuses to overwrite a run's checkpoint."""
+    """The checkpoint to resume from (None for a new run); refuses to overwrite a run's checkpoint
+    and to start in a folder it cannot write."""
+    from edgeclr.rundir import make_writable_dir
+
     ckpt_file = stage_dir / "checkpoints" / "last.pt"
     if resume:
         resume_from = checkpoint.find(stage_dir) if stage_dir.exists() else None
         if resume_from is None:
             raise checkpoint.CheckpointError(f"--resume: no checkpoint in {stage_dir}; drop --resume to start a new run")
+        make_writable_dir(stage_dir)
         return resume_from
     if ckpt_file.exists() or checkpoint.previous_path(ckpt_file).exists():
         raise config.ConfigError(f"{stage_dir} already holds a checkpoint: pass --resume to continue it, or "
                                  "choose another --out (nothing was overwritten)")
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    make_writable_dir(stage_dir)
     return None
 
 
@@ -344,16 +409,18 @@ def build_monitor(cfg, pp: Preprocess):
 
 def fit(tr: Trainer, loss_fn, monitor=None, deadline: float | None = None) -> tuple[bool, float]:
     """The epoch loop shared by every training stage: metrics.csv + TensorBoard, progress bar,
-    kNN monitor of tr.model, a checkpoint at every epoch end, SIGTERM -> checkpoint and stop.
+    kNN monitor of tr.model, a checkpoint at every epoch end, SIGTERM or SIGINT -> checkpoint
+    after the current step and stop (a second SIGINT interrupts at once). Under torchrun only
+    rank 0 logs, shows progress, monitors and writes; a signal on any rank stops all of them.
 
     Returns (completed the schedule, training seconds).
     """
     from edgeclr.rundir import MetricsLog
 
-    cfg = tr.cfg
-    metrics = MetricsLog(tr.dir / "metrics.csv", tr.stage)
+    cfg, main = tr.cfg, tr.dist.is_main
+    metrics = MetricsLog(tr.dir / "metrics.csv", tr.stage) if main else None
     tb = None
-    if cfg.tensorboard:
+    if cfg.tensorboard and main:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -362,12 +429,14 @@ def fit(tr: Trainer, loss_fn, monitor=None, deadline: float | None = None) -> tu
             log.info("tensorboard is not installed: metrics go to metrics.csv only")
 
     def log_metrics(m, epoch, step):
+        if metrics is None:
+            return
         metrics.log(m, epoch, step)
         if tb is not None:
             for k, v in m.items():
                 tb.add_scalar(f"{tr.stage}/{k}", v, step)
 
-    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    show = main and (cfg.progress if cfg.progress is not None else sys.stderr.isatty())
     progress = None
     if show:
         from tqdm import tqdm
@@ -375,9 +444,13 @@ def fit(tr: Trainer, loss_fn, monitor=None, deadline: float | None = None) -> tu
         progress = tqdm(total=tr.total_steps, initial=tr.global_step, desc=tr.stage, unit="step", dynamic_ncols=True)
 
     def on_signal(signum, frame):
+        if signum == signal.SIGINT and tr.stop_signal == signal.SIGINT:
+            raise KeyboardInterrupt  # pressed twice: stop now, the last checkpoint stays
+        if signum == signal.SIGINT and main:
+            log.warning("interrupted: stopping after this step and writing a checkpoint (press Ctrl-C again to stop now)")
         tr.stop_signal = signum
 
-    old_handler = signal.signal(signal.SIGTERM, on_signal)
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     completed = True
     t0 = time.time()
     try:
@@ -386,58 +459,88 @@ def fit(tr: Trainer, loss_fn, monitor=None, deadline: float | None = None) -> tu
                 completed = False
                 break
             done_epochs = tr.epoch
-            if monitor is not None and (done_epochs % cfg.knn_every == 0 or done_epochs == cfg.epochs):
+            if monitor is not None and main and (done_epochs % cfg.knn_every == 0 or done_epochs == cfg.epochs):
                 acc = monitor(tr.model, tr.device)
                 tr.last_metrics["knn_top1"] = acc
                 log_metrics({"knn_top1": acc}, done_epochs, tr.global_step)
                 log.info("epoch %d: kNN %.2f%%", done_epochs, acc)
             tr.save()
     finally:
-        signal.signal(signal.SIGTERM, old_handler)
+        for s_, h in old_handlers.items():
+            signal.signal(s_, h)
         if progress is not None:
             progress.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         if tb is not None:
             tb.close()
     return completed, time.time() - t0
 
 
 def main(cfg: config.TrainConfig) -> dict:
-    """`edgeclr train`: pretrain, checkpoint, monitor, and write the run folder."""
+    """`edgeclr train`: pretrain, checkpoint, monitor, and write the run folder.
+
+    Under torchrun (WORLD_SIZE > 1) every process runs this: the process group is joined here and
+    left at the end.
+    """
+    d = dist_.init(cfg.device)
+    try:
+        return _main(cfg, d)
+    finally:
+        dist_.shutdown()
+
+
+def _main(cfg: config.TrainConfig, d: dist_.Dist) -> dict:
     from edgeclr.rundir import write_manifest
 
     t0 = time.time()
+    if d.enabled and not d.is_main:
+        logging.getLogger("edgeclr").setLevel(logging.WARNING)  # rank 0 speaks for the run
+    if d.enabled and cfg.batch_size % d.world:
+        raise config.ConfigError(f"--batch-size {cfg.batch_size} is the global batch and must split evenly over the "
+                                 f"{d.world} processes: use a multiple of {d.world}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    elif d.enabled and not torch.cuda.is_available():  # the machine's cores shared among its processes
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.local_world))
+    device = resolve_device(cfg.device, d)
+    if cfg.sync_bn and device.type != "cuda":
+        raise config.ConfigError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation); drop --sync-bn")
     stage_dir = Path(cfg.out) / "train"
     resume_from = prepare_stage_dir(stage_dir, cfg.resume)
 
     ds, pp = load_data(cfg)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(cfg, ds.channels).to(device)
+    if cfg.sync_bn and d.enabled:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    tr = Trainer(cfg, "train", model, ds, pp, device, stage_dir)
+    if resume_from is not None:  # weights before DDP wraps the model, so every rank starts from them
+        ckpt, resume_from = checkpoint.load_for_resume(resume_from, map_location=device)
+    tr = Trainer(cfg, "train", model, ds, pp, device, stage_dir, dist=d)
     if resume_from is not None:
-        tr.restore(checkpoint.load(resume_from, map_location=device), resume_from)
+        tr.restore(ckpt, resume_from)
         log.info("resumed from %s at epoch %d step %d", resume_from, tr.epoch, tr.step)
-    config.save_yaml(cfg, stage_dir / "config.yaml")
-    monitor = build_monitor(cfg, pp)
+    if d.is_main:
+        config.save_yaml(cfg, stage_dir / "config.yaml")
+    monitor = build_monitor(cfg, pp) if d.is_main else None
 
-    log.info("%s: %d images, %d steps/epoch x %d epochs; %s with %.1fM parameters on %s", ds.name, len(ds),
-             tr.steps_per_epoch, cfg.epochs, describe(model.spec.to_dict()), count_params(model) / 1e6, device)
+    log.info("%s: %d images, %d steps/epoch x %d epochs; %s with %.1fM parameters on %s%s", ds.name, len(ds),
+             tr.steps_per_epoch, cfg.epochs, describe(model.spec.to_dict()), count_params(model) / 1e6, device,
+             f" x {d.world} processes ({d.backend}), {cfg.batch_size // d.world} images each per step" if d.enabled else "")
     deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else None
     completed, train_s = fit(tr, tr.simclr_loss, monitor, deadline)
     final = dict(tr.last_metrics)
-    write_manifest(stage_dir, "train",
-                   inputs={"data": ds.fingerprint(), "resumed_from": str(resume_from) if resume_from else None},
-                   spec=model.spec.to_dict(), preprocess=pp.to_dict(), embed_dim=model.embed_dim, metrics=final,
-                   wall_time_s=time.time() - t0,
-                   artifacts={"checkpoint": str(tr.ckpt_path), "checkpoint_sha256": checkpoint.sha256(tr.ckpt_path)},
-                   extra={"completed": completed, "epoch": tr.epoch, "step": tr.step, "global_step": tr.global_step,
-                          "train_seconds": round(train_s, 1), "parameters": count_params(model),
-                          "skipped_files": sorted(tr.skipped), "augment": tr.aug_cfg.to_dict()})
-    if tr.stop_signal is not None:
-        raise SystemExit(128 + tr.stop_signal)
+    if d.is_main:
+        write_manifest(stage_dir, "train",
+                       inputs={"data": ds.fingerprint(), "resumed_from": str(resume_from) if resume_from else None},
+                       spec=model.spec.to_dict(), preprocess=pp.to_dict(), embed_dim=model.embed_dim, metrics=final,
+                       wall_time_s=time.time() - t0,
+                       artifacts={"checkpoint": str(tr.ckpt_path), "checkpoint_sha256": checkpoint.sha256(tr.ckpt_path)},
+                       extra={"completed": completed, "epoch": tr.epoch, "step": tr.step, "global_step": tr.global_step,
+                              "train_seconds": round(train_s, 1), "parameters": count_params(model),
+                              "world_size": d.world, "skipped_files": sorted(tr.skipped), "augment": tr.aug_cfg.to_dict()})
+    dist_.barrier(d)  # no rank leaves before rank 0 has written
+    exit_for_signal(tr.stop_signal, d.enabled)
     return {"stage_dir": str(stage_dir), "checkpoint": str(tr.ckpt_path), "completed": completed, **final}

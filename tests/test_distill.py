@@ -191,3 +191,19 @@ def test_bn_recalibration_sets_the_clean_image_statistics_and_is_recorded(teache
     off = checkpoint.load(tmp_path / "off/distill/checkpoints/last.pt")["model"]
     key = next(k for k in off if k.endswith("running_mean"))
     assert not torch.allclose(off[key], ck["model"][key], atol=1e-3)
+
+
+def test_a_time_budget_stop_still_recalibrates_and_reports_the_final_weights(teacher, tmp_path):
+    """--max-minutes ends a run early: the student that is kept gets its BatchNorm statistics and
+    its kNN figure from the final weights, not from the last epoch's monitor (a bug once)."""
+    out = tmp_path / "run"
+    args = [a if a != "0" else "1" for a in STUDENT]  # --knn-every 1: a monitor at every epoch end
+    run(["distill", "--teacher", str(teacher), *args, "--epochs", "3", "--out", str(out), "--bn-recalibrate", "300",
+         "--max-minutes", "1e-6"])
+    m = json.loads((out / "distill/manifest.json").read_text())
+    assert not m["completed"] and m["global_step"] == 1
+    assert ",knn_top1," not in (out / "distill/metrics.csv").read_text()  # no epoch ended: no monitor ran in training
+    assert 0 < m["metrics"]["knn_top1"] <= 100 and m["metrics"]["retention"] > 0  # measured on the final weights
+    ck = checkpoint.load(out / "distill/checkpoints/last.pt")["model"]
+    key = next(k for k in ck if k.endswith("num_batches_tracked"))
+    assert int(ck[key]) == -(-300 // 256)  # the recalibration's 2 batches of <= 256, not the one training step

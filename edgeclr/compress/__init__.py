@@ -170,7 +170,9 @@ def main(cfg: config.CompressConfig) -> dict:
     if cfg.pruning and not cfg.resume and (ck_dir / WORK).exists():
         raise config.ConfigError(f"{ck_dir / WORK} is an interrupted compress run: pass --resume to continue it, "
                                  "or choose another --out (nothing was overwritten)")
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    from edgeclr.rundir import make_writable_dir
+
+    make_writable_dir(stage_dir)
     pp = Preprocess.from_dict(sck["preprocess"])
     scfg = sck.get("config") or {}
     data_spec = cfg.data or scfg.get("data")

@@ -113,7 +113,7 @@ def pruning_plan(history: list, steps_done: int, info: dict) -> dict:
 def prune_and_recover(cfg, student, sck, spath, device, stage_dir, resume_from) -> tuple[Encoder, dict, Path]:
     """Prune in cfg.prune_steps steps, recovering by distillation after each; (model, plan, checkpoint)."""
     from edgeclr.distill import DistillTrainer, load_teacher, recalibrate_bn
-    from edgeclr.train import fit, load_data
+    from edgeclr.train import exit_for_signal, fit, load_data
 
     cfg_start = time.time()
     tpath = cfg.teacher or (sck.get("teacher") or {}).get("path")
@@ -129,7 +129,7 @@ def prune_and_recover(cfg, student, sck, spath, device, stage_dir, resume_from) 
     history, first_step = list(plan.get("history", [])), 0
     resumed = None
     if resume_from is not None:
-        resumed = checkpoint.load(resume_from, map_location=device)
+        resumed, resume_from = checkpoint.load_for_resume(resume_from, map_location=device)
         student = model_from_checkpoint(resumed).to(device)
         history = list(resumed["pruning"]["history"])
         first_step = resumed["pruning"]["steps_done"] - 1
@@ -184,8 +184,7 @@ def prune_and_recover(cfg, student, sck, spath, device, stage_dir, resume_from) 
         if cfg.recover_epochs:
             deadline = cfg_start + cfg.max_minutes * 60 if cfg.max_minutes else None
             completed, _ = fit(tr, tr.distill_loss, None, deadline)
-            if tr.stop_signal is not None:
-                raise SystemExit(128 + tr.stop_signal)
+            exit_for_signal(tr.stop_signal)
             if not completed:
                 from edgeclr.compress import CompressError
 

@@ -1,0 +1,231 @@
+"""Fault campaign, the long part of the reliability suite (issue 9; the fast part is tests/faults/).
+
+For every stage that trains (train, distill, compress's recovery) and for the whole pipeline,
+inject faults at many steps through the EDGECLR_FAULT hook (edgeclr/faults.py) in real
+processes: SIGKILL (a power cut), SIGTERM (a preemption), SIGINT (Ctrl-C), a NaN loss; then run
+the same command again (with --resume where the stage takes it) and check:
+
+- survived: the re-run completes (exit 0);
+- nothing half-written: no temp files, every checkpoint loads, the manifest parses;
+- no data lost: the final weights equal an uninterrupted run's (train, distill: exact resume,
+  tolerance 1e-6), a NaN never reaches a checkpoint, the pipeline's report and exports exist
+  and load.
+
+    python benchmarks/fault_campaign.py                 # ~15 min on 2 cores
+    python benchmarks/fault_campaign.py --quick         # a few points per stage
+
+Writes benchmarks/results/fault_campaign.{json,md}: counts injected / survived / lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine  # noqa: E402
+
+from edgeclr import checkpoint  # noqa: E402
+
+HERE = Path(__file__).parent
+TRAIN = ["--data", "digits", "--width", "8", "--stem-stride", "1", "--input-size", "16", "--batch-size", "64", "--epochs", "3",
+         "--knn-every", "0", "--no-tensorboard", "--threads", "1", "--warmup-epochs", "0.5", "--ckpt-every", "5", "--no-progress"]
+DISTILL = ["--epochs", "2", "--batch-size", "64", "--knn-every", "0", "--no-tensorboard", "--threads", "1", "--ckpt-every", "4",
+           "--bn-recalibrate", "0", "--no-progress"]
+PIPELINE = dict(preset="demo",
+                train=dict(width=8, epochs=1, batch_size=128, knn_every=0, threads=1, tensorboard=False),
+                distill=dict(epochs=2, knn_every=0, ckpt_every=3, threads=1, tensorboard=False),
+                compress=dict(recover_epochs=1, calib_images=32, latency_runs=3, eval_images=300, formats="onnx",
+                              tensorboard=False),
+                export=dict(formats="onnx", check_images=4),
+                eval=dict(latency_runs=3, linear_probe=False, max_train=300, baselines="pixels", tsne=False),
+                bench=dict(rounds=1, runs=3, warmup=0.05, formats="onnx"))
+
+
+def edgeclr(args, fault: str | None = None, timeout=900):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.pop("EDGECLR_FAULT", None)
+    if fault:
+        env["EDGECLR_FAULT"] = fault
+    p = subprocess.run([sys.executable, "-m", "edgeclr", *args], capture_output=True, text=True, env=env, timeout=timeout)
+    return p.returncode, p.stdout + p.stderr
+
+
+def intact(stage_dir: Path) -> list[str]:
+    """Problems with what a stage left on disk: temp files, unreadable checkpoints or manifest."""
+    bad = []
+    for p in stage_dir.rglob("*"):
+        if p.name.endswith(".tmp") or p.name.startswith(".last.pt."):
+            bad.append(f"temp file left: {p}")
+        if p.suffix == ".pt" and p.parent.name == "checkpoints":
+            try:
+                ck = checkpoint.load(p)
+                if not all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point()):
+                    bad.append(f"non-finite weights in {p}")
+            except checkpoint.CheckpointError as e:
+                bad.append(str(e)[:200])
+    m = stage_dir / "manifest.json"
+    if m.exists():
+        try:
+            json.loads(m.read_text())
+        except ValueError:
+            bad.append(f"corrupt {m}")
+    return bad
+
+
+def same_weights(a: Path, b: Path, key="model", atol=1e-6) -> bool:
+    wa, wb = checkpoint.load(a)[key], checkpoint.load(b)[key]
+    return wa.keys() == wb.keys() and all(torch.allclose(wa[k].float(), wb[k].float(), atol=atol, rtol=0) for k in wa)
+
+
+def stage_case(cmd: list[str], stage: str, out: Path, ref: Path | None, fault: str, expect_rc: set[int]) -> dict:
+    """Inject `fault` into `cmd --out out`, then re-run (resume when a checkpoint exists), then check."""
+    t0 = time.time()
+    rc1, log1 = edgeclr([*cmd, "--out", str(out)], fault)
+    sdir = out / stage
+    problems = [f"first run exit {rc1}, expected {sorted(expect_rc)}: {log1[-300:]}"] if rc1 not in expect_rc else []
+    problems += intact(sdir) if sdir.exists() else []
+    ck_dir = sdir / "checkpoints"
+    resume = ck_dir.exists() and any(ck_dir.glob("last*.pt"))
+    rc2, log2 = edgeclr([*cmd, "--out", str(out)] + (["--resume"] if resume else []))
+    survived = rc2 == 0
+    if not survived:
+        problems.append(f"re-run exit {rc2}: {log2[-300:]}")
+    else:
+        problems += intact(sdir)
+        if ref is not None and not same_weights(ref / stage / "checkpoints" / "last.pt", ck_dir / "last.pt"):
+            problems.append("final weights differ from the uninterrupted run")
+    return {"stage": stage, "fault": fault, "first_exit": rc1, "resumed": resume, "survived": survived,
+            "lost": bool(survived and problems), "problems": problems, "seconds": round(time.time() - t0, 1)}
+
+
+def pipeline_case(root: Path, fault: str) -> dict:
+    t0 = time.time()
+    cfg = root / "pipeline.yaml"
+    cfg.write_text(yaml.safe_dump(PIPELINE))
+    out = root / "run"
+    rc1, log1 = edgeclr(["pipeline", "--config", str(cfg), "--out", str(out)], fault)
+    problems = [] if rc1 != 0 else ["the fault did not fire (first run finished)"]
+    rc2, log2 = edgeclr(["pipeline", "--config", str(cfg), "--out", str(out)])
+    survived = rc2 == 0
+    if survived:
+        for s in ("train", "distill", "compress"):
+            problems += intact(out / s)
+        state = json.loads((out / "pipeline.json").read_text())
+        if not all(v["status"] == "done" for v in state["stages"].values()):
+            problems.append(f"stages not done: {state['stages']}")
+        for f in ("report.md", "report.html", "compare.md"):
+            if not (out / f).exists():
+                problems.append(f"missing {f}")
+        import onnx
+
+        for f in (out / "compress").glob("*.onnx"):
+            try:
+                onnx.checker.check_model(onnx.load(str(f)))
+            except Exception as e:  # noqa: BLE001
+                problems.append(f"{f}: {e}")
+    else:
+        problems.append(f"re-run exit {rc2}: {log2[-300:]}")
+    return {"stage": "pipeline", "fault": fault, "first_exit": rc1, "resumed": True, "survived": survived,
+            "lost": bool(survived and problems), "problems": problems, "seconds": round(time.time() - t0, 1)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--work", default="", help="folder for the runs (default: a temp folder)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random fault points")
+    a = ap.parse_args()
+    root = Path(a.work or tempfile.mkdtemp(prefix="edgeclr-faults-"))
+    cases = []
+
+    # uninterrupted references
+    ref = root / "ref"
+    rc, log = edgeclr(["train", *TRAIN, "--out", str(ref)])
+    assert rc == 0, log
+    rc, log = edgeclr(["distill", "--teacher", str(ref), *DISTILL, "--out", str(ref)])
+    assert rc == 0, log
+    steps = checkpoint.load(ref / "train" / "checkpoints" / "last.pt")["global_step"]  # 66
+    dsteps = checkpoint.load(ref / "distill" / "checkpoints" / "last.pt")["global_step"]  # 44
+
+    # boundary points (first step, a checkpoint step and the one after it, an epoch end) plus random ones
+    rng = np.random.default_rng(a.seed)
+
+    def points(boundary, total, k):
+        extra = rng.choice(np.setdiff1d(np.arange(1, total), boundary), k, replace=False)
+        return sorted({int(p) for p in boundary} | {int(p) for p in extra})
+
+    train_points = points([1, 5, 22], steps, 2 if a.quick else 9)
+    distill_points = points([1, 4, 22], dsteps, 1 if a.quick else 5)
+    for i, s in enumerate(train_points):
+        for kind, rcs in (("kill", {-9}), ("term", {143}), ("int", {130})):
+            if a.quick and kind != "kill" and i % 2:
+                continue
+            cases.append(stage_case(["train", *TRAIN], "train", root / f"train-{kind}-{s}", ref, f"{kind}:stage=train:step={s}", rcs))
+            print(json.dumps(cases[-1]), flush=True)
+        if not a.quick or i % 2 == 0:
+            cases.append(stage_case(["train", *TRAIN], "train", root / f"train-nan-{s}", ref, f"nan_loss:stage=train:step={s}", {2}))
+            print(json.dumps(cases[-1]), flush=True)
+    for s in distill_points:
+        for kind, rcs in (("kill", {-9}), ("term", {143})):
+            out = root / f"distill-{kind}-{s}"
+            cmd = ["distill", "--teacher", str(ref), *DISTILL]
+            cases.append(stage_case(cmd, "distill", out, ref, f"{kind}:stage=distill:step={s}", rcs))
+            print(json.dumps(cases[-1]), flush=True)
+    comp_points = [3] if a.quick else [1, 5, 10]
+    for s in comp_points:  # the recovery after pruning (its trainer's stage is "compress")
+        out = root / f"compress-kill-{s}"
+        cmd = ["compress", str(ref / "distill"), "--recover-epochs", "1", "--formats", "onnx", "--calib-images", "32",
+               "--latency-runs", "3", "--eval-images", "300", "--no-progress", "--no-tensorboard"]
+        cases.append(stage_case(cmd, "compress", out, None, f"kill:stage=compress:step={s}", {-9}))
+        print(json.dumps(cases[-1]), flush=True)
+    for stage, s in ([("train", 5), ("distill", 6)] if a.quick else [("train", 3), ("train", 10), ("distill", 2), ("distill", 11),
+                                                                    ("compress", 4)]):
+        for kind in ("kill", "int"):
+            cases.append(pipeline_case(root / f"pipeline-{stage}-{kind}-{s}", f"{kind}:stage={stage}:step={s}"))
+            print(json.dumps(cases[-1]), flush=True)
+
+    injected, survived = len(cases), sum(c["survived"] for c in cases)
+    lost = sum(c["lost"] for c in cases)
+    m = machine()
+    cmd = "python benchmarks/fault_campaign.py " + shlex.join(sys.argv[1:])
+    result = {"machine": m, "command": cmd, "injected": injected, "survived": survived, "lost_or_corrupt": lost, "cases": cases}
+    (HERE / "results" / "fault_campaign.json").write_text(json.dumps(result, indent=2) + "\n")
+    by = {}
+    for c in cases:
+        kind = c["fault"].split(":")[0]
+        k = (c["stage"], kind)
+        b = by.setdefault(k, [0, 0, 0])
+        b[0] += 1
+        b[1] += c["survived"]
+        b[2] += c["lost"]
+    lines = ["# Fault campaign", "", f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {m['cpu']} ({m['cores']} cores).", "",
+             "```", cmd, "```", "",
+             "Each fault is injected in a real process at a chosen global step (EDGECLR_FAULT), then the same command",
+             "runs again (with --resume when a checkpoint exists). Survived = the re-run finishes; lost = anything",
+             "half-written, unreadable, non-finite, or final weights different from an uninterrupted run (tolerance 1e-6;",
+             "train and distill), or a pipeline missing its report, comparison or a valid ONNX export.", "",
+             "| stage | fault | injected | survived | lost or corrupt |", "|---|---|---|---|---|"]
+    for (stage, kind), (n, s, lo) in by.items():
+        lines.append(f"| {stage} | {kind} | {n} | {s} | {lo} |")
+    lines += ["", f"**Total: {injected} faults injected, {survived} survived, {lost} with lost or corrupt data.**"]
+    bad = [c for c in cases if not c["survived"] or c["lost"]]
+    if bad:
+        lines += ["", "Failures:", ""] + [f"- {c['stage']} {c['fault']}: {'; '.join(c['problems'])[:300]}" for c in bad]
+    (HERE / "results" / "fault_campaign.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

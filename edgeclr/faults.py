@@ -1,0 +1,42 @@
+"""Fault injection for the reliability tests: the code paths a fault would take, driven by one
+environment variable so that a test can hit them in a real process (tests/faults/).
+
+    EDGECLR_FAULT="nan_loss:step=3"            the training loss becomes NaN at global step 3
+    EDGECLR_FAULT="nan_loss:step=3:rank=1"     ... on rank 1 of a torchrun run only
+    EDGECLR_FAULT="kill:stage=distill:step=5"  SIGKILL this process after global step 5 of `distill`
+    EDGECLR_FAULT="term:stage=train:step=5"    SIGTERM (likewise `int`: SIGINT) to itself there
+
+Unset (always, outside tests), every check is one dict lookup that returns False.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "EDGECLR_FAULT"
+
+
+def _parse(text: str) -> tuple[str, dict[str, str]]:
+    kind, *fields = text.split(":")
+    return kind, dict(f.split("=", 1) for f in fields if "=" in f)
+
+
+def armed(kind: str, **where) -> bool:
+    """True when EDGECLR_FAULT names `kind` and every condition it gives matches `where`."""
+    text = os.environ.get(ENV)
+    if not text:
+        return False
+    k, cond = _parse(text)
+    return k == kind and all(str(where.get(key)) == value for key, value in cond.items())
+
+
+SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
+
+
+def maybe_kill(stage: str, step: int, rank: int = 0) -> None:
+    """Signal this process here when EDGECLR_FAULT says so: `kill` = SIGKILL (no handler, no
+    cleanup: a power cut), `term` = SIGTERM (a preemption), `int` = SIGINT (Ctrl-C)."""
+    for kind, sig in SIGNALS.items():
+        if armed(kind, stage=stage, step=step, rank=rank):
+            os.kill(os.getpid(), sig)
