@@ -110,6 +110,24 @@ def stage_case(cmd: list[str], stage: str, out: Path, ref: Path | None, fault: s
             "lost": bool(survived and problems), "problems": problems, "seconds": round(time.time() - t0, 1)}
 
 
+def skip_case(cmd: list[str], stage: str, out: Path, fault: str) -> dict:
+    """A non-finite batch or loss under --nonfinite skip: the run completes in one go, the step is
+    skipped (counted once), and nothing non-finite reaches a checkpoint (weights, BN statistics, queue)."""
+    t0 = time.time()
+    rc, log = edgeclr([*cmd, "--nonfinite", "skip", "--out", str(out)], fault)
+    survived = rc == 0
+    problems = [] if survived else [f"exit {rc}: {log[-300:]}"]
+    if survived:
+        problems += intact(out / stage)
+        ck = checkpoint.load(out / stage / "checkpoints" / "last.pt")
+        if ck.get("nonfinite_skipped") != 1:
+            problems.append(f"skipped steps recorded: {ck.get('nonfinite_skipped')}, expected 1")
+        if "queue" in ck and not torch.isfinite(ck["queue"]["buf"]).all():
+            problems.append("non-finite teacher embeddings in the distillation queue")
+    return {"stage": stage, "fault": fault + " (--nonfinite skip)", "first_exit": rc, "resumed": False, "survived": survived,
+            "lost": bool(survived and problems), "problems": problems, "seconds": round(time.time() - t0, 1)}
+
+
 def pipeline_case(root: Path, fault: str) -> dict:
     t0 = time.time()
     cfg = root / "pipeline.yaml"
@@ -183,6 +201,12 @@ def main():
             cmd = ["distill", "--teacher", str(ref), *DISTILL]
             cases.append(stage_case(cmd, "distill", out, ref, f"{kind}:stage=distill:step={s}", rcs))
             print(json.dumps(cases[-1]), flush=True)
+    # a NaN / Inf image in the batch or an Inf loss, skipped (--nonfinite skip) rather than stopping
+    for stage, s in ([("train", 7), ("distill", 5)] if a.quick else [("train", 3), ("train", 30), ("distill", 5), ("distill", 30)]):
+        for kind in ("nan_batch", "inf_batch", "inf_loss"):
+            cmd = ["train", *TRAIN] if stage == "train" else ["distill", "--teacher", str(ref), *DISTILL]
+            cases.append(skip_case(cmd, stage, root / f"{stage}-skip-{kind}-{s}", f"{kind}:stage={stage}:step={s}"))
+            print(json.dumps(cases[-1]), flush=True)
     comp_points = [3] if a.quick else [1, 5, 10]
     for s in comp_points:  # the recovery after pruning (its trainer's stage is "compress")
         out = root / f"compress-kill-{s}"
@@ -204,7 +228,7 @@ def main():
     (HERE / "results" / "fault_campaign.json").write_text(json.dumps(result, indent=2) + "\n")
     by = {}
     for c in cases:
-        kind = c["fault"].split(":")[0]
+        kind = c["fault"].split(":")[0] + (" (skip)" if "--nonfinite skip" in c["fault"] else "")
         k = (c["stage"], kind)
         b = by.setdefault(k, [0, 0, 0])
         b[0] += 1

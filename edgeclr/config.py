@@ -85,6 +85,8 @@ class TrainConfig:
                                      "default: the augment preset's)")
     blur: float | None = opt(None, "probability of a Gaussian blur of each view (default: the augment preset's; 0 on images <= 32 px)")
     grad_clip: float = opt(0.0, "clip the gradient norm to this value (0 = off)")
+    nonfinite: str = opt("stop", "a NaN/Inf loss: stop (no checkpoint written past the last good one) | skip (no update "
+                                 "for that step; stops after 10 in a row)", ("stop", "skip"))
     amp: str = opt("auto", "mixed precision: auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off", ("auto", "bf16", "fp16", "off"))
     channels_last: bool = opt(True, "use the channels_last memory format (faster convolutions on CPU and GPU)")
     compile: bool = opt(False, "torch.compile the encoder")

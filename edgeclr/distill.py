@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeclr import checkpoint, config, data
+from edgeclr import checkpoint, config, data, faults
 from edgeclr.augment import view_generator
 from edgeclr.losses import EmbeddingQueue, cosine_distill, relational_distill
 from edgeclr.models import Encoder, ModelSpec, count_params, create_model, model_from_checkpoint
@@ -120,6 +120,16 @@ class DistillTrainer(Trainer):
         self.teacher, self.teacher_info, self.targets = teacher, teacher_info, targets
         self.queue = EmbeddingQueue(cfg.queue_size if cfg.relational_weight else 0, teacher.embed_dim, device)
 
+    def step_state(self) -> dict:
+        st = super().step_state()
+        st["queue"] = (self.queue.buf.clone(), self.queue.ptr, self.queue.count)
+        return st
+
+    def restore_step_state(self, state: dict) -> None:
+        super().restore_step_state(state)
+        buf, self.queue.ptr, self.queue.count = state["queue"]
+        self.queue.buf.copy_(buf)
+
     def state(self) -> dict:
         st = super().state()
         st.update(teacher=self.teacher_info, adapter=self.adapter.state_dict(), queue=self.queue.state_dict())
@@ -139,6 +149,7 @@ class DistillTrainer(Trainer):
         """x: (B, C, H, W) uint8 -> weighted cosine + relational loss of one augmented view."""
         cfg = self.cfg
         v = self.augment(x, view_generator(cfg.seed, self.epoch, self.step, 0))  # (B, C, S, S)
+        v = faults.poison_batch(v, self.stage, self.global_step, self.dist.rank)
         if cfg.channels_last:
             v = v.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
@@ -164,7 +175,6 @@ class DistillTrainer(Trainer):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def recalibrate_bn(model: nn.Module, ds: data.Dataset, pp: Preprocess, device, n: int, seed: int = 0,
                    batch_size: int = 256) -> int:
     """Re-estimate every BatchNorm's running mean/variance on n clean training images (the
@@ -175,27 +185,13 @@ def recalibrate_bn(model: nn.Module, ds: data.Dataset, pp: Preprocess, device, n
     it embeds at evaluation (kNN on 16-px digits: MobileNetV3-Small 50.7% -> 86.0%, its pruned
     copy 37.3% -> 81.1%, measured; the ResNet teacher: 92.9% -> 92.7%, so teachers are left alone).
     """
-    from edgeclr.evaluate import eval_inputs
+    from edgeclr.evaluate import eval_inputs, recalibrate_bn_on
 
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns or n <= 0:
+    if n <= 0 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return 0
     idx = np.sort(np.random.default_rng(seed).choice(len(ds), min(n, len(ds)), replace=False))
     x, _ = eval_inputs(ds, pp, idx)
-    was_training = model.training
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over every batch below
-    model.train()
-    # batches of equal size (to within 1): the cumulative average weighs each batch alike
-    for xb in torch.tensor_split(x, -(-len(x) // batch_size)):
-        if len(xb) >= 2:
-            model.embed(xb.to(device))
-    for m, mom in zip(bns, saved):
-        m.momentum = mom
-    model.train(was_training)
-    return len(x)
+    return recalibrate_bn_on(model, x, device, batch_size)
 
 
 def student_vs_teacher(student: Encoder, adapter: nn.Module, teacher: Encoder, monitor, device) -> dict:
@@ -269,13 +265,13 @@ def main(cfg: config.DistillConfig) -> dict:
         tr.save()
         log.info("BatchNorm statistics re-estimated on %d clean training images", used)
     if monitor is not None and tr.stop_signal is None and (cfg.bn_recalibrate or not completed):
-        tr.last_metrics["knn_top1"] = monitor(student, device)  # the final weights, not the last epoch's monitor
+        tr.last_metrics["knn_top1"] = monitor(student, device, recalibrate=False)  # the final weights, not the last epoch's monitor
 
     final = dict(tr.last_metrics)
     if monitor is not None and tr.stop_signal is None:  # a preempted run leaves at once
-        final["teacher_knn_top1"] = monitor(teacher, device)
+        final["teacher_knn_top1"] = monitor(teacher, device, recalibrate=False)
         if "knn_top1" not in final:
-            final["knn_top1"] = monitor(student, device)
+            final["knn_top1"] = monitor(student, device, recalibrate=False)
         final["retention"] = final["knn_top1"] / max(final["teacher_knn_top1"], 1e-9)
         final.update(student_vs_teacher(student, tr.adapter, teacher, monitor, device))
         log.info("student kNN %.2f%% / teacher %.2f%% = retention %.3f; cosine agreement %.3f, top-10 overlap %.3f",

@@ -6,6 +6,7 @@ features, cosine similarity, the k nearest bank images vote with weight exp(sim 
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import warnings
@@ -142,11 +143,41 @@ def tsne_plot(feats, labels, path: str | Path, classes: list[str] | None = None,
     return Path(path)
 
 
+def recalibrate_bn_on(model, x: torch.Tensor, device, batch_size: int = 256) -> int:
+    """Re-estimate every BatchNorm's running mean/variance on the preprocessed images x, as an exact
+    average over them (momentum None); returns the images used (see distill.recalibrate_bn)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or not len(x):
+        return 0
+    was_training = model.training
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over every batch below
+    model.train()
+    with torch.no_grad():
+        # batches of equal size (to within 1): the cumulative average weighs each batch alike
+        for xb in torch.tensor_split(x, -(-len(x) // batch_size)):
+            if len(xb) >= 2:
+                model.embed(xb.to(device))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.train(was_training)
+    return len(x)
+
+
 class KnnMonitor:
-    """kNN accuracy on a labeled split during training (inputs preprocessed once)."""
+    """kNN accuracy on a labeled split during training (inputs preprocessed once).
+
+    With bn_recalibrate, a copy of the model is scored after its BatchNorm statistics are
+    re-estimated on the bank's clean images, as the final student will be (distill.recalibrate_bn):
+    the running statistics of strongly augmented views can be far off mid-training (MobileNetV3-Large
+    distilled on 16-px digits: 3.3% kNN at epoch 10 and 28.4% at epoch 30 from them, 91.3% once
+    re-estimated), so the monitor would report a model that does not exist.
+    """
 
     def __init__(self, bank_ds: data.Dataset, query_ds: data.Dataset, pp: Preprocess, k: int, t: float,
-                 max_bank: int, seed: int = 0):
+                 max_bank: int, seed: int = 0, bn_recalibrate: bool = False):
         rng = np.random.default_rng(seed)
 
         def pick(ds, n):
@@ -156,9 +187,15 @@ class KnnMonitor:
         self.bank_y = torch.as_tensor(bank_ds.labels[kept])
         self.query_x, kept = eval_inputs(query_ds, pp, pick(query_ds, max(max_bank // 5, 1)))
         self.query_y = torch.as_tensor(query_ds.labels[kept])
-        self.k, self.t = k, t
+        self.k, self.t, self.bn_recalibrate = k, t, bn_recalibrate
 
-    def __call__(self, model, device, batch_size: int = 512) -> float:
+    def __call__(self, model, device, batch_size: int = 512, recalibrate: bool | None = None) -> float:
+        """kNN top-1 of model; recalibrate overrides the monitor's bn_recalibrate (False: score the
+        model's own statistics, e.g. a teacher, or a student whose statistics were just re-estimated)."""
+        recalibrate = self.bn_recalibrate if recalibrate is None else recalibrate
+        if recalibrate and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            model = copy.deepcopy(getattr(model, "module", model))  # the training model's statistics stay as they are
+            recalibrate_bn_on(model, self.bank_x, device)
         was_training = model.training
         model.eval()
         try:

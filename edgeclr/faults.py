@@ -3,6 +3,8 @@ environment variable so that a test can hit them in a real process (tests/faults
 
     EDGECLR_FAULT="nan_loss:step=3"            the training loss becomes NaN at global step 3
     EDGECLR_FAULT="nan_loss:step=3:rank=1"     ... on rank 1 of a torchrun run only
+    EDGECLR_FAULT="inf_loss:step=3"            the loss becomes +Inf there
+    EDGECLR_FAULT="nan_batch:step=3"           one image of the batch becomes NaN there (inf_batch: +Inf)
     EDGECLR_FAULT="kill:stage=distill:step=5"  SIGKILL this process after global step 5 of `distill`
     EDGECLR_FAULT="term:stage=train:step=5"    SIGTERM (likewise `int`: SIGINT) to itself there
 
@@ -40,3 +42,21 @@ def maybe_kill(stage: str, step: int, rank: int = 0) -> None:
     for kind, sig in SIGNALS.items():
         if armed(kind, stage=stage, step=step, rank=rank):
             os.kill(os.getpid(), sig)
+
+
+def poison_batch(x, stage: str, step: int, rank: int = 0):
+    """The float model input (augmented views) with its first image set to NaN (nan_batch) or +Inf
+    (inf_batch) when armed."""
+    for kind, value in (("nan_batch", float("nan")), ("inf_batch", float("inf"))):
+        if armed(kind, stage=stage, step=step, rank=rank):
+            x = x.clone()
+            x[0] = value
+    return x
+
+
+def poison_loss(loss, stage: str, step: int, rank: int = 0):
+    """The loss times NaN (nan_loss) or +Inf (inf_loss) when armed."""
+    for kind, value in (("nan_loss", float("nan")), ("inf_loss", float("inf"))):
+        if armed(kind, stage=stage, step=step, rank=rank):
+            loss = loss * value
+    return loss

@@ -202,6 +202,25 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         self.step_metrics: dict[str, float] = {}  # loss parts etc. that a step_fn wants logged
         self.stop_signal: int | None = None
+        self.nonfinite_run = 0  # --nonfinite skip: non-finite losses in a row, and in all
+        self.nonfinite_skipped = 0
+
+    # -- --nonfinite skip: what a forward pass changes besides the weights -------------------------
+    def step_state(self) -> dict:
+        """A copy of the state that a forward pass updates (BatchNorm running statistics), so that a
+        skipped step leaves no trace of its (non-finite) batch; DistillTrainer adds its queue."""
+        seen, bufs = set(), []
+        for m in (self.model, self.trainable):
+            for b in m.buffers():
+                if id(b) not in seen:
+                    seen.add(id(b))
+                    bufs.append((b, b.detach().clone()))
+        return {"buffers": bufs}
+
+    def restore_step_state(self, state: dict) -> None:
+        with torch.no_grad():
+            for b, saved in state["buffers"]:
+                b.copy_(saved)
 
     # -- checkpoints --------------------------------------------------------------------------
     def state(self) -> dict:
@@ -215,6 +234,7 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch, "rng": checkpoint.rng_state(),
             "config": config.to_dict(self.cfg), "metrics": dict(self.last_metrics),
             "augment": self.aug_cfg.to_dict(), "skipped_files": sorted(self.skipped),
+            "nonfinite_skipped": self.nonfinite_skipped,
         }
 
     def save(self) -> Path:
@@ -243,6 +263,7 @@ class Trainer:
                           "match an uninterrupted run")
         self.epoch, self.step, self.global_step = ckpt["epoch"], ckpt["step"], ckpt["global_step"]
         self.skipped = set(ckpt.get("skipped_files") or [])
+        self.nonfinite_skipped = int(ckpt.get("nonfinite_skipped") or 0)
         self.last_metrics = dict(ckpt.get("metrics") or {})
 
     # -- one step ---------------------------------------------------------------------------
@@ -253,6 +274,7 @@ class Trainer:
         v1 = self.augment(x, view_generator(cfg.seed, self.epoch, self.step, 0, rank))
         v2 = self.augment(x, view_generator(cfg.seed, self.epoch, self.step, 1, rank))
         v = torch.cat([v1, v2])  # (2B, C, S, S): one forward, BN statistics over both views
+        v = faults.poison_batch(v, self.stage, self.global_step, rank)
         if cfg.channels_last:
             v = v.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
@@ -313,7 +335,24 @@ def check_finite(loss: torch.Tensor, trainer: Trainer) -> None:
             f"{trainer.global_step}); training stopped without writing a checkpoint. "
             + (f"The last good checkpoint {last} is kept; " if last else "")
             + f"lower --lr (now {trainer.cfg.lr}), raise --temperature (now {trainer.cfg.temperature}), "
-              "set --grad-clip, or use --amp off, then --resume.")
+              "set --grad-clip, or use --amp off, then --resume (--nonfinite skip drops such steps instead).")
+
+
+MAX_SKIPPED_IN_A_ROW = 10
+
+
+def skip_nonfinite(loss: torch.Tensor, tr: Trainer) -> bool:
+    """A non-finite loss: with --nonfinite skip, True (the step is skipped: no backward, no update,
+    the optimiser's state untouched) until MAX_SKIPPED_IN_A_ROW in a row; else NonFiniteLoss."""
+    if tr.cfg.nonfinite != "skip" or tr.nonfinite_run + 1 >= MAX_SKIPPED_IN_A_ROW:
+        if tr.cfg.nonfinite == "skip":
+            log.error("%d non-finite losses in a row: stopping", MAX_SKIPPED_IN_A_ROW)
+        check_finite(loss, tr)
+    tr.nonfinite_run += 1
+    tr.nonfinite_skipped += 1
+    log.warning("the loss became %s at epoch %d, step %d (global step %d): step skipped (--nonfinite skip; %d so far)",
+                loss.item(), tr.epoch, tr.step, tr.global_step, tr.nonfinite_skipped)
+    return True
 
 
 def train_one_epoch(tr: Trainer, loss_fn, metrics, progress=None, deadline: float | None = None) -> bool:
@@ -333,15 +372,19 @@ def train_one_epoch(tr: Trainer, loss_fn, metrics, progress=None, deadline: floa
             keep = -int(dist_.sync_flags(d, tr.device, -len(x))[0])  # as many images as the emptiest shard
             x, idx = x[:keep], idx[:keep]
         if len(x) * d.world >= 2 and len(x) >= 1:  # a batch left with < 2 readable images is skipped
-            loss = loss_fn(x.to(tr.device, non_blocking=True), idx)
-            if faults.armed("nan_loss", stage=tr.stage, step=tr.global_step, rank=d.rank):
-                loss = loss * float("nan")
+            before = tr.step_state() if cfg.nonfinite == "skip" else None
+            loss = faults.poison_loss(loss_fn(x.to(tr.device, non_blocking=True), idx), tr.stage, tr.global_step, d.rank)
             finite = bool(torch.isfinite(loss).all())
             if d.enabled and dist_.sync_flags(d, tr.device, float(not finite))[0] and finite:
-                loss = loss.new_tensor(float("nan"))  # another rank's loss is not finite: all stop together
-            check_finite(loss, tr)  # before the update: a NaN never reaches the weights
-            gnorm = tr.optimise(loss)
-            n_last += len(x) * d.world
+                loss, finite = loss.new_tensor(float("nan")), False  # another rank's is not: all stop (or skip) together
+            if finite or not skip_nonfinite(loss, tr):  # before the update: a NaN never reaches the weights
+                tr.nonfinite_run = 0
+                gnorm = tr.optimise(loss)
+                n_last += len(x) * d.world
+            else:  # skipped: no backward, no update; the statistics of the bad batch are undone and the
+                tr.restore_step_state(before)  # schedule moves on, so that steps keep their learning rates
+                tr.sched.step()
+                loss = None
         tr.step, tr.global_step = step + 1, tr.global_step + 1
         if progress is not None:
             progress.update(1)
@@ -349,6 +392,8 @@ def train_one_epoch(tr: Trainer, loss_fn, metrics, progress=None, deadline: floa
             dt = time.perf_counter() - t_last
             m = {"loss": dist_.all_mean(loss.item(), d, tr.device), "lr": tr.opt.param_groups[0]["lr"], "images_per_s": n_last / max(dt, 1e-9),
                  "skipped_images": len(tr.skipped), **tr.step_metrics}
+            if tr.nonfinite_skipped:
+                m["skipped_nonfinite_steps"] = tr.nonfinite_skipped
             if gnorm is not None:
                 m["grad_norm"] = gnorm
             tr.last_metrics.update(m)
@@ -401,7 +446,9 @@ def build_monitor(cfg, pp: Preprocess):
                   tile_min_foreground=cfg.tile_min_foreground, seed=cfg.seed)
         bank, query = data.open_dataset(cfg.data, "train", **kw), data.open_dataset(cfg.data, "test", **kw)
         if data.has_labels(bank) and data.has_labels(query):
-            return KnnMonitor(bank, query, pp, cfg.knn_k, cfg.knn_t, cfg.knn_max_bank, cfg.seed)
+            # students are scored as they will be used: BatchNorm re-estimated on clean images (distill)
+            return KnnMonitor(bank, query, pp, cfg.knn_k, cfg.knn_t, cfg.knn_max_bank, cfg.seed,
+                              bn_recalibrate=bool(getattr(cfg, "bn_recalibrate", 0)))
     except data.DataError as e:
         log.info("no kNN monitor: %s", e)
     return None

@@ -101,6 +101,9 @@ def test_compress_end_to_end(student):
     assert cmp["rows"][0]["speedup_vs_teacher"] == 1.0
     pruned = next(x for x in cmp["rows"] if x["model"] == "pruned")
     assert pruned["macs"] == rep["pruned"]["macs"]
+    # a run folder that now holds a compressed model still names its distilled student (compressing
+    # RUN again with another --out must not prune the pruned model a second time)
+    assert compress.load_student(student, "cpu")[2].parent.parent.name == "distill"
 
 
 def test_max_drop_refuses_and_overwrites_nothing(student, tmp_path):

@@ -207,3 +207,34 @@ def test_a_time_budget_stop_still_recalibrates_and_reports_the_final_weights(tea
     ck = checkpoint.load(out / "distill/checkpoints/last.pt")["model"]
     key = next(k for k in ck if k.endswith("num_batches_tracked"))
     assert int(ck[key]) == -(-300 // 256)  # the recalibration's 2 batches of <= 256, not the one training step
+
+
+def test_the_monitor_scores_a_student_with_clean_image_statistics_and_leaves_its_own_alone(teacher, tmp_path):
+    """Mid-distillation, a MobileNet's running BatchNorm statistics are those of augmented views; the
+    kNN monitor scored them (MobileNetV3-Large on 16-px digits: 3.3% at epoch 10, 91.3% once
+    re-estimated). It now scores a copy re-estimated on clean images, as the final student is."""
+    import copy
+
+    from edgeclr.evaluate import KnnMonitor, load_encoder, recalibrate_bn_on
+    from edgeclr.runtime import Preprocess
+
+    out = tmp_path / "run"
+    run(["distill", "--teacher", str(teacher), *STUDENT, "--out", str(out), "--bn-recalibrate", "0"])
+    student, ck, _ = load_encoder(out / "distill", "cpu")
+    pp = Preprocess.from_dict(ck["preprocess"])
+    bank, query = data.open_dataset("digits", "train"), data.open_dataset("digits", "test")
+    plain = KnnMonitor(bank, query, pp, 20, 0.07, 1000)
+    recal = KnnMonitor(bank, query, pp, 20, 0.07, 1000, bn_recalibrate=True)
+    with torch.no_grad():  # statistics far from any real image's
+        for m in student.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.fill_(50.0)
+                m.running_var.fill_(1e-4)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    broken, scored = plain(student, "cpu"), recal(student, "cpu")
+    ref = copy.deepcopy(student)
+    recalibrate_bn_on(ref, recal.bank_x, "cpu")
+    assert scored == plain(ref, "cpu")  # the copy re-estimated on the bank's clean images
+    assert broken < 25 and scored > broken + 15  # 10 classes: the broken statistics score near chance
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # the model's own are untouched
+    assert recal(student, "cpu", recalibrate=False) == broken

@@ -126,8 +126,12 @@ def _size(path: Path) -> int:
 
 
 def load_student(target: str | Path, device) -> tuple[Encoder, dict, Path]:
-    """(student, checkpoint, path) from a distill (or compress) checkpoint / run folder."""
-    path = checkpoint.find(target, ("compress", "distill"))
+    """(student, checkpoint, path) from a distill (or compress) checkpoint, stage folder or run folder.
+
+    A run folder gives its distilled student, also once it holds a compressed one: `compress RUN
+    --out ELSEWHERE` compresses the same student again, never the pruned model a second time.
+    """
+    path = checkpoint.find(target, ("distill", "compress"))
     ckpt = checkpoint.load(path)
     if ckpt["stage"] not in ("distill", "compress"):
         raise checkpoint.CheckpointError(

@@ -182,3 +182,51 @@ def test_nan_loss_at_a_step_stops_before_the_update_and_writes_no_poisoned_check
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
     rc, log = edgeclr(["train", *ARGS, "--out", str(out), "--resume"])  # the fault gone, the run continues
     assert rc == 0, log[-2000:]
+
+
+def finite_checkpoint(path) -> bool:
+    """Every floating tensor of the checkpoint's model, BatchNorm statistics included, is finite."""
+    return all(torch.isfinite(v).all() for v in weights(path).values() if v.is_floating_point())
+
+
+def test_a_nan_image_in_the_batch_stops_the_run_by_default(tmp_path):
+    out = tmp_path / "run"
+    rc, log = edgeclr(["train", *ARGS, "--epochs", "1", "--out", str(out)], env={faults.ENV: "nan_batch:stage=train:step=7"})
+    assert rc == 2 and "the loss became nan" in log and "--nonfinite skip" in log
+    ck = out / "train" / "checkpoints" / "last.pt"
+    assert checkpoint.load(ck)["global_step"] == 5 and finite_checkpoint(ck)
+
+
+@pytest.mark.parametrize("fault", ["nan_batch", "inf_loss"])  # inf_batch takes nan_batch's path (the campaign runs it)
+def test_nonfinite_skip_skips_the_step_and_keeps_no_trace_of_the_bad_batch(tmp_path, fault):
+    """--nonfinite skip: the step is dropped (no update) and the running statistics that the bad batch's
+    forward pass poisoned are restored; the run completes and every checkpoint is finite."""
+    out = tmp_path / "run"
+    rc, log = edgeclr(["train", *ARGS, "--epochs", "1", "--out", str(out), "--nonfinite", "skip"],
+                      env={faults.ENV: f"{fault}:stage=train:step=7"})
+    assert rc == 0, log[-2000:]
+    assert "step skipped (--nonfinite skip; 1 so far)" in log
+    ck = out / "train" / "checkpoints" / "last.pt"
+    assert finite_checkpoint(ck) and checkpoint.load(ck)["nonfinite_skipped"] == 1
+    assert "skipped_nonfinite_steps" in (out / "train" / "metrics.csv").read_text()
+
+
+def test_nonfinite_skip_gives_up_after_ten_in_a_row(tmp_path):
+    out = tmp_path / "run"
+    rc, log = edgeclr(["train", *ARGS, "--out", str(out), "--nonfinite", "skip"], env={faults.ENV: "nan_loss:stage=train"})
+    assert rc == 2 and "10 non-finite losses in a row" in log and "the loss became nan" in log
+    ck = out / "train" / "checkpoints" / "last.pt"  # step 5's (--ckpt-every 5): skipped steps left the weights as they were
+    assert checkpoint.load(ck)["global_step"] == 5 and finite_checkpoint(ck)
+
+
+def test_distill_skips_a_nan_batch_without_poisoning_its_queue(tmp_path):
+    """The relational loss keeps a queue of teacher embeddings: a NaN batch's must not enter it."""
+    teacher = tmp_path / "t"
+    run(["train", *ARGS, "--epochs", "1", "--out", str(teacher)])
+    out = tmp_path / "d"
+    rc, log = edgeclr(["distill", "--teacher", str(teacher), "--out", str(out), "--epochs", "1", "--batch-size", "64",
+                       "--knn-every", "0", "--no-tensorboard", "--threads", "1", "--queue-size", "256", "--nonfinite", "skip"],
+                      env={faults.ENV: "nan_batch:stage=distill:step=3"})
+    assert rc == 0, log[-2000:]
+    ck = checkpoint.load(out / "distill" / "checkpoints" / "last.pt")
+    assert ck["nonfinite_skipped"] == 1 and torch.isfinite(ck["queue"]["buf"]).all() and finite_checkpoint(out / "distill/checkpoints/last.pt")
