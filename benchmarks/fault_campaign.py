@@ -97,7 +97,7 @@ def stage_case(cmd: list[str], stage: str, out: Path, ref: Path | None, fault: s
     problems = [f"first run exit {rc1}, expected {sorted(expect_rc)}: {log1[-300:]}"] if rc1 not in expect_rc else []
     problems += intact(sdir) if sdir.exists() else []
     ck_dir = sdir / "checkpoints"
-    resume = ck_dir.exists() and any(ck_dir.glob("last*.pt"))
+    resume = ck_dir.exists() and any(ck_dir.glob("*.pt"))  # last.pt, last.prev.pt, or compress's prune.pt (work in progress)
     rc2, log2 = edgeclr([*cmd, "--out", str(out)] + (["--resume"] if resume else []))
     survived = rc2 == 0
     if not survived:
@@ -130,6 +130,7 @@ def skip_case(cmd: list[str], stage: str, out: Path, fault: str) -> dict:
 
 def pipeline_case(root: Path, fault: str) -> dict:
     t0 = time.time()
+    root.mkdir(parents=True, exist_ok=True)
     cfg = root / "pipeline.yaml"
     cfg.write_text(yaml.safe_dump(PIPELINE))
     out = root / "run"
@@ -192,21 +193,25 @@ def main():
                 continue
             cases.append(stage_case(["train", *TRAIN], "train", root / f"train-{kind}-{s}", ref, f"{kind}:stage=train:step={s}", rcs))
             print(json.dumps(cases[-1]), flush=True)
+            write_results(cases)
         if not a.quick or i % 2 == 0:
             cases.append(stage_case(["train", *TRAIN], "train", root / f"train-nan-{s}", ref, f"nan_loss:stage=train:step={s}", {2}))
             print(json.dumps(cases[-1]), flush=True)
+            write_results(cases)
     for s in distill_points:
         for kind, rcs in (("kill", {-9}), ("term", {143})):
             out = root / f"distill-{kind}-{s}"
             cmd = ["distill", "--teacher", str(ref), *DISTILL]
             cases.append(stage_case(cmd, "distill", out, ref, f"{kind}:stage=distill:step={s}", rcs))
             print(json.dumps(cases[-1]), flush=True)
+            write_results(cases)
     # a NaN / Inf image in the batch or an Inf loss, skipped (--nonfinite skip) rather than stopping
     for stage, s in ([("train", 7), ("distill", 5)] if a.quick else [("train", 3), ("train", 30), ("distill", 5), ("distill", 30)]):
         for kind in ("nan_batch", "inf_batch", "inf_loss"):
             cmd = ["train", *TRAIN] if stage == "train" else ["distill", "--teacher", str(ref), *DISTILL]
             cases.append(skip_case(cmd, stage, root / f"{stage}-skip-{kind}-{s}", f"{kind}:stage={stage}:step={s}"))
             print(json.dumps(cases[-1]), flush=True)
+            write_results(cases)
     comp_points = [3] if a.quick else [1, 5, 10]
     for s in comp_points:  # the recovery after pruning (its trainer's stage is "compress")
         out = root / f"compress-kill-{s}"
@@ -214,17 +219,26 @@ def main():
                "--latency-runs", "3", "--eval-images", "300", "--no-progress", "--no-tensorboard"]
         cases.append(stage_case(cmd, "compress", out, None, f"kill:stage=compress:step={s}", {-9}))
         print(json.dumps(cases[-1]), flush=True)
+        write_results(cases)
     for stage, s in ([("train", 5), ("distill", 6)] if a.quick else [("train", 3), ("train", 10), ("distill", 2), ("distill", 11),
                                                                     ("compress", 4)]):
         for kind in ("kill", "int"):
             cases.append(pipeline_case(root / f"pipeline-{stage}-{kind}-{s}", f"{kind}:stage={stage}:step={s}"))
             print(json.dumps(cases[-1]), flush=True)
+            write_results(cases)
 
+    write_results(cases, final=True)
+
+
+def write_results(cases: list[dict], final: bool = False) -> None:
+    """benchmarks/results/fault_campaign.{json,md}; written after every case, so that a campaign cut
+    short still leaves its counts (marked unfinished)."""
     injected, survived = len(cases), sum(c["survived"] for c in cases)
     lost = sum(c["lost"] for c in cases)
     m = machine()
     cmd = "python benchmarks/fault_campaign.py " + shlex.join(sys.argv[1:])
-    result = {"machine": m, "command": cmd, "injected": injected, "survived": survived, "lost_or_corrupt": lost, "cases": cases}
+    result = {"machine": m, "command": cmd, "finished": final, "injected": injected, "survived": survived,
+              "lost_or_corrupt": lost, "cases": cases}
     (HERE / "results" / "fault_campaign.json").write_text(json.dumps(result, indent=2) + "\n")
     by = {}
     for c in cases:
@@ -234,7 +248,8 @@ def main():
         b[0] += 1
         b[1] += c["survived"]
         b[2] += c["lost"]
-    lines = ["# Fault campaign", "", f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {m['cpu']} ({m['cores']} cores).", "",
+    lines = ["# Fault campaign" + ("" if final else " (unfinished: still running or cut short)"), "",
+             f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {m['cpu']} ({m['cores']} cores).", "",
              "```", cmd, "```", "",
              "Each fault is injected in a real process at a chosen global step (EDGECLR_FAULT), then the same command",
              "runs again (with --resume when a checkpoint exists). Survived = the re-run finishes; lost = anything",
@@ -248,7 +263,8 @@ def main():
     if bad:
         lines += ["", "Failures:", ""] + [f"- {c['stage']} {c['fault']}: {'; '.join(c['problems'])[:300]}" for c in bad]
     (HERE / "results" / "fault_campaign.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if final:
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import struct
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -64,6 +63,20 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
     raise ValueError(f"channels must be 1 or 3, got {channels}")
 
 
+# Longest side / shortest side accepted. Resizing the shorter side up to the model's resize size
+# multiplies the pixels by that ratio before the centre crop: a 465-byte TIFF declaring 9 x 9,633,804
+# pixels (under PIL's bomb limit) took 1.3 GB to embed at 16 px (scripts/fuzz_images.py found it).
+# Panoramas stay far below 64:1; a centre crop would keep under 2% of such an image anyway.
+MAX_ASPECT = 64
+
+
+def _check_aspect(size: tuple[int, int], what: str) -> None:
+    w, h = size
+    if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
+        raise ImageError(f"cannot decode {what}: {w}x{h} pixels, an aspect ratio beyond {MAX_ASPECT}:1 (refused: its "
+                         "centre crop would be a sliver of it, and resizing it costs memory out of proportion)")
+
+
 def load_image(path: str | Path, channels: int = 3, min_side: int | None = None) -> Image.Image:
     """Open, fully decode and orient an image file.
 
@@ -74,20 +87,24 @@ def load_image(path: str | Path, channels: int = 3, min_side: int | None = None)
             twice as large is decoded at a reduced DCT scale (1/2 .. 1/8) that still keeps both
             sides >= min_side, so a 24-Mpixel photo never becomes a 72 MB array. Evaluation and
             the runtime pass the same value, so both see the same pixels. Any format beyond
-            PIL's decompression-bomb limit (MAX_IMAGE_PIXELS) is refused.
+            PIL's decompression-bomb limit (MAX_IMAGE_PIXELS) is refused, and so is an aspect
+            ratio beyond MAX_ASPECT:1, both from the header, before decoding.
 
     Raises:
-        ImageError: the file is missing, not an image, corrupt or truncated. Decoding happens
-            inside the same try as opening, because a truncated JPEG opens fine and fails only
-            when its pixels are read.
+        ImageError: the file is missing, not an image, corrupt, truncated, too large or too thin.
+            Decoding happens inside the same try as opening, because a truncated JPEG opens fine
+            and fails only when its pixels are read.
     """
     import warnings
 
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
     try:
         with warnings.catch_warnings():
             # PIL only warns between MAX_IMAGE_PIXELS and twice that: refuse those too, before decoding
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                _check_aspect(im.size, f"image {path}")  # from the header, before decoding
                 if min_side and im.format == "JPEG" and min(im.size) >= 2 * min_side:
                     im.draft(im.mode, (min_side, min_side))
                 im = ImageOps.exif_transpose(im)  # honours the EXIF orientation tag; decodes
@@ -95,8 +112,13 @@ def load_image(path: str | Path, channels: int = 3, min_side: int | None = None)
                 return to_mode(im, channels)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"cannot decode image {path}: {e} (images above {Image.MAX_IMAGE_PIXELS} pixels are refused)") from e
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, ZeroDivisionError) as e:
-        # PIL's pure-Python parsers raise these on malformed headers (found by tests/faults' fuzzing)
+    except (ImageError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001
+        # PIL's pure-Python parsers raise almost anything on malformed input: OSError, SyntaxError,
+        # ValueError, EOFError, struct.error, IndexError, ZeroDivisionError, and TypeError from a
+        # TIFF whose strip offset tag holds bytes (scripts/fuzz_images.py found these; the inputs are
+        # in tests/faults/test_image_inputs.py). Every one is a bad file, named, never a crash.
         raise ImageError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
 
 
@@ -144,6 +166,7 @@ def resize_center_crop(img: Image.Image, resize_size: int, crop: int, interpolat
     side truncated, offsets rounded), so a torchvision eval transform gives the same pixels.
     """
     w, h = img.size
+    _check_aspect((w, h), "an image")  # load_image refuses these files before decoding; this guards in-memory images
     if min(w, h) != resize_size:
         if w <= h:
             w, h = resize_size, int(resize_size * h / w)

@@ -101,3 +101,55 @@ def test_huge_declared_dimensions_are_refused_before_decoding(tmp_path, w, h):
         load_image(p, 3)
     assert time.time() - t0 < 5
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing of that size was allocated
+
+
+# inputs that scripts/fuzz_images.py (atheris) found escaping load_image as something other than ImageError
+FUZZ_FINDINGS = {
+    # a TIFF whose StripOffsets tag holds bytes: PIL's loader raised TypeError from seek() (2026-12-01)
+    "tiff-bytes-strip-offset.tif": "SUkqAAgAAAAKAAABBAABAAAACQAAAAEBBAABAAAADAAAAAIBAwAAhgADBgAAAAMBAwABAABAAQAAAAYDAwABAAAAAQAAABEBBwABAAAAjAAA"
+                                   "AH+E/////7AeC9eAr2k5tLz//////////////////////////////////////////////////7T//////////////////x3vnCCIBkx3"
+                                   "mFvRpTis",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FUZZ_FINDINGS))
+@pytest.mark.parametrize("channels", [1, 3])
+def test_inputs_the_fuzzer_found_are_image_errors(tmp_path, name, channels):
+    import base64
+
+    path = tmp_path / name
+    path.write_bytes(base64.b64decode(FUZZ_FINDINGS[name]))
+    with pytest.raises(ImageError, match="cannot decode image .*" + name):
+        load_image(path, channels)
+
+
+# a 465-byte TIFF that declares 9 x 9,633,804 RGB pixels (scripts/fuzz_images.py, 2026-12-01: out of memory)
+THIN_TIFF = (
+    "SUkqAAgAAAAKAAABBAABAAAACQAAAAEBBAABAAAADACTAAIBAwADAAAAhgAAAAMBAwABAAAAAQAAAAYBAwABAAAAAgAAABEBBAABAAAAjAAAAB"
+    "UBAwABAAAAAwAAABYBBAABAAAADAAAABcAAAQBAABEAQEAABwBAwABAAAAAQAAAAAAAEAIAAgACABfgsLZz+sPoyHX2YL4vRBFuOjNTqk9fQod"
+    "8EITtic7BDtR3ix4ejLQThxApnlZqul/su2AcXtMm0WagvhfScC6v3/coecBK4vtv1btjwfoYO9MNwBHTcfb0LCQvqtoeLMA8PXmZL/Yftsfle"
+    "eNcxCZCHnTz8MHs8q6pie52EnE9ywOf9sWOkv53C55qAXZM52KOBKVFCDruUzx1iZ7zzo1bAyjOmc99T8HaMpeAWAH0R+o6x4CqQquq7vijoY6"
+    "Nq6lMWbeQfDgiZ1lGpnDM7E4Yhr1/nV9Jkn/P8UTzlYGGPstcShh861/rz7GOfPGf4SmvKUe14ALPrCvaTm0vFqQY7o7CuA+r5UiFQQzlLl1s7"
+    "g7anHY8Z59hhhOG2D1AmxPGA1HbMG0X3xDswS4hnm145KmrBLSeR3vnCAGiEx3mFvRpTis"
+)
+
+
+def test_a_thin_image_is_refused_from_its_header_before_any_allocation(tmp_path):
+    """A 465-byte TIFF declaring 9 x 9,633,804 pixels passed PIL's bomb limit, decoded to 260 MB and
+    took 1.3 GB to preprocess at 16 px (the resize up-scales its short side); the fuzzer's 2 GB limit
+    stopped it. Aspect ratios beyond MAX_ASPECT:1 are now refused from the header, files and in-memory images alike."""
+    import base64
+    import resource
+
+    from edgeclr.runtime import MAX_ASPECT, resize_center_crop
+
+    path = tmp_path / "thin.tif"
+    path.write_bytes(base64.b64decode(THIN_TIFF))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ImageError, match=r"thin.tif: 9x9633804 pixels, an aspect ratio beyond 64:1"):
+        load_image(path, 1)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000  # KiB: nothing near 260 MB was decoded
+    with pytest.raises(ImageError, match="aspect ratio"):
+        resize_center_crop(Image.new("L", (2, 2 * MAX_ASPECT + 2)), 16, 16)
+    ok = resize_center_crop(Image.new("L", (10, 10 * MAX_ASPECT)), 16, 16)  # at the limit: fine
+    assert ok.size == (16, 16)
