@@ -11,7 +11,7 @@ the same command again (with --resume where the stage takes it) and check:
   tolerance 1e-6), a NaN never reaches a checkpoint, the pipeline's report and exports exist
   and load.
 
-    python benchmarks/fault_campaign.py                 # ~15 min on 2 cores
+    python benchmarks/fault_campaign.py                 # 89 faults, ~30 min on 2 cores
     python benchmarks/fault_campaign.py --quick         # a few points per stage
 
 Writes benchmarks/results/fault_campaign.{json,md}: counts injected / survived / lost.

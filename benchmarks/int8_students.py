@@ -1,6 +1,8 @@
-"""Which student architecture gets faster with INT8? onnxruntime FP32 vs static INT8 (edgeclr's
-compress.quantize_onnx) for every registered student, at 1 thread, batch 1, interleaved
-(FP32, INT8, FP32, INT8, ...) so the ratio survives a noisy machine; median of the rounds.
+"""Which student architecture gets faster with INT8? FP32 vs static INT8 for every registered
+student, at 1 thread, batch 1, interleaved (FP32, INT8, FP32, INT8, ...) so the ratio survives a
+noisy machine; median of the rounds. --runtime onnxruntime (default): edgeclr's
+compress.quantize_onnx (QDQ); --runtime openvino: compress.quantize_openvino (NNCF), the FP32 IR
+run at INFERENCE_PRECISION_HINT f32 (the precision each model ran at is recorded).
 
 Weights are random (latency does not depend on them); calibration uses real Fashion-MNIST images
 (or digits with --data digits) resized to the benchmark size. Grayscale input, stem stride 2
@@ -8,8 +10,9 @@ Weights are random (latency does not depend on them); calibration uses real Fash
 
     python benchmarks/int8_students.py --size 224
     python benchmarks/int8_students.py --size 28 --stem-stride 1     # Fashion-MNIST's native size
+    python benchmarks/int8_students.py --size 224 --runtime openvino
 
-Writes benchmarks/results/int8_students-<size>px.{json,md}.
+Writes benchmarks/results/int8_students-<size>px[-openvino].{json,md}.
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ def main():
     ap.add_argument("--runs", type=int, default=30, help="timed runs per model per round")
     ap.add_argument("--calib", type=int, default=300)
     ap.add_argument("--target", default="x86", choices=("x86", "arm"))
+    ap.add_argument("--runtime", default="onnxruntime", choices=("onnxruntime", "openvino"))
     a = ap.parse_args()
+    ov = a.runtime == "openvino"
 
     torch.manual_seed(0)
     pp = Preprocess(input_size=a.size, resize_size=a.size, mean=(0.286,), std=(0.353,), channels=1)
@@ -58,29 +63,40 @@ def main():
             meta = ModelMeta(preprocess=pp, embedding_dim=128, normalized=True)
             export._write_onnx(em, torch.from_numpy(calib[:1]), True, 17, meta, f32)
             scope = compress.float_scope(f32, em)
-            compress.quantize_onnx(f32, i8, calib, a.target, sorted({n for v in scope.values() for n in v}))
-            compress.quantize_onnx(f32, i8all, calib, a.target, [])
+            excluded = sorted({n for v in scope.values() for n in v})
+            if ov:  # the same model as an IR; NNCF with the same float scope (node names carry over from ONNX)
+                f32, i8, i8all = (p.with_suffix(".xml") for p in (f32, i8, i8all))
+                export._write_openvino(em, torch.from_numpy(calib[:1]), True, 17, meta, f32)
+                compress.quantize_openvino(f32, i8, calib, excluded)
+                compress.quantize_openvino(f32, i8all, calib, [])
+            else:
+                compress.quantize_onnx(f32, i8, calib, a.target, excluded)
+                compress.quantize_onnx(f32, i8all, calib, a.target, [])
             macs = compress.count_macs(model, torch.from_numpy(calib[:1]))[0]
             sess = {k: Embedder.load(p, threads=1) for k, p in (("fp32", f32), ("int8", i8), ("int8-all", i8all))}
             ref = sess["fp32"].embed_arrays(calib[:64], 64)
             cos = {k: float((ref * s.embed_arrays(calib[:64], 64)).sum(1).min()) for k, s in sess.items() if k != "fp32"}
             ms = interleaved_ms({k: (lambda x, s=s: s.embed_arrays(x, 1)) for k, s in sess.items()}, calib[:1], a.rounds, a.runs)
             row = {"model": name, "macs_m": macs / 1e6, **{f"{k}_ms": v for k, v in ms.items()},
+                   "precision_ran": {k: getattr(s.backend, "precision", "-") for k, s in sess.items()},
                    "float_scope": {k: len(v) for k, v in scope.items()}, "min_cosine_vs_fp32": cos}
             row["speedup_int8"] = row["fp32_ms"] / row["int8_ms"]
             row["speedup_int8_all"] = row["fp32_ms"] / row["int8-all_ms"]
             rows.append(row)
             print(json.dumps(row), flush=True)
     res = {"machine": machine(), "command": "python " + " ".join(sys.argv), "size": a.size, "stem_stride": a.stem_stride,
-           "target": a.target, "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
-    stem = HERE / "results" / f"int8_students-{a.size}px"
+           "target": a.target, "runtime": a.runtime, "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
+    stem = HERE / "results" / (f"int8_students-{a.size}px" + ("-openvino" if ov else ""))
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    md = [f"# INT8 vs FP32 per student, onnxruntime, 1 thread, batch 1, {a.size} px, grayscale, stem stride {a.stem_stride}", "",
+    md = [f"# INT8 vs FP32 per student, {a.runtime}, 1 thread, batch 1, {a.size} px, grayscale, stem stride {a.stem_stride}", "",
           f"Machine: {res['machine']['cpu']} ({res['machine']['cores']} cores, AVX-512: {res['machine']['avx512']}). "
           f"Command: `{res['command']}`. Medians of {a.rounds} interleaved rounds of {a.runs} runs. "
-          "INT8 = static QDQ, per-channel, "
-          f"{'U8S8' if a.target == 'x86' else 'S8S8'}, with edgeclr's float scope (first conv, embedding layer, SE); "
-          "INT8-all = every supported node quantised. Random weights, real calibration images.", "",
+          + ("INT8 = NNCF `quantize` (performance preset, fast bias correction) of the FP32 IR, "
+             if ov else f"INT8 = static QDQ, per-channel, {'U8S8' if a.target == 'x86' else 'S8S8'}, ")
+          + "with edgeclr's float scope (first conv, embedding layer, SE); "
+          "INT8-all = every supported node quantised. Random weights, real calibration images."
+          + (" OpenVINO inference precision that ran: " + ", ".join(sorted({f"{k} {v}" for r in rows for k, v in r["precision_ran"].items()}))
+             + "." if ov else ""), "",
           "| student | MMACs | FP32 ms | INT8 ms | INT8 speed-up | INT8-all ms | INT8-all speed-up |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['model']} | {r['macs_m']:.1f} | {r['fp32_ms']:.3f} | {r['int8_ms']:.3f} | {r['speedup_int8']:.2f}x | "
