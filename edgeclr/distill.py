@@ -174,7 +174,6 @@ class DistillTrainer(Trainer):
         return loss
 
 
-@torch.no_grad()
 def recalibrate_bn(model: nn.Module, ds: data.Dataset, pp: Preprocess, device, n: int, seed: int = 0,
                    batch_size: int = 256) -> int:
     """Re-estimate every BatchNorm's running mean/variance on n clean training images (the
@@ -185,9 +184,9 @@ def recalibrate_bn(model: nn.Module, ds: data.Dataset, pp: Preprocess, device, n
     it embeds at evaluation (kNN on 16-px digits: MobileNetV3-Small 50.7% -> 86.0%, its pruned
     copy 37.3% -> 81.1%, measured; the ResNet teacher: 92.9% -> 92.7%, so teachers are left alone).
     """
-    from edgeclr.evaluate import eval_inputs, recalibrate_bn_on
+    from edgeclr.evaluate import batchnorms, eval_inputs, recalibrate_bn_on
 
-    if n <= 0 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if n <= 0 or not batchnorms(model):  # no images to prepare
         return 0
     idx = np.sort(np.random.default_rng(seed).choice(len(ds), min(n, len(ds)), replace=False))
     x, _ = eval_inputs(ds, pp, idx)

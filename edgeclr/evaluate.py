@@ -143,10 +143,15 @@ def tsne_plot(feats, labels, path: str | Path, classes: list[str] | None = None,
     return Path(path)
 
 
+def batchnorms(model) -> list:
+    """The model's BatchNorm layers (any dimension)."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
 def recalibrate_bn_on(model, x: torch.Tensor, device, batch_size: int = 256) -> int:
     """Re-estimate every BatchNorm's running mean/variance on the preprocessed images x, as an exact
     average over them (momentum None); returns the images used (see distill.recalibrate_bn)."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    bns = batchnorms(model)
     if not bns or not len(x):
         return 0
     was_training = model.training
@@ -193,8 +198,8 @@ class KnnMonitor:
         """kNN top-1 of model; recalibrate overrides the monitor's bn_recalibrate (False: score the
         model's own statistics, e.g. a teacher, or a student whose statistics were just re-estimated)."""
         recalibrate = self.bn_recalibrate if recalibrate is None else recalibrate
-        if recalibrate and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            model = copy.deepcopy(getattr(model, "module", model))  # the training model's statistics stay as they are
+        if recalibrate and batchnorms(model):
+            model = copy.deepcopy(model)  # the training model's statistics stay as they are
             recalibrate_bn_on(model, self.bank_x, device)
         was_training = model.training
         model.eval()
