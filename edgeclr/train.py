@@ -341,18 +341,19 @@ def check_finite(loss: torch.Tensor, trainer: Trainer) -> None:
 MAX_SKIPPED_IN_A_ROW = 10
 
 
-def skip_nonfinite(loss: torch.Tensor, tr: Trainer) -> bool:
-    """A non-finite loss: with --nonfinite skip, True (the step is skipped: no backward, no update,
-    the optimiser's state untouched) until MAX_SKIPPED_IN_A_ROW in a row; else NonFiniteLoss."""
-    if tr.cfg.nonfinite != "skip" or tr.nonfinite_run + 1 >= MAX_SKIPPED_IN_A_ROW:
-        if tr.cfg.nonfinite == "skip":
-            log.error("%d non-finite losses in a row: stopping", MAX_SKIPPED_IN_A_ROW)
+def skip_nonfinite(loss: torch.Tensor, tr: Trainer) -> None:
+    """A non-finite loss: NonFiniteLoss (check_finite), unless --nonfinite skip, which counts the
+    step as skipped (no backward, no update, the optimiser's state untouched) until
+    MAX_SKIPPED_IN_A_ROW in a row."""
+    give_up = tr.cfg.nonfinite == "skip" and tr.nonfinite_run + 1 >= MAX_SKIPPED_IN_A_ROW
+    if give_up:
+        log.error("%d non-finite losses in a row: stopping", MAX_SKIPPED_IN_A_ROW)
+    if tr.cfg.nonfinite != "skip" or give_up:
         check_finite(loss, tr)
     tr.nonfinite_run += 1
     tr.nonfinite_skipped += 1
     log.warning("the loss became %s at epoch %d, step %d (global step %d): step skipped (--nonfinite skip; %d so far)",
                 loss.item(), tr.epoch, tr.step, tr.global_step, tr.nonfinite_skipped)
-    return True
 
 
 def train_one_epoch(tr: Trainer, loss_fn, metrics, progress=None, deadline: float | None = None) -> bool:
@@ -377,11 +378,13 @@ def train_one_epoch(tr: Trainer, loss_fn, metrics, progress=None, deadline: floa
             finite = bool(torch.isfinite(loss).all())
             if d.enabled and dist_.sync_flags(d, tr.device, float(not finite))[0] and finite:
                 loss, finite = loss.new_tensor(float("nan")), False  # another rank's is not: all stop (or skip) together
-            if finite or not skip_nonfinite(loss, tr):  # before the update: a NaN never reaches the weights
+            if finite:
                 tr.nonfinite_run = 0
                 gnorm = tr.optimise(loss)
                 n_last += len(x) * d.world
-            else:  # skipped: no backward, no update; the statistics of the bad batch are undone and the
+            else:  # before the update: a NaN never reaches the weights
+                skip_nonfinite(loss, tr)  # stops the run, unless --nonfinite skip
+                # skipped: no backward, no update; the statistics of the bad batch are undone and the
                 tr.restore_step_state(before)  # schedule moves on, so that steps keep their learning rates
                 tr.sched.step()
                 loss = None
