@@ -169,6 +169,11 @@ def main():
     root = Path(a.work or tempfile.mkdtemp(prefix="edgeclr-faults-"))
     cases = []
 
+    def record(case: dict) -> None:  # printed and written as it comes: a campaign cut short keeps its counts
+        cases.append(case)
+        print(json.dumps(case), flush=True)
+        write_results(cases)
+
     # uninterrupted references
     ref = root / "ref"
     rc, log = edgeclr(["train", *TRAIN, "--out", str(ref)])
@@ -191,41 +196,29 @@ def main():
         for kind, rcs in (("kill", {-9}), ("term", {143}), ("int", {130})):
             if a.quick and kind != "kill" and i % 2:
                 continue
-            cases.append(stage_case(["train", *TRAIN], "train", root / f"train-{kind}-{s}", ref, f"{kind}:stage=train:step={s}", rcs))
-            print(json.dumps(cases[-1]), flush=True)
-            write_results(cases)
+            record(stage_case(["train", *TRAIN], "train", root / f"train-{kind}-{s}", ref, f"{kind}:stage=train:step={s}", rcs))
         if not a.quick or i % 2 == 0:
-            cases.append(stage_case(["train", *TRAIN], "train", root / f"train-nan-{s}", ref, f"nan_loss:stage=train:step={s}", {2}))
-            print(json.dumps(cases[-1]), flush=True)
-            write_results(cases)
+            record(stage_case(["train", *TRAIN], "train", root / f"train-nan-{s}", ref, f"nan_loss:stage=train:step={s}", {2}))
     for s in distill_points:
         for kind, rcs in (("kill", {-9}), ("term", {143})):
             out = root / f"distill-{kind}-{s}"
             cmd = ["distill", "--teacher", str(ref), *DISTILL]
-            cases.append(stage_case(cmd, "distill", out, ref, f"{kind}:stage=distill:step={s}", rcs))
-            print(json.dumps(cases[-1]), flush=True)
-            write_results(cases)
+            record(stage_case(cmd, "distill", out, ref, f"{kind}:stage=distill:step={s}", rcs))
     # a NaN / Inf image in the batch or an Inf loss, skipped (--nonfinite skip) rather than stopping
     for stage, s in ([("train", 7), ("distill", 5)] if a.quick else [("train", 3), ("train", 30), ("distill", 5), ("distill", 30)]):
         for kind in ("nan_batch", "inf_batch", "inf_loss"):
             cmd = ["train", *TRAIN] if stage == "train" else ["distill", "--teacher", str(ref), *DISTILL]
-            cases.append(skip_case(cmd, stage, root / f"{stage}-skip-{kind}-{s}", f"{kind}:stage={stage}:step={s}"))
-            print(json.dumps(cases[-1]), flush=True)
-            write_results(cases)
+            record(skip_case(cmd, stage, root / f"{stage}-skip-{kind}-{s}", f"{kind}:stage={stage}:step={s}"))
     comp_points = [3] if a.quick else [1, 5, 10]
     for s in comp_points:  # the recovery after pruning (its trainer's stage is "compress")
         out = root / f"compress-kill-{s}"
         cmd = ["compress", str(ref / "distill"), "--recover-epochs", "1", "--formats", "onnx", "--calib-images", "32",
                "--latency-runs", "3", "--eval-images", "300", "--no-progress", "--no-tensorboard"]
-        cases.append(stage_case(cmd, "compress", out, None, f"kill:stage=compress:step={s}", {-9}))
-        print(json.dumps(cases[-1]), flush=True)
-        write_results(cases)
+        record(stage_case(cmd, "compress", out, None, f"kill:stage=compress:step={s}", {-9}))
     for stage, s in ([("train", 5), ("distill", 6)] if a.quick else [("train", 3), ("train", 10), ("distill", 2), ("distill", 11),
                                                                     ("compress", 4)]):
         for kind in ("kill", "int"):
-            cases.append(pipeline_case(root / f"pipeline-{stage}-{kind}-{s}", f"{kind}:stage={stage}:step={s}"))
-            print(json.dumps(cases[-1]), flush=True)
-            write_results(cases)
+            record(pipeline_case(root / f"pipeline-{stage}-{kind}-{s}", f"{kind}:stage={stage}:step={s}"))
 
     write_results(cases, final=True)
 
