@@ -47,6 +47,8 @@ def main():
     ap.add_argument("--calib", type=int, default=300)
     ap.add_argument("--target", default="x86", choices=("x86", "arm"))
     ap.add_argument("--runtime", default="onnxruntime", choices=("onnxruntime", "openvino"))
+    ap.add_argument("--width", type=int, default=None, help="ResNet base width (e.g. 8 or 16: a dense-convolution student)")
+    ap.add_argument("--tag", default="", help="suffix of the results file")
     a = ap.parse_args()
     ov = a.runtime == "openvino"
 
@@ -57,7 +59,8 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.models.split(","):
-            model = create_model(ModelSpec(name, in_chans=1, stem_stride=a.stem_stride, embed_dim=128, head_layers=0)).eval()
+            extra = dict(width=a.width) if name.startswith("resnet") else {}
+            model = create_model(ModelSpec(name, in_chans=1, stem_stride=a.stem_stride, embed_dim=128, head_layers=0, **extra)).eval()
             em = export.EmbeddingModel(model, True).eval()
             f32, i8, i8all = (Path(tmp) / f"{name}-{k}.onnx" for k in ("fp32", "int8", "int8-all"))
             meta = ModelMeta(preprocess=pp, embedding_dim=128, normalized=True)
@@ -86,9 +89,10 @@ def main():
             print(json.dumps(row), flush=True)
     res = {"machine": machine(), "command": "python " + " ".join(sys.argv), "size": a.size, "stem_stride": a.stem_stride,
            "target": a.target, "runtime": a.runtime, "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
-    stem = HERE / "results" / (f"int8_students-{a.size}px" + ("-openvino" if ov else ""))
+    stem = HERE / "results" / (f"int8_students-{a.size}px" + ("-openvino" if ov else "") + (f"-{a.tag}" if a.tag else ""))
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    md = [f"# INT8 vs FP32 per student, {a.runtime}, 1 thread, batch 1, {a.size} px, grayscale, stem stride {a.stem_stride}", "",
+    md = [f"# INT8 vs FP32 per student, {a.runtime}, 1 thread, batch 1, {a.size} px, grayscale, stem stride {a.stem_stride}"
+          + (f", ResNet width {a.width}" if a.width else ""), "",
           f"Machine: {res['machine']['cpu']} ({res['machine']['cores']} cores, AVX-512: {res['machine']['avx512']}). "
           f"Command: `{res['command']}`. Medians of {a.rounds} interleaved rounds of {a.runs} runs. "
           + ("INT8 = NNCF `quantize` (performance preset, fast bias correction) of the FP32 IR, "

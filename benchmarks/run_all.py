@@ -3,7 +3,8 @@ benchmarks/results/<machine>.md:
 
     teacher (fashion_mnist_teacher.py) -> distillation (distill_fashion_mnist.py)
       -> compression (compress_fashion_mnist.py) -> edgeclr bench on the run (native size)
-      -> edgeclr eval --compare on the run -> train_overhead.py, embed_memory.py
+      -> edgeclr eval --compare on the run -> speed_table.py (224 px and 28 px, against the teacher
+      and torchvision references) -> bench_vs_benchmark_app.py -> train_overhead.py, embed_memory.py
 
     python benchmarks/run_all.py --out runs/all          # about 2.5 hours on 2 CPU cores
     python benchmarks/run_all.py --out runs/all --skip teacher,distill   # reuse finished stages
@@ -31,7 +32,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/all")
     ap.add_argument("--skip", default="", help="comma list of steps to reuse: teacher, distill, compress, bench, compare, "
-                                                 "overhead, memory")
+                                                 "speed, openvino, overhead, memory")
     a = ap.parse_args()
     out, skip, py = Path(a.out), set(filter(None, a.skip.split(","))), sys.executable
     teacher, student, comp = out / "teacher", out / "distill", out / "compress"
@@ -43,6 +44,9 @@ def main():
         ("bench", [py, "-m", "edgeclr", "bench", str(comp / "compress" / "models"), "--threads", "1,2", "--batch", "1,32",
                    "--out", str(out / "bench")]),
         ("compare", [py, "-m", "edgeclr", "eval", "--compare", str(comp)]),
+        ("speed", [py, str(HERE / "speed_table.py"), "--teacher", str(teacher), "--student", str(student / "distilled"),
+                   "--compress", str(comp)]),
+        ("openvino", [py, str(HERE / "bench_vs_benchmark_app.py")]),
         ("overhead", [py, str(HERE / "train_overhead.py")]),
         ("memory", [py, str(HERE / "embed_memory.py")]),
     ]
@@ -54,8 +58,8 @@ def main():
     parts = [f"# All benchmarks on {m['cpu']} ({m['cores']} cores)", "",
              f"Command: `python {shlex.join(sys.argv)}` ({(time.time() - t0) / 3600:.1f} h). Each section is the "
              "file its script wrote.", ""]
-    for f in ("fashion_mnist_teacher.md", "distill_fashion_mnist.md", "compress_fashion_mnist.md", "train_overhead.md",
-              "embed_memory.md"):
+    for f in ("fashion_mnist_teacher.md", "distill_fashion_mnist.md", "compress_fashion_mnist.md", "speed_table.md",
+              "bench_vs_benchmark_app.md", "train_overhead.md", "embed_memory.md"):
         p = HERE / "results" / f
         if p.exists():
             parts += [p.read_text().replace("\n# ", "\n## ").replace("# ", "## ", 1), ""]

@@ -99,8 +99,22 @@ def classify(path: Path) -> str | None:
     return ("onnx" if path.suffix == ".onnx" else "openvino") + ("-int8" if int8 else "")
 
 
+TORCHVISION = "torchvision:"  # a reference model: an unmodified torchvision classifier in torch eager
+
+
+def _torchvision_model(name: str):
+    import torchvision
+
+    fn = getattr(torchvision.models, name, None)
+    if not callable(fn) or name.startswith("_") or name[0].isupper():
+        raise BenchError(f"{TORCHVISION}{name}: torchvision has no model {name!r}; e.g. {TORCHVISION}resnet18, "
+                         f"{TORCHVISION}mobilenet_v3_large")
+    return fn(weights=None).eval()  # random weights: latency does not depend on them, and nothing is downloaded
+
+
 def discover(models: list[str], formats: tuple[str, ...]) -> list[tuple[str, str, str]]:
-    """(label, path, format) for every model argument: exported files, checkpoints, run folders.
+    """(label, path, format) for every model argument: exported files, checkpoints, run folders,
+    and `torchvision:NAME` reference models (an unmodified torchvision network, torch eager).
 
     A run folder contributes its checkpoint (torch) and every exported file under it
     (export/, compress/models/). Raises BenchError for a path that is none of these.
@@ -108,6 +122,11 @@ def discover(models: list[str], formats: tuple[str, ...]) -> list[tuple[str, str
     wanted = {s for s, prefix in ((".onnx", "onnx"), (".xml", "openvino")) if any(f.startswith(prefix) for f in formats)}
     found = []
     for m in models:
+        if m.startswith(TORCHVISION):
+            if "torch" not in formats:
+                raise BenchError(f"{m} runs in torch eager: add torch to --formats")
+            found.append((m, m, "torch"))
+            continue
         p = Path(m)
         if not p.exists():
             raise BenchError(f"{p} does not exist: pass exported models (.onnx, .xml), checkpoints or run folders")
@@ -161,6 +180,24 @@ def _threads_running() -> int:
 def _load(cfg: Config):
     """(run(x) callable, input shape, facts) for one configuration."""
     facts: dict = {}
+    if cfg.format == "torch" and cfg.path.startswith(TORCHVISION):
+        import torch
+
+        from edgeclr.models import count_macs
+
+        torch.set_num_threads(cfg.threads)
+        model = _torchvision_model(cfg.path[len(TORCHVISION):])
+        size = cfg.input_size or 224
+        shape = (cfg.batch, 3, size, size)
+        facts.update(threads_setting=torch.get_num_threads(), precision_ran="fp32", params=sum(p.numel() for p in model.parameters()),
+                     macs=count_macs(model, shape[1:]), size_bytes=sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+                     runtime=f"torch {torch.__version__}")
+
+        def run(x):
+            with torch.inference_mode():
+                return model(torch.from_numpy(x))
+
+        return run, shape, facts
     if cfg.format == "torch":
         import torch
 
@@ -195,7 +232,9 @@ def _load(cfg: Config):
         import openvino as ov
 
         facts.update(precision_ran=b.precision,
-                     threads_setting=int(b.compiled.get_property("INFERENCE_NUM_THREADS")), runtime=f"openvino {ov.__version__}")
+                     threads_setting=int(b.compiled.get_property("INFERENCE_NUM_THREADS")), runtime=f"openvino {ov.__version__}",
+                     performance_hint=str(b.compiled.get_property("PERFORMANCE_HINT")).split(".")[-1],
+                     streams=int(b.compiled.get_property("NUM_STREAMS")))
     else:
         import onnxruntime as ort
 
@@ -290,7 +329,12 @@ class _Worker:
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
             pass
-        self.proc.wait(timeout=30)
+        try:  # a worker slow to exit (a starved machine) must not cost the timings already taken
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            log.warning("the benchmark worker for %s did not exit in 30 s after quit: killed", self.cfg.path)
+            self.proc.kill()
+            self.proc.wait()
 
 
 def run_bench(configs: list[Config], rounds: int, runs: int, warmup_s: float) -> list[dict]:

@@ -235,9 +235,10 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model: Encoder, shape: tuple[int, int, int]) -> int:
-    """Multiply-accumulates of one (C, H, W) image through model.embed: every Conv2d and Linear
-    (normalisation and activations, a few percent of a CNN's arithmetic, are not counted)."""
+def count_macs(model: nn.Module, shape: tuple[int, int, int]) -> int:
+    """Multiply-accumulates of one (C, H, W) image through model.embed (an Encoder) or model (any
+    other network, e.g. a torchvision reference): every Conv2d and Linear (normalisation and
+    activations, a few percent of a CNN's arithmetic, are not counted)."""
     total = 0
 
     def conv(m, i, o):
@@ -254,7 +255,7 @@ def count_macs(model: Encoder, shape: tuple[int, int, int]) -> int:
     model.eval()
     try:
         with torch.no_grad():
-            model.embed(torch.zeros(1, *shape, device=next(model.parameters()).device))
+            getattr(model, "embed", model)(torch.zeros(1, *shape, device=next(model.parameters()).device))
     finally:
         model.train(was)
         for h in hooks:

@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import make_checkpoint, run
@@ -71,3 +72,56 @@ def test_wrong_files_and_missing_runtimes_are_clear_errors(exported, tmp_path, m
     # the run's OpenVINO files are not opened when only onnx is asked for
     r = run(["bench", str(exported / "run"), "--formats", "onnx", "--baseline", "nothing", *FAST, "--out", str(tmp_path)], ok=False)
     assert r.exit_code == 2 and "--baseline nothing" in r.output
+
+
+def test_torchvision_references_run_unmodified_in_torch_eager(tmp_path):
+    out = tmp_path / "tv"
+    run(["bench", "torchvision:resnet18", "--formats", "torch", "--input-size", "32", *FAST, "--out", str(out)])
+    row = json.loads((out / "bench.json").read_text())["rows"][0]
+    import torchvision
+
+    from edgeclr.models import count_macs
+
+    ref = torchvision.models.resnet18()
+    assert row["label"] == "torchvision:resnet18" and row["format"] == "torch" and row["p50_ms"] > 0
+    assert row["params"] == sum(p.numel() for p in ref.parameters())  # the classifier too: unmodified
+    assert row["macs"] == count_macs(ref, (3, 32, 32)) > 0
+    r = run(["bench", "torchvision:resnet_eighteen", "--formats", "torch", *FAST, "--out", str(out)], ok=False)
+    assert r.exit_code == 2 and "torchvision has no model 'resnet_eighteen'" in r.output
+    r = run(["bench", "torchvision:resnet18", "--formats", "onnx", *FAST, "--out", str(out)], ok=False)
+    assert r.exit_code == 2 and "add torch to --formats" in r.output
+
+
+def test_benchmark_app_cross_check_runs_on_an_exported_model(exported, tmp_path):
+    """The harness of benchmarks/bench_vs_benchmark_app.py (its recorded run is the 20% comparison):
+    benchmark_app takes the settings, and edgeclr's compiled model is the configuration it is
+    compared with (LATENCY hint = 1 stream, f32, the threads asked)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import bench_vs_benchmark_app as cross
+
+    xml = exported / "run" / "export" / "model.xml"
+    theirs = cross.benchmark_app(xml, 1, 1, tmp_path / "rep")
+    mine = cross.ours(xml, "openvino", 1, 2, 5)
+    assert theirs["median_ms"] > 0 and theirs["iterations"] > 0 and "-infer_precision f32" in theirs["command"]
+    assert mine["p50_ms"] > 0 and mine["precision_ran"] == "f32" and mine["threads_setting"] == 1
+    assert mine["performance_hint"] == "LATENCY" and mine["streams"] == 1
+
+
+def test_a_worker_slow_to_exit_is_killed_and_the_timings_are_kept(exported, monkeypatch):
+    """On a starved machine a worker took over 30 s to exit after `quit`: the finished run raised
+    TimeoutExpired from close() and lost every row."""
+    import subprocess
+
+    real = subprocess.Popen.wait
+    slow = []
+
+    def wait(self, timeout=None):
+        if timeout is not None and not slow:  # the first polite wait times out
+            slow.append(self.args)
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return real(self, timeout)
+
+    monkeypatch.setattr(subprocess.Popen, "wait", wait)
+    cfg = bench.Config("m", str(exported / "run" / "export" / "model.onnx"), "onnx", 1, 1)
+    rows = bench.run_bench([cfg], 1, 3, 0.0)
+    assert slow and rows[0]["runs"] == 3 and rows[0]["p50_ms"] > 0
