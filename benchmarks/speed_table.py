@@ -50,7 +50,8 @@ def export_at(size: int, student: Path, comp: Path, folder: Path, data: str, cal
     q = man["artifacts"]["onnx-int8"]["quantization"]
     target = "x86" if q["activations"] == "QUInt8" else "arm"
     files = []
-    builds = [("student", student, 1), ("pruned", comp, 1)] + ([("pruned-224build", comp, 2)] if size >= 64 else [])
+    builds = [("student", student, 1), ("pruned", comp / "compress", 1)] + ([("pruned-224build", comp / "compress", 2)]
+                                                                        if size >= 64 else [])
     for name, src, stem in builds:
         made = [folder / f"{name}-{k}{ext}" for k in (("fp32",) if name == "student" else ("fp32", "int8")) for ext in (".onnx", ".xml")]
         if all(f.exists() for f in made):  # a re-run (e.g. after an interrupted bench) reuses the exports
@@ -133,7 +134,7 @@ def main():
             r["knn_28px"] = knn_of(r, report)
             for ref in REFS:
                 r[f"speedup_vs_{ref.split(':')[1]}"] = p50[ref] / r["p50_ms"]
-        tables[size] = {"command": shlex.join(cmd[1:]), "seconds": secs, "rows": rows, "machine": res["machine"],
+        tables[size] = {"command": "edgeclr " + shlex.join(cmd[3:]), "seconds": secs, "rows": rows, "machine": res["machine"],
                         "matmul_peak": res["matmul_peak_macs_per_s"]}
     res = {"machine": machine(), "command": "python " + shlex.join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
            "report": report, "tables": tables}
@@ -149,7 +150,7 @@ def main():
           "depend on them). kNN = top-1 on Fashion-MNIST's 10,000 test images at 28 px from `edgeclr compress`'s report "
           f"(teacher {tk:.2f}%).", ""]
     for size, t in tables.items():
-        md += [f"## {size} px", "", f"`edgeclr {t['command'].split(' -m edgeclr ')[-1]}` ({t['seconds']:.0f} s)", "",
+        md += [f"## {size} px", "", f"`{t['command']}` ({t['seconds']:.0f} s)", "",
                "| model | format | ran as | MMACs | p50 ms | vs teacher | vs torchvision ResNet-18 | vs torchvision MobileNetV3-Large "
                "| kNN (28 px) | kNN vs teacher |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in t["rows"]:
