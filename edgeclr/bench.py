@@ -180,39 +180,26 @@ def _threads_running() -> int:
 def _load(cfg: Config):
     """(run(x) callable, input shape, facts) for one configuration."""
     facts: dict = {}
-    if cfg.format == "torch" and cfg.path.startswith(TORCHVISION):
-        import torch
-
-        from edgeclr.models import count_macs
-
-        torch.set_num_threads(cfg.threads)
-        model = _torchvision_model(cfg.path[len(TORCHVISION):])
-        size = cfg.input_size or 224
-        shape = (cfg.batch, 3, size, size)
-        facts.update(threads_setting=torch.get_num_threads(), precision_ran="fp32", params=sum(p.numel() for p in model.parameters()),
-                     macs=count_macs(model, shape[1:]), size_bytes=sum(t.numel() * t.element_size() for t in model.state_dict().values()),
-                     runtime=f"torch {torch.__version__}")
-
-        def run(x):
-            with torch.inference_mode():
-                return model(torch.from_numpy(x))
-
-        return run, shape, facts
     if cfg.format == "torch":
         import torch
 
-        from edgeclr.evaluate import load_encoder
-        from edgeclr.export import EmbeddingModel
         from edgeclr.models import count_macs
 
         torch.set_num_threads(cfg.threads)
-        enc, ck, _ = load_encoder(cfg.path, "cpu")
-        model = EmbeddingModel(enc, True).eval()
-        size = cfg.input_size or ck["preprocess"]["input_size"]
-        shape = (cfg.batch, enc.spec.in_chans, size, size)
-        weights = sum(t.numel() * t.element_size() for t in enc.state_dict().values())  # not the optimiser state
-        facts.update(threads_setting=torch.get_num_threads(), precision_ran="fp32", params=sum(p.numel() for p in enc.parameters()),
-                     macs=count_macs(enc, shape[1:]), size_bytes=weights, runtime=f"torch {torch.__version__}")
+        if cfg.path.startswith(TORCHVISION):  # the whole network, classifier included
+            net = model = _torchvision_model(cfg.path[len(TORCHVISION):])
+            shape = (cfg.batch, 3, cfg.input_size or 224, cfg.input_size or 224)
+        else:
+            from edgeclr.evaluate import load_encoder
+            from edgeclr.export import EmbeddingModel
+
+            net, ck, _ = load_encoder(cfg.path, "cpu")
+            model = EmbeddingModel(net, True).eval()
+            size = cfg.input_size or ck["preprocess"]["input_size"]
+            shape = (cfg.batch, net.spec.in_chans, size, size)
+        weights = sum(t.numel() * t.element_size() for t in net.state_dict().values())  # not the optimiser state
+        facts.update(threads_setting=torch.get_num_threads(), precision_ran="fp32", params=sum(p.numel() for p in net.parameters()),
+                     macs=count_macs(net, shape[1:]), size_bytes=weights, runtime=f"torch {torch.__version__}")
 
         def run(x):
             with torch.inference_mode():

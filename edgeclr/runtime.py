@@ -297,36 +297,35 @@ class _OpenVinoBackend:
         self.batch = shape[0].get_length() if shape[0].is_static else None
         self.input_shape = [d.get_length() if d.is_static else None for d in shape]
         self.output_shape = [d.get_length() if d.is_static else None for d in model.outputs[0].get_partial_shape()]
-        self._model, self._config, self._requests = model, config, {}
         # A dynamic-batch model runs each batch size it meets as its own static-shape compilation:
         # OpenVINO's CPU plugin pays shape inference and reallocation on every call of a dynamic
-        # model, ~0.4-1.3 ms here (benchmarks/results/bench_vs_benchmark_app.md).
-        self.compiled = self._compiled(self.batch or 1)
+        # model, ~0.4-1.3 ms here (benchmarks/results/bench_vs_benchmark_app.md). A model whose
+        # image size is dynamic too runs as it is.
+        self._model, self._config, self._requests = model, config, {}
+        self._reshape = self.batch is None and None not in self.input_shape[1:]
+        self._first = self.batch or 1
+        self.compiled, self.request = self._request(self._first)
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type: "f32", "bf16", ...
         self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
-        self.request = self._requests[self.batch or 1][1]
 
     MAX_SHAPES = 4  # static compilations kept for a dynamic-batch model (a run's batch size and its remainder)
 
-    def _compiled(self, b: int):
-        if b not in self._requests:
+    def _request(self, n: int):
+        """(compiled model, infer request) for a batch of n images."""
+        key = n if self._reshape else self._first
+        if key not in self._requests:
             model = self._model
-            if self.batch is None and None not in self.input_shape[1:]:
+            if self._reshape:
                 model = model.clone()
-                model.reshape([b] + [d for d in self.input_shape[1:]])
+                model.reshape([key] + self.input_shape[1:])
             if len(self._requests) >= self.MAX_SHAPES:  # the oldest one that is not the first
-                del self._requests[next(k for k in self._requests if k != (self.batch or 1))]
+                del self._requests[next(k for k in self._requests if k != self._first)]
             compiled = openvino_core().compile_model(model, "CPU", self._config)
-            self._requests[b] = (compiled, compiled.create_infer_request())
-        return self._requests[b][0]
+            self._requests[key] = (compiled, compiled.create_infer_request())
+        return self._requests[key]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        if self.batch is None and None in self.input_shape[1:]:  # dynamic image size too: run it as it is
-            return np.asarray(self.request.infer([x])[0])
-        if self.batch is None and x.shape[0] not in self._requests:
-            self._compiled(x.shape[0])
-        req = self._requests[x.shape[0] if self.batch is None else self.batch][1]
-        return np.asarray(req.infer([x])[0])
+        return np.asarray(self._request(x.shape[0])[1].infer([x])[0])
 
 
 def _read_sidecar(path: Path) -> dict[str, str]:
