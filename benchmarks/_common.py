@@ -64,3 +64,42 @@ def interleaved_ms(fns: dict, x, rounds: int, runs: int, warmup: int = 5) -> dic
                 ts.append(time.perf_counter() - t)
             med[k].append(1000 * float(np.median(ts)))
     return {k: float(np.median(v)) for k, v in med.items()}
+
+
+def export_set(model, pp, folder, name: str, calib, runtimes=("onnx", "openvino"), int8: bool = True,
+               target: str = "x86", exclude: list[str] | None = None) -> dict:
+    """FP32 and INT8 files of one torch encoder, written the way `edgeclr export` and `edgeclr compress`
+    write them: {"onnx": path, "openvino": path, "onnx-int8": ..., "openvino-int8": ...} for `runtimes`.
+    INT8 keeps compress's float scope unless `exclude` names the nodes to keep float ([] = none)."""
+    from pathlib import Path
+
+    import torch
+
+    from edgeclr import compress, export
+    from edgeclr.models import count_macs, count_params
+    from edgeclr.runtime import ModelMeta
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    em = export.EmbeddingModel(model, True).eval()
+    shape = (pp.channels, pp.input_size, pp.input_size)
+    meta = ModelMeta(preprocess=pp, embedding_dim=model.embed_dim, normalized=True, macs=count_macs(model, shape),
+                     params=count_params(model))
+    x = torch.from_numpy(calib[:1])
+    onnx = folder / f"{name}-fp32.onnx"  # written for every runtime: the float scope is read from it
+    export._write_onnx(em, x, True, 17, meta, onnx)
+    out = {"onnx": onnx} if "onnx" in runtimes else {}
+    if "openvino" in runtimes:
+        out["openvino"] = onnx.with_suffix(".xml")
+        export._write_openvino(em, x, True, 17, meta, out["openvino"])
+    if int8:
+        if exclude is None:
+            exclude = sorted({n for v in compress.float_scope(onnx, em).values() for n in v})
+        i8 = folder / f"{name}-int8.onnx"
+        if "onnx" in runtimes:
+            out["onnx-int8"] = i8
+            compress.quantize_onnx(onnx, i8, calib, target, exclude)
+        if "openvino" in runtimes:
+            out["openvino-int8"] = i8.with_suffix(".xml")
+            compress.quantize_openvino(out["openvino"], out["openvino-int8"], calib, exclude)
+    return out

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine  # noqa: E402
+from _common import export_set, machine  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -62,9 +62,9 @@ def ours(model: Path, fmt: str, threads: int, rounds: int, runs: int) -> dict:
 def make_models(folder: Path) -> list[Path]:
     import torch
 
-    from edgeclr import compress, export
+    from edgeclr import compress
     from edgeclr.models import ModelSpec, create_model
-    from edgeclr.runtime import ModelMeta, Preprocess
+    from edgeclr.runtime import Preprocess
 
     torch.manual_seed(0)
     made = []
@@ -73,20 +73,9 @@ def make_models(folder: Path) -> list[Path]:
                                    ("resnet18w16-224", 224, 2, dict(name="resnet18", width=16, last_stride=1, head_layers=0))):
         pp = Preprocess(input_size=size, resize_size=size, mean=(0.5,), std=(0.5,), channels=1)
         model = create_model(ModelSpec(in_chans=1, stem_stride=stem, **spec)).eval()
-        em = export.EmbeddingModel(model, True).eval()
-        f32 = folder / f"{name}-fp32.xml"
         calib = compress.calibration_inputs("digits", pp, 300, 0, {})
-        export._write_openvino(em, torch.from_numpy(calib[:1]), True, 17, ModelMeta(preprocess=pp, embedding_dim=model.embed_dim,
-                                                                                    normalized=True), f32)
-        made.append(f32)
-        if name.startswith("mnv3s"):
-            onnx = f32.with_suffix(".onnx")
-            export._write_onnx(em, torch.from_numpy(calib[:1]), True, 17, ModelMeta(preprocess=pp, embedding_dim=model.embed_dim,
-                                                                                    normalized=True), onnx)
-            excluded = sorted({n for v in compress.float_scope(onnx, em).values() for n in v})
-            i8 = folder / f"{name}-int8.xml"
-            compress.quantize_openvino(f32, i8, calib, excluded)
-            made.append(i8)
+        files = export_set(model, pp, folder, name, calib, runtimes=("openvino",), int8=name.startswith("mnv3s"))
+        made += files.values()
     return made
 
 

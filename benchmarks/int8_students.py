@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import interleaved_ms, machine  # noqa: E402
+from _common import export_set, interleaved_ms, machine  # noqa: E402
 
 from edgeclr import compress, data, export  # noqa: E402
 from edgeclr.models import ModelSpec, create_model, list_models  # noqa: E402
-from edgeclr.runtime import Embedder, ModelMeta, Preprocess  # noqa: E402
+from edgeclr.runtime import Embedder, Preprocess  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -61,20 +61,12 @@ def main():
         for name in a.models.split(","):
             extra = dict(width=a.width) if name.startswith("resnet") else {}
             model = create_model(ModelSpec(name, in_chans=1, stem_stride=a.stem_stride, embed_dim=128, head_layers=0, **extra)).eval()
-            em = export.EmbeddingModel(model, True).eval()
-            f32, i8, i8all = (Path(tmp) / f"{name}-{k}.onnx" for k in ("fp32", "int8", "int8-all"))
-            meta = ModelMeta(preprocess=pp, embedding_dim=128, normalized=True)
-            export._write_onnx(em, torch.from_numpy(calib[:1]), True, 17, meta, f32)
-            scope = compress.float_scope(f32, em)
-            excluded = sorted({n for v in scope.values() for n in v})
-            if ov:  # the same model as an IR; NNCF with the same float scope (node names carry over from ONNX)
-                f32, i8, i8all = (p.with_suffix(".xml") for p in (f32, i8, i8all))
-                export._write_openvino(em, torch.from_numpy(calib[:1]), True, 17, meta, f32)
-                compress.quantize_openvino(f32, i8, calib, excluded)
-                compress.quantize_openvino(f32, i8all, calib, [])
-            else:
-                compress.quantize_onnx(f32, i8, calib, a.target, excluded)
-                compress.quantize_onnx(f32, i8all, calib, a.target, [])
+            rt = ("openvino",) if ov else ("onnx",)
+            key = rt[0] + "-int8"
+            files = export_set(model, pp, tmp, name, calib, runtimes=rt, target=a.target)
+            f32, i8 = files[rt[0]], files[key]
+            i8all = export_set(model, pp, tmp, f"{name}-all", calib, runtimes=rt, target=a.target, exclude=[])[key]
+            scope = compress.float_scope(Path(tmp) / f"{name}-fp32.onnx", export.EmbeddingModel(model, True).eval())
             macs = compress.count_macs(model, torch.from_numpy(calib[:1]))[0]
             sess = {k: Embedder.load(p, threads=1) for k, p in (("fp32", f32), ("int8", i8), ("int8-all", i8all))}
             ref = sess["fp32"].embed_arrays(calib[:64], 64)

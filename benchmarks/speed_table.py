@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, run  # noqa: E402
+from _common import export_set, machine, run  # noqa: E402
 
 HERE = Path(__file__).parent
 REFS = ("torchvision:resnet18", "torchvision:mobilenet_v3_large")
@@ -37,15 +37,9 @@ REFS = ("torchvision:resnet18", "torchvision:mobilenet_v3_large")
 
 def export_at(size: int, student: Path, comp: Path, folder: Path, data: str, calib_n: int) -> list[Path]:
     """FP32/INT8 ONNX and OpenVINO files of the student and pruned student at `size` px."""
-    import dataclasses
+    from edgeclr import compress
+    from edgeclr.runtime import Preprocess
 
-    import torch
-
-    from edgeclr import compress, export
-    from edgeclr.models import count_macs, count_params
-    from edgeclr.runtime import ModelMeta, Preprocess
-
-    folder.mkdir(parents=True, exist_ok=True)
     man = json.loads((comp / "compress" / "manifest.json").read_text())
     q = man["artifacts"]["onnx-int8"]["quantization"]
     target = "x86" if q["activations"] == "QUInt8" else "arm"
@@ -61,25 +55,9 @@ def export_at(size: int, student: Path, comp: Path, folder: Path, data: str, cal
         model.eval()
         if stem != 1:  # the stride edgeclr builds students with for inputs >= 64 px; same weights
             model.backbone.features[0][0].stride = (stem, stem)
-        pp0 = ck["preprocess"]
-        pp = Preprocess(**{**{k: v for k, v in pp0.items() if k in {f.name for f in dataclasses.fields(Preprocess)}},
-                           "input_size": size, "resize_size": size})
-        em = export.EmbeddingModel(model, True).eval()
-        shape = (pp.channels, size, size)
-        meta = ModelMeta(preprocess=pp, embedding_dim=model.embed_dim, normalized=True, macs=count_macs(model, shape),
-                         params=count_params(model))
+        pp = Preprocess.from_dict(ck["preprocess"]).at_size(size)
         calib = compress.calibration_inputs(data, pp, calib_n, 0, {})
-        x = torch.from_numpy(calib[:1])
-        f32 = folder / f"{name}-fp32.onnx"
-        export._write_onnx(em, x, True, 17, meta, f32)
-        export._write_openvino(em, x, True, 17, meta, f32.with_suffix(".xml"))
-        files += [f32, f32.with_suffix(".xml")]
-        if name != "student":
-            exclude = sorted({n for v in compress.float_scope(f32, em).values() for n in v})
-            i8 = folder / f"{name}-int8.onnx"
-            compress.quantize_onnx(f32, i8, calib, target, exclude)
-            compress.quantize_openvino(f32.with_suffix(".xml"), i8.with_suffix(".xml"), calib, exclude)
-            files += [i8, i8.with_suffix(".xml")]
+        files += export_set(model, pp, folder, name, calib, int8=name != "student", target=target).values()
     return files
 
 
@@ -114,7 +92,9 @@ def main():
     teacher, student, comp = Path(a.teacher), Path(a.student), Path(a.compress)
     out = Path(a.out or comp / "speed")
     report = json.loads((comp / "compress" / "report.json").read_text())
-    ckpt = next((teacher / s / "checkpoints" / "last.pt" for s in ("train",) if (teacher / s / "checkpoints" / "last.pt").is_file()))
+    from edgeclr import checkpoint
+
+    ckpt = checkpoint.find(teacher, ("train",))
     tables = {}
     for size in (int(s) for s in a.sizes.split(",")):
         folder = out / f"at{size}"

@@ -218,7 +218,8 @@ def _load(cfg: Config):
     if hasattr(b, "compiled"):
         import openvino as ov
 
-        facts.update(precision_ran=b.precision,
+        low, total = _ov_int8_layers(b.compiled)
+        facts.update(precision_ran=f"int8 ({low}/{total} layers), else {b.precision}" if low else b.precision,
                      threads_setting=int(b.compiled.get_property("INFERENCE_NUM_THREADS")), runtime=f"openvino {ov.__version__}",
                      performance_hint=str(b.compiled.get_property("PERFORMANCE_HINT")).split(".")[-1],
                      streams=int(b.compiled.get_property("NUM_STREAMS")))
@@ -232,6 +233,17 @@ def _load(cfg: Config):
         raise BenchError(f"{cfg.path} has a fixed batch of {b.batch}: benchmark it with --batch {b.batch}, or export it "
                          "with a dynamic batch")
     return b, shape, facts
+
+
+def _ov_int8_layers(compiled) -> tuple[int, int]:
+    """(layers that run in 8 bits, weighted layers) of a compiled OpenVINO model, read from the
+    runtime graph the CPU plugin executes (its 'runtimePrecision' of each convolution and matmul):
+    an INT8 IR's hint still reads f32, the precision of whatever stayed float."""
+    kinds = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution")
+    prec = [op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ordered_ops()
+            if "layerType" in op.get_rt_info() and op.get_rt_info()["layerType"].astype(str) in kinds
+            and "runtimePrecision" in op.get_rt_info()]
+    return sum(p in ("u8", "i8") for p in prec), len(prec)
 
 
 def worker(spec: str) -> None:

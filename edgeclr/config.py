@@ -172,8 +172,8 @@ class DistillConfig(TrainConfig):
     stem_stride: int | None = opt(None, "student stem stride: 2 = the architecture's, 1 = keep resolution for images under 64 px (default)")
     input_size: int | None = opt(None, "must equal the teacher's input size (default: the teacher's)")
     temperature: float | None = opt(0.1, "relational (SEED) loss: student softmax temperature")
-    width: int | None = opt(None, "", cli=False)
-    last_stride: int | None = opt(None, "", cli=False)
+    width: int | None = opt(None, "ResNet student (--model resnet18): base width (default 64); MobileNet students: not allowed")
+    last_stride: int | None = opt(None, "ResNet student: last-stage stride (default 2; 1 keeps layer3's resolution)")
     head_hidden: int | None = opt(None, "", cli=False)
     head_out: int = opt(128, "", cli=False)
     devices: int = opt(1, "", cli=False)  # distillation runs in one process
@@ -205,7 +205,7 @@ class DistillConfig(TrainConfig):
         self.fill({k: teacher_cfg[k] for k in FROM_TEACHER if teacher_cfg.get(k) is not None})
         self.fill(DISTILL_DEFAULTS)
         if self.stem_stride is None:
-            self.stem_stride = 1 if self.input_size < 64 else 2
+            self.stem_stride = 1 if self.input_size < 64 else 4 if str(self.model).startswith("resnet") else 2  # the architecture's
         self.validate()
         if self.cosine_weight < 0 or self.relational_weight < 0 or self.cosine_weight + self.relational_weight == 0:
             raise ConfigError("cosine_weight and relational_weight must be >= 0 and not both 0")
@@ -213,6 +213,9 @@ class DistillConfig(TrainConfig):
             raise ConfigError("teacher_temperature must be > 0, queue_size >= 0 and embed_dim >= 1")
         if self.bn_recalibrate < 0:
             raise ConfigError(f"bn_recalibrate is a number of images (0 = off), got {self.bn_recalibrate}")
+        if (self.width is not None or self.last_stride is not None) and not str(self.model).startswith("resnet"):
+            raise ConfigError(f"--width and --last-stride shape a ResNet student; {self.model} has neither: drop them "
+                              "or pass --model resnet18")
         return self
 
 

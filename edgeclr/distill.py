@@ -72,7 +72,8 @@ def build_student(cfg: config.DistillConfig, channels: int, teacher_dim: int) ->
     """The student (no projection head; embedding width cfg.embed_dim or the teacher's) and the
     adapter from its embedding to the teacher's width (identity when they are equal)."""
     dim = cfg.embed_dim or teacher_dim
-    spec = ModelSpec(cfg.model, in_chans=channels, stem_stride=cfg.stem_stride, embed_dim=dim, head_layers=0)
+    spec = ModelSpec(cfg.model, in_chans=channels, stem_stride=cfg.stem_stride, width=cfg.width, last_stride=cfg.last_stride,
+                     embed_dim=dim, head_layers=0)
     try:
         student = create_model(spec)
     except ValueError as e:

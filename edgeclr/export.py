@@ -179,8 +179,7 @@ def main(cfg: config.ExportConfig) -> dict:
     encoder, ckpt, ckpt_path = load_model(cfg.target)
     pp = Preprocess.from_dict(ckpt["preprocess"])
     if cfg.input_size and cfg.input_size != pp.input_size:
-        ratio = pp.resize_size / pp.input_size
-        pp = dataclasses.replace(pp, input_size=cfg.input_size, resize_size=max(cfg.input_size, round(cfg.input_size * ratio)))
+        pp = pp.at_size(cfg.input_size)
         log.warning("exporting at %d px; the model was trained at %d px", cfg.input_size, ckpt["preprocess"]["input_size"])
     model = EmbeddingModel(encoder, cfg.normalize).eval()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -148,6 +149,11 @@ class Preprocess:
         d = dataclasses.asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
+
+    def at_size(self, size: int) -> "Preprocess":
+        """The same preprocessing for a `size`-px model input, keeping the ratio of resize to crop."""
+        ratio = self.resize_size / self.input_size
+        return dataclasses.replace(self, input_size=size, resize_size=max(size, round(size * ratio)))
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
@@ -579,21 +585,30 @@ class _Partial:
         self.rows_f, self.ids_f, self.dim = out.with_name(out.stem + ".partial.f32"), out.with_name(out.stem + ".partial.ids.txt"), dim
 
     def read(self) -> tuple[np.ndarray, list[str]]:
+        """The rows and ids both files hold in full. A kill between (or during) the two writes of
+        append() leaves one file longer, or a row or line cut short: both files are cut back to
+        the common part, so the rows appended next line up with their ids."""
         if not self.rows_f.exists():
+            self.ids_f.unlink(missing_ok=True)
             return np.zeros((0, self.dim), np.float32), []
         rows = np.fromfile(self.rows_f, np.float32)
-        ids = self.ids_f.read_text().splitlines() if self.ids_f.exists() else []
-        n = min(len(rows) // self.dim, len(ids))  # a kill between the two writes leaves one longer
-        return rows[: n * self.dim].reshape(n, self.dim), ids[:n]
+        text = self.ids_f.read_bytes() if self.ids_f.exists() else b""
+        lines = text.split(b"\n")[:-1]  # complete lines only: the text after the last newline was cut
+        n = min(len(rows) // self.dim, len(lines))
+        keep = sum(len(x) + 1 for x in lines[:n])
+        if self.rows_f.stat().st_size != n * self.dim * 4:
+            os.truncate(self.rows_f, n * self.dim * 4)
+        if len(text) != keep:
+            if self.ids_f.exists():
+                os.truncate(self.ids_f, keep)
+        return rows[: n * self.dim].reshape(n, self.dim), [x.decode("utf-8") for x in lines[:n]]
 
     def append(self, emb: np.ndarray, ids: list[str]) -> None:
-        import os
-
         with open(self.rows_f, "ab") as f:
             f.write(np.ascontiguousarray(emb, np.float32).tobytes())
             f.flush()
             os.fsync(f.fileno())
-        with open(self.ids_f, "a") as f:
+        with open(self.ids_f, "a", encoding="utf-8") as f:
             f.write("".join(i + "\n" for i in ids))
             f.flush()
             os.fsync(f.fileno())

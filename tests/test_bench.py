@@ -55,6 +55,21 @@ def test_bf16_is_reported_when_asked(exported, tmp_path):
     assert (row["precision_ran"] == "bf16") == ("BF16" in caps)
 
 
+def test_an_int8_openvino_model_reports_the_layers_that_ran_in_8_bits(exported, tmp_path):
+    import numpy as np
+
+    from edgeclr import compress
+
+    i8 = tmp_path / "int8.xml"
+    calib = np.random.default_rng(0).normal(size=(16, 1, 16, 16)).astype(np.float32)
+    compress.quantize_openvino(exported / "run" / "export" / "model.xml", i8, calib, [])
+    run(["bench", str(exported / "run" / "export" / "model.xml"), str(i8), *FAST, "--out", str(tmp_path / "b")])
+    rows = {x["format"]: x for x in json.loads((tmp_path / "b" / "bench.json").read_text())["rows"]}
+    assert rows["openvino"]["precision_ran"] == "f32"  # the hint pinned for FP32; the INT8 IR's layers ran in 8 bits
+    low, total = map(int, rows["openvino-int8"]["precision_ran"].split("(")[1].split(" ")[0].split("/"))
+    assert rows["openvino-int8"]["precision_ran"].startswith("int8 (") and 0 < low <= total
+
+
 def test_wrong_files_and_missing_runtimes_are_clear_errors(exported, tmp_path, monkeypatch):
     txt = tmp_path / "notes.txt"
     txt.write_text("hello")

@@ -65,6 +65,30 @@ def test_pruned_model_saves_without_pickle_and_reloads_exactly():
         create_model(spec).load_state_dict(ck["model"])
 
 
+def test_float_scope_names_every_squeeze_excitation_node_of_the_exported_graph(tmp_path):
+    """The SE branches are found in the ONNX graph whichever module is handed in (the prefixes once
+    missed torch.onnx's 'features/features.4/block/block.2' naming and left every SE quantised)."""
+    import onnx
+    from torchvision.ops.misc import SqueezeExcitation
+
+    from edgeclr import export
+    from edgeclr.runtime import ModelMeta, Preprocess
+
+    m = create_model(ModelSpec("mobilenet_v3_small", in_chans=1, stem_stride=1, embed_dim=16, head_layers=0)).eval()
+    em = export.EmbeddingModel(m, True).eval()
+    pp = Preprocess(input_size=32, resize_size=32, mean=(0.5,), std=(0.5,), channels=1)
+    f = tmp_path / "m.onnx"
+    export._write_onnx(em, torch.zeros(1, 1, 32, 32), True, 17, ModelMeta(preprocess=pp, embedding_dim=16, normalized=True), f)
+    g = onnx.load(str(f)).graph
+    for mod in (em, m):
+        se = compress.float_scope(f, mod)["squeeze_excitation"]
+        convs = [n.name for n in g.node if n.op_type == "Conv" and n.name in se]
+        assert len(convs) == 18 and all(("/fc1/" in n) or ("/fc2/" in n) for n in convs)
+        assert len({n.rsplit("/", 2)[0] for n in convs}) == sum(isinstance(x, SqueezeExcitation) for x in m.modules()) == 9
+        assert {n.op_type for n in g.node if n.name in se} == {"GlobalAveragePool", "Conv", "Relu", "HardSigmoid", "Mul"}
+    assert compress.float_scope(f, create_model(ModelSpec("mobilenet_v3_small_minimal", in_chans=1)))["squeeze_excitation"] == []
+
+
 def test_compress_end_to_end(student):
     r = run(["compress", str(student), "--target-macs", "0.5", "--prune-steps", "1", "--recover-epochs", "1", *FAST])
     d = student / "compress"
@@ -84,6 +108,14 @@ def test_compress_end_to_end(student):
         assert e.meta.precision == "int8" and e.meta.embedding_dim == man["embedding_dim"]
     q = man["artifacts"]["onnx-int8"]["quantization"]
     assert q["per_channel"] and q["activations"] == "QUInt8" and q["float_scope"]["first_conv"]
+    # OpenVINO runs the float scope in float: the first conv and the embedding layer read f32 inputs
+    # (NNCF's ignored scope once named only their bias Adds, and every layer ran in 8 bits)
+    import openvino as ov
+
+    from edgeclr.bench import _ov_int8_layers
+
+    low, total = _ov_int8_layers(ov.Core().compile_model(str(d / "models" / "int8.xml"), "CPU"))
+    assert 0 < low <= total - 2, (low, total)
     assert not list((d / "models").glob(".*partial*"))
     # the pruned checkpoint reloads (plan replayed) and exports like any checkpoint
     model, ck, _ = load_encoder(d)

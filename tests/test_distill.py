@@ -168,6 +168,18 @@ def test_wrong_teachers_are_clear_errors(teacher, tmp_path):
     assert r.exit_code == 2 and "--teacher is required" in r.output
 
 
+def test_a_resnet_student_takes_width_and_last_stride_and_a_mobilenet_refuses_them(teacher):
+    _, tck, _ = distill.load_teacher(teacher, "cpu")
+    cfg = config.DistillConfig(teacher=str(teacher), model="resnet18", width=8, last_stride=1).resolve(tck["config"], 8)
+    s, _ = distill.build_student(cfg, 1, 64)
+    assert (s.spec.width, s.spec.last_stride, s.spec.stem_stride, s.spec.head_layers) == (8, 1, 1, 0)
+    assert s.backbone.layer1[0].conv1.out_channels == 8 and s(torch.zeros(2, 1, 8, 8)).shape == (2, 64)
+    for model, stem in (("resnet18", 4), ("mobilenet_v3_small", 2)):  # above 64 px: the architecture's own stem
+        assert config.DistillConfig(teacher=str(teacher), model=model).resolve(tck["config"], 224).stem_stride == stem
+    with pytest.raises(config.ConfigError, match="shape a ResNet student"):
+        config.DistillConfig(teacher=str(teacher), model="mobilenet_v3_small", width=8).resolve(tck["config"], 8)
+
+
 def test_bn_recalibration_sets_the_clean_image_statistics_and_is_recorded(teacher, tmp_path):
     from edgeclr.evaluate import eval_inputs, load_encoder
     from edgeclr.runtime import Preprocess

@@ -11,7 +11,7 @@ import pytest
 from helpers import run
 from PIL import Image
 
-from edgeclr.runtime import Embedder, ImageError, Index, load_image
+from edgeclr.runtime import Embedder, ImageError, Index, Preprocess, load_image
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,14 @@ def gallery(tmp_path):
 
 
 # -- inputs --------------------------------------------------------------------------------------
+
+
+def test_preprocess_at_another_size_keeps_the_resize_to_crop_ratio():
+    pp = Preprocess(input_size=224, resize_size=256, mean=(0.5,), std=(0.5,), channels=1)
+    assert (pp.at_size(112).input_size, pp.at_size(112).resize_size) == (112, 128)
+    assert pp.at_size(28).resize_size == 32 and pp.at_size(28).mean == pp.mean
+    same = Preprocess(input_size=28, resize_size=28, mean=(0.5,), std=(0.5,), channels=1).at_size(224)
+    assert (same.input_size, same.resize_size) == (224, 224)
 
 
 def test_bad_files_are_named_errors(tmp_path):
@@ -137,6 +145,31 @@ def test_embed_killed_midway_resumes_without_redoing(model, gallery, tmp_path):
     assert 1 <= done < 30 and "30 x" in r.output
     full = Embedder.load(model).embed((tmp_path / "emb.ids.txt").read_text().splitlines())
     assert np.allclose(np.load(out), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("cut", ["row written, id not", "half a row", "half an id line"])
+def test_a_run_cut_between_its_two_writes_resumes_with_every_row_beside_its_own_id(model, gallery, tmp_path, cut):
+    """The progress files of a killed `embed` (rows, then ids, per batch): the next run cuts both back
+    to what they hold in full before it appends (a stale row once shifted every later row by one)."""
+    from edgeclr.runtime import _Partial, embed_files_to, list_inputs
+
+    out = tmp_path / "emb.npy"
+    e = Embedder.load(model)
+    files = [str(f) for f in list_inputs([gallery])][:6]
+    part = _Partial(out, e.dim)
+    part.append(e.embed(files[:2]), files[:2])
+    stale = e.embed(files[2:3])
+    if cut == "row written, id not":
+        part.rows_f.open("ab").write(stale.tobytes())
+    elif cut == "half a row":
+        part.rows_f.open("ab").write(stale.tobytes()[: e.dim * 2])
+    else:
+        part.rows_f.open("ab").write(stale.tobytes())
+        part.ids_f.open("a").write(files[2][:10])
+    embed_files_to(model, files, out)
+    got, ids = np.load(out), (tmp_path / "emb.ids.txt").read_text().splitlines()
+    assert sorted(ids) == sorted(files) and len(got) == 6
+    assert np.allclose(got, e.embed(ids), atol=1e-5)
 
 
 # -- search ------------------------------------------------------------------------------------

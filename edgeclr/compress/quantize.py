@@ -12,11 +12,15 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgeclr import config, data
 from edgeclr.models import Encoder
+
+if TYPE_CHECKING:
+    from torch import nn
 from edgeclr.runtime import Preprocess
 
 
@@ -46,6 +50,25 @@ def calibration_inputs(spec: str, pp: Preprocess, n: int, seed: int, ckpt_cfg: d
     return np.asarray(x, np.float32)
 
 
+def onnx_scopes(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(submodule, the prefix torch.onnx gives its nodes' names), e.g. MobileNetV3's
+    backbone.features.4.block.2 -> "/backbone/features/features.4/block/block.2": a child of a
+    container (Sequential, ModuleList, ModuleDict) is named after its parent, "parent.child"."""
+    from torch import nn
+
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    out = []
+
+    def walk(mod, prefix, comp):
+        for name, child in mod.named_children():
+            c = f"{comp}.{name}" if comp and isinstance(mod, containers) else name
+            out.append((child, f"{prefix}/{c}"))
+            walk(child, f"{prefix}/{c}", c)
+
+    walk(model, "", "")
+    return out
+
+
 def float_scope(onnx_path: Path, model: Encoder) -> dict[str, list[str]]:
     """ONNX node names to leave in float, by reason: first conv, embedding layer, squeeze-excitation."""
     import onnx
@@ -56,8 +79,11 @@ def float_scope(onnx_path: Path, model: Encoder) -> dict[str, list[str]]:
     first = [n.name for n in g.node if n.op_type == "Conv" and inp in n.input][:1]
     weighted = [n for n in g.node if n.op_type in ("Conv", "Gemm", "MatMul")]
     last = [weighted[-1].name] if weighted else []
-    se_prefixes = ["/" + name.replace(".", "/") + "/" for name, m in model.named_modules() if isinstance(m, SqueezeExcitation)]
-    se = [n.name for n in g.node if any(n.name.startswith("/encoder" + p) or n.name.startswith(p) for p in se_prefixes)]
+    # a module called through a method (EmbeddingModel -> encoder.embed) leaves no scope of its own:
+    # match the prefix without its leading parts too
+    se_prefixes = tuple({"/" + "/".join(parts[i:]) + "/" for m, p in onnx_scopes(model) if isinstance(m, SqueezeExcitation)
+                         for parts in [p.strip("/").split("/")] for i in range(len(parts) - 1)})
+    se = [n.name for n in g.node if n.name.startswith(se_prefixes)]
     return {"first_conv": first, "embedding_layer": last, "squeeze_excitation": se}
 
 
@@ -133,7 +159,9 @@ def _nncf_job(job: dict) -> dict:
     calib = np.load(job["calib"])
     model = ov.Core().read_model(job["fp32"])
     names = {op.get_friendly_name() for op in model.get_ops()}
-    ignored = sorted(n for n in job["exclude"] if n in names)
+    # OpenVINO's ONNX frontend splits a biased Conv/Gemm into "<name>/WithoutBiases" (the
+    # convolution or matmul) + "<name>" (the bias Add): ignore both, or the layer is quantised anyway
+    ignored = sorted(m for n in job["exclude"] for m in (n, n + "/WithoutBiases") if m in names)
     ds = nncf.Dataset([calib[i:i + 1] for i in range(len(calib))])
     q = nncf.quantize(model, ds, subset_size=len(calib), preset=nncf.QuantizationPreset.PERFORMANCE,
                       fast_bias_correction=True, ignored_scope=nncf.IgnoredScope(names=ignored, validate=False))

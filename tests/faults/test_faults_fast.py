@@ -156,31 +156,34 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_
 # -- kills and NaNs at chosen steps -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("step", [3, 12])  # mid-epoch before the first checkpoint, and after two
+# both steps fall in the first of the 21 steps of an epoch: one epoch shows it. Step 12 (after two
+# checkpoints) is `slow`: test_train.py kills a run mid-epoch after a checkpoint, from outside.
+@pytest.mark.parametrize("step", [3, pytest.param(12, marks=pytest.mark.slow)])  # mid-epoch before the first checkpoint, and after two
 def test_sigkill_at_a_step_then_resume_equals_an_uninterrupted_run(tmp_path, step):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    assert edgeclr(["train", *ARGS, "--out", str(ref)])[0] == 0
-    rc, _ = edgeclr(["train", *ARGS, "--out", str(cut)], env={faults.ENV: f"kill:stage=train:step={step}"})
+    args = [*ARGS, "--epochs", "1"]
+    assert edgeclr(["train", *args, "--out", str(ref)])[0] == 0
+    rc, _ = edgeclr(["train", *args, "--out", str(cut)], env={faults.ENV: f"kill:stage=train:step={step}"})
     assert rc == -9
     ck = cut / "train" / "checkpoints"
     files = sorted(p.name for p in ck.iterdir()) if ck.exists() else []
     assert all(not n.endswith(".tmp") for n in files)  # nothing half-written
     if files:
-        rc, log = edgeclr(["train", *ARGS, "--out", str(cut), "--resume"])
+        rc, log = edgeclr(["train", *args, "--out", str(cut), "--resume"])
     else:  # killed before the first checkpoint: nothing to resume, start again
-        rc, log = edgeclr(["train", *ARGS, "--out", str(cut)])
+        rc, log = edgeclr(["train", *args, "--out", str(cut)])
     assert rc == 0, log[-2000:]
     assert same_weights(ref / "train/checkpoints/last.pt", cut / "train/checkpoints/last.pt")
 
 
 def test_nan_loss_at_a_step_stops_before_the_update_and_writes_no_poisoned_checkpoint(tmp_path):
     out = tmp_path / "run"
-    rc, log = edgeclr(["train", *ARGS, "--out", str(out)], env={faults.ENV: "nan_loss:stage=train:step=7"})
+    rc, log = edgeclr(["train", *ARGS, "--epochs", "1", "--out", str(out)], env={faults.ENV: "nan_loss:stage=train:step=7"})
     assert rc == 2 and "the loss became nan at epoch 0, step 7" in log
     ck = checkpoint.load(out / "train" / "checkpoints" / "last.pt")
     assert ck["global_step"] == 5  # the last good one (--ckpt-every 5), never one after the NaN
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
-    rc, log = edgeclr(["train", *ARGS, "--out", str(out), "--resume"])  # the fault gone, the run continues
+    rc, log = edgeclr(["train", *ARGS, "--epochs", "1", "--out", str(out), "--resume"])  # the fault gone, the run continues
     assert rc == 0, log[-2000:]
 
 
