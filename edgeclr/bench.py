@@ -240,9 +240,9 @@ def _ov_int8_layers(compiled) -> tuple[int, int]:
     runtime graph the CPU plugin executes (its 'runtimePrecision' of each convolution and matmul):
     an INT8 IR's hint still reads f32, the precision of whatever stayed float."""
     kinds = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution")
-    prec = [op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ordered_ops()
-            if "layerType" in op.get_rt_info() and op.get_rt_info()["layerType"].astype(str) in kinds
-            and "runtimePrecision" in op.get_rt_info()]
+    infos = [op.get_rt_info() for op in compiled.get_runtime_model().get_ordered_ops()]
+    prec = [rt["runtimePrecision"].astype(str) for rt in infos
+            if "layerType" in rt and "runtimePrecision" in rt and rt["layerType"].astype(str) in kinds]
     return sum(p in ("u8", "i8") for p in prec), len(prec)
 
 

@@ -169,7 +169,7 @@ class DistillConfig(TrainConfig):
     data: str | None = opt(None, "dataset (default: the teacher's); same forms as `edgeclr train --data`")
     out: str | None = opt(None, "run folder; this stage writes into OUT/distill (default: the teacher's run folder)")
     model: str | None = opt("mobilenet_v3_small", "student: registry name (mobilenet_v3_small, mobilenet_v3_large, mobilenet_v2, ...)")
-    stem_stride: int | None = opt(None, "student stem stride: 2 = the architecture's, 1 = keep resolution for images under 64 px (default)")
+    stem_stride: int | None = opt(None, "student stem stride: the architecture's (MobileNet 2, ResNet 4) by default, 1 for images under 64 px")
     input_size: int | None = opt(None, "must equal the teacher's input size (default: the teacher's)")
     temperature: float | None = opt(0.1, "relational (SEED) loss: student softmax temperature")
     width: int | None = opt(None, "ResNet student (--model resnet18): base width (default 64); MobileNet students: not allowed")
@@ -204,8 +204,9 @@ class DistillConfig(TrainConfig):
         self.input_size = teacher_input_size
         self.fill({k: teacher_cfg[k] for k in FROM_TEACHER if teacher_cfg.get(k) is not None})
         self.fill(DISTILL_DEFAULTS)
+        resnet = str(self.model).startswith("resnet")
         if self.stem_stride is None:
-            self.stem_stride = 1 if self.input_size < 64 else 4 if str(self.model).startswith("resnet") else 2  # the architecture's
+            self.stem_stride = 1 if self.input_size < 64 else 4 if resnet else 2  # the architecture's
         self.validate()
         if self.cosine_weight < 0 or self.relational_weight < 0 or self.cosine_weight + self.relational_weight == 0:
             raise ConfigError("cosine_weight and relational_weight must be >= 0 and not both 0")
@@ -213,7 +214,7 @@ class DistillConfig(TrainConfig):
             raise ConfigError("teacher_temperature must be > 0, queue_size >= 0 and embed_dim >= 1")
         if self.bn_recalibrate < 0:
             raise ConfigError(f"bn_recalibrate is a number of images (0 = off), got {self.bn_recalibrate}")
-        if (self.width is not None or self.last_stride is not None) and not str(self.model).startswith("resnet"):
+        if (self.width is not None or self.last_stride is not None) and not resnet:
             raise ConfigError(f"--width and --last-stride shape a ResNet student; {self.model} has neither: drop them "
                               "or pass --model resnet18")
         return self

@@ -598,9 +598,8 @@ class _Partial:
         keep = sum(len(x) + 1 for x in lines[:n])
         if self.rows_f.stat().st_size != n * self.dim * 4:
             os.truncate(self.rows_f, n * self.dim * 4)
-        if len(text) != keep:
-            if self.ids_f.exists():
-                os.truncate(self.ids_f, keep)
+        if len(text) != keep:  # only when the file exists: a missing one reads as b"" and keeps 0
+            os.truncate(self.ids_f, keep)
         return rows[: n * self.dim].reshape(n, self.dim), [x.decode("utf-8") for x in lines[:n]]
 
     def append(self, emb: np.ndarray, ids: list[str]) -> None:

@@ -18,10 +18,10 @@ import numpy as np
 
 from edgeclr import config, data
 from edgeclr.models import Encoder
+from edgeclr.runtime import Preprocess
 
 if TYPE_CHECKING:
     from torch import nn
-from edgeclr.runtime import Preprocess
 
 
 def calibration_inputs(spec: str, pp: Preprocess, n: int, seed: int, ckpt_cfg: dict) -> np.ndarray:
