@@ -39,6 +39,9 @@ HERE = Path(__file__).parent
 def benchmark_app(model: Path, threads: int, seconds: float, folder: Path) -> dict:
     """benchmark_app's median latency (ms) and the settings it reports, for one model."""
     exe = shutil.which("benchmark_app") or str(Path(sys.executable).with_name("benchmark_app"))
+    if not Path(exe).is_file():
+        raise SystemExit(f"benchmark_app not found (not on PATH, not beside {sys.executable}): it is installed with the "
+                         "openvino package (`pip install 'edgeclr[openvino]'`); activate that environment or put its bin/ on PATH")
     folder.mkdir(parents=True, exist_ok=True)
     cmd = [exe, "-m", str(model), "-d", "CPU", "-api", "sync", "-hint", "none", "-nstreams", "1", "-nthreads", str(threads),
            "-pin", "YES", "-infer_precision", "f32", "-b", "1", "-t", str(seconds), "-report_type", "no_counters",

@@ -41,6 +41,7 @@ def main():
     ap.add_argument("--out", default="runs/bench-distill")
     ap.add_argument("--student", default="mobilenet_v3_small")
     ap.add_argument("--stem-stride", default="1")
+    ap.add_argument("--width", default="", help="ResNet students: base width (e.g. 16; run_all.py's x86 student)")
     ap.add_argument("--budget-min", type=float, default=20.0, help="wall-time budget of each of the two trainings")
     ap.add_argument("--distill-epochs", default="8", help="sized so that the schedule ends within the budget")
     ap.add_argument("--simclr-epochs", default="4", help="sized so that the schedule ends within the budget")
@@ -57,7 +58,8 @@ def main():
 
     exe = [sys.executable, "-m", "edgeclr"]
     out = Path(a.out)
-    common = ["--model", a.student, "--stem-stride", a.stem_stride, "--batch-size", a.batch_size, "--lr", a.lr,
+    common = ["--model", a.student, "--stem-stride", a.stem_stride, *(["--width", a.width] if a.width else []),
+              "--batch-size", a.batch_size, "--lr", a.lr,
               "--device", a.device, "--max-minutes", str(a.budget_min), "--knn-every", "5"]
     distill_cmd = exe + ["distill", "--teacher", a.teacher, "--out", str(out / "distilled"),
                          "--epochs", a.distill_epochs, *common, "--lr", a.distill_lr, "--crop-scale", *a.distill_crop.split(),

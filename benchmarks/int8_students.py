@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import export_set, interleaved_ms, machine  # noqa: E402
 
 from edgeclr import compress, data, export  # noqa: E402
+from edgeclr.compress import prune  # noqa: E402
 from edgeclr.models import ModelSpec, create_model, list_models  # noqa: E402
 from edgeclr.runtime import Embedder, Preprocess  # noqa: E402
 
@@ -48,6 +49,9 @@ def main():
     ap.add_argument("--target", default="x86", choices=("x86", "arm"))
     ap.add_argument("--runtime", default="onnxruntime", choices=("onnxruntime", "openvino"))
     ap.add_argument("--width", type=int, default=None, help="ResNet base width (e.g. 8 or 16: a dense-convolution student)")
+    ap.add_argument("--prune-macs", type=float, default=0.0,
+                    help="prune each model to this fraction of its MACs first (as `edgeclr compress --target-macs`, "
+                         "one step, magnitude importance on the random weights): does pruning eat the INT8 gain?")
     ap.add_argument("--tag", default="", help="suffix of the results file")
     a = ap.parse_args()
     ov = a.runtime == "openvino"
@@ -61,6 +65,10 @@ def main():
         for name in a.models.split(","):
             extra = dict(width=a.width) if name.startswith("resnet") else {}
             model = create_model(ModelSpec(name, in_chans=1, stem_stride=a.stem_stride, embed_dim=128, head_layers=0, **extra)).eval()
+            macs0 = compress.count_macs(model, torch.from_numpy(calib[:1]))[0]
+            if a.prune_macs:
+                x = torch.from_numpy(calib[:1])
+                prune.prune_step(model, x, prune.ratio_for_macs(model, x, a.prune_macs * macs0, False), False)
             rt = ("openvino",) if ov else ("onnx",)
             key = rt[0] + "-int8"
             files = export_set(model, pp, tmp, name, calib, runtimes=rt, target=a.target)
@@ -72,7 +80,7 @@ def main():
             ref = sess["fp32"].embed_arrays(calib[:64], 64)
             cos = {k: float((ref * s.embed_arrays(calib[:64], 64)).sum(1).min()) for k, s in sess.items() if k != "fp32"}
             ms = interleaved_ms({k: (lambda x, s=s: s.embed_arrays(x, 1)) for k, s in sess.items()}, calib[:1], a.rounds, a.runs)
-            row = {"model": name, "macs_m": macs / 1e6, **{f"{k}_ms": v for k, v in ms.items()},
+            row = {"model": name, "macs_m": macs / 1e6, "unpruned_macs_m": macs0 / 1e6, **{f"{k}_ms": v for k, v in ms.items()},
                    "precision_ran": {k: getattr(s.backend, "precision", "-") for k, s in sess.items()},
                    "float_scope": {k: len(v) for k, v in scope.items()}, "min_cosine_vs_fp32": cos}
             row["speedup_int8"] = row["fp32_ms"] / row["int8_ms"]
@@ -80,11 +88,14 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
     res = {"machine": machine(), "command": "python " + " ".join(sys.argv), "size": a.size, "stem_stride": a.stem_stride,
+           "prune_macs": a.prune_macs,
            "target": a.target, "runtime": a.runtime, "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
-    stem = HERE / "results" / (f"int8_students-{a.size}px" + ("-openvino" if ov else "") + (f"-{a.tag}" if a.tag else ""))
+    stem = HERE / "results" / (f"int8_students-{a.size}px" + ("-openvino" if ov else "") + (f"-pruned{round(a.prune_macs * 100)}pct" if a.prune_macs else "")
+                               + (f"-{a.tag}" if a.tag else ""))
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     md = [f"# INT8 vs FP32 per student, {a.runtime}, 1 thread, batch 1, {a.size} px, grayscale, stem stride {a.stem_stride}"
-          + (f", ResNet width {a.width}" if a.width else ""), "",
+          + (f", ResNet width {a.width}" if a.width else "")
+          + (f", pruned to {a.prune_macs:g} of the MACs (random weights, one step, channels in multiples of 8)" if a.prune_macs else ""), "",
           f"Machine: {res['machine']['cpu']} ({res['machine']['cores']} cores, AVX-512: {res['machine']['avx512']}). "
           f"Command: `{res['command']}`. Medians of {a.rounds} interleaved rounds of {a.runs} runs. "
           + ("INT8 = NNCF `quantize` (performance preset, fast bias correction) of the FP32 IR, "

@@ -11,10 +11,10 @@ process, interleaved rounds, p50), so every ratio is measured in one run. The co
     (3 channels, random weights, ImageNet strides) in torch eager;
   - the distilled student, the pruned student and its INT8 models (onnxruntime QDQ and OpenVINO
     NNCF, with compress's float scope) exported at that size.
-At 224 px the student runs twice: as trained (stem stride 1, which keeps 28-px Fashion-MNIST at
-full resolution; at 224 px it does 4x the arithmetic of the same network as `edgeclr distill`
-builds it for inputs >= 64 px) and "224-px build" (the same pruned weights with the stem stride 2
-that a student trained at 224 px gets). The kNN accuracies are those of the 28-px models
+At 224 px the student runs twice: as trained (a stride-1 first conv, which keeps 28-px
+Fashion-MNIST at full resolution; at 224 px it does 4x the arithmetic of the same network as
+`edgeclr distill` builds it for inputs >= 64 px) and "224-px build" (the same pruned weights with
+the first conv at stride 2: the stem a student trained at 224 px gets, MobileNet stride 2, ResNet 4). The kNN accuracies are those of the 28-px models
 (`edgeclr compress`'s report on the 10,000 test images); a 224-px build has no accuracy of its own.
 Writes benchmarks/results/speed_table.{json,md} and the two bench folders under --out.
 """
@@ -37,6 +37,8 @@ REFS = ("torchvision:resnet18", "torchvision:mobilenet_v3_large")
 
 def export_at(size: int, student: Path, comp: Path, folder: Path, data: str, calib_n: int) -> list[Path]:
     """FP32/INT8 ONNX and OpenVINO files of the student and pruned student at `size` px."""
+    import torch
+
     from edgeclr import compress
     from edgeclr.runtime import Preprocess
 
@@ -53,8 +55,12 @@ def export_at(size: int, student: Path, comp: Path, folder: Path, data: str, cal
             continue
         model, ck, _ = compress.load_student(src, "cpu")
         model.eval()
-        if stem != 1:  # the stride edgeclr builds students with for inputs >= 64 px; same weights
-            model.backbone.features[0][0].stride = (stem, stem)
+        if stem != 1:  # the same weights with the first conv at stride 2: the stem edgeclr builds for
+            # inputs >= 64 px (MobileNet: stride 2; ResNet: 4 = conv 2 x maxpool 2)
+            first = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+            if first.stride != (1, 1):
+                continue  # trained with a strided first conv already: the model as trained is the 224-px one
+            first.stride = (stem, stem)
         pp = Preprocess.from_dict(ck["preprocess"]).at_size(size)
         calib = compress.calibration_inputs(data, pp, calib_n, 0, {})
         files += export_set(model, pp, folder, name, calib, int8=name != "student", target=target).values()

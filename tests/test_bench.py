@@ -122,6 +122,17 @@ def test_benchmark_app_cross_check_runs_on_an_exported_model(exported, tmp_path)
     assert mine["performance_hint"] == "LATENCY" and mine["streams"] == 1
 
 
+def test_a_missing_benchmark_app_names_the_package_that_installs_it(tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import bench_vs_benchmark_app as cross
+
+    monkeypatch.setattr(cross.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cross.sys, "executable", str(tmp_path / "bin" / "python"))
+    with pytest.raises(SystemExit, match=r"benchmark_app not found .*pip install 'edgeclr\[openvino\]'"):
+        cross.benchmark_app(tmp_path / "model.xml", 1, 1, tmp_path / "rep")
+    assert not (tmp_path / "rep").exists()
+
+
 def test_a_worker_slow_to_exit_is_killed_and_the_timings_are_kept(exported, monkeypatch):
     """On a starved machine a worker took over 30 s to exit after `quit`: the finished run raised
     TimeoutExpired from close() and lost every row."""

@@ -202,6 +202,8 @@ def test_every_preset_builds_its_stage_configs(preset, tmp_path):
     cs = pipeline.stage_configs(config.PipelineConfig(preset=preset, out=str(tmp_path)))
     assert cs["train"].data == config.PIPELINE_PRESETS[preset]["data"]
     assert cs["distill"].teacher.endswith("train") and cs["compress"].student.endswith("distill")
+    if preset == "fashion-mnist":  # the x86 benchmark student: dense convolutions that gain from INT8 (issue 6)
+        assert (cs["distill"].model, cs["distill"].width, cs["distill"].stem_stride) == ("resnet18", 16, 2)
 
 
 def test_new_training_images_change_the_train_key(tmp_path):
