@@ -87,16 +87,15 @@ def float_scope(onnx_path: Path, model: Encoder) -> dict[str, list[str]]:
 
     g = onnx.load(str(onnx_path), load_external_data=False).graph
     inp = g.input[0].name
-    first = [n.name for n in g.node if n.op_type == "Conv" and inp in n.input][:1]
     consumers: dict[str, list] = {}
     for n in g.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    node = next((n for n in g.node if first and n.name == first[0]), None)
-    while node is not None and len(node.output) == 1 and len(nxt := consumers.get(node.output[0], [])) == 1 \
-            and nxt[0].op_type in _STEM_TAIL:
-        node = nxt[0]
+    first, node = [], next((n for n in g.node if n.op_type == "Conv" and inp in n.input), None)
+    while node is not None:  # the first conv, then its output's sole consumer while that is a stem op
         first.append(node.name)
+        nxt = consumers.get(node.output[0], []) if len(node.output) == 1 else []
+        node = nxt[0] if len(nxt) == 1 and nxt[0].op_type in _STEM_TAIL else None
     weighted = [n for n in g.node if n.op_type in ("Conv", "Gemm", "MatMul")]
     last = [weighted[-1].name] if weighted else []
     # a module called through a method (EmbeddingModel -> encoder.embed) leaves no scope of its own:
