@@ -32,7 +32,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/all")
     ap.add_argument("--skip", default="", help="comma list of steps to reuse: teacher, distill, compress, bench, compare, "
-                                                 "speed, openvino, overhead, memory")
+                                                 "speed, openvino, ovcall, overhead, memory")
     a = ap.parse_args()
     out, skip, py = Path(a.out), set(filter(None, a.skip.split(","))), sys.executable
     teacher, student, comp = out / "teacher", out / "distill", out / "compress"
@@ -51,6 +51,7 @@ def main():
         ("speed", [py, str(HERE / "speed_table.py"), "--teacher", str(teacher), "--student", str(student / "distilled"),
                    "--compress", str(comp)]),
         ("openvino", [py, str(HERE / "bench_vs_benchmark_app.py")]),
+        ("ovcall", [py, str(HERE / "ov_call_overhead.py")]),
         ("overhead", [py, str(HERE / "train_overhead.py")]),
         ("memory", [py, str(HERE / "embed_memory.py")]),
     ]
@@ -63,7 +64,7 @@ def main():
              f"Command: `python {shlex.join(sys.argv)}` ({(time.time() - t0) / 3600:.1f} h). Each section is the "
              "file its script wrote.", ""]
     for f in ("fashion_mnist_teacher.md", "distill_fashion_mnist.md", "compress_fashion_mnist.md", "speed_table.md",
-              "bench_vs_benchmark_app.md", "train_overhead.md", "embed_memory.md"):
+              "bench_vs_benchmark_app.md", "ov_call_overhead.md", "train_overhead.md", "embed_memory.md"):
         p = HERE / "results" / f
         if p.exists():
             parts += [p.read_text().replace("\n# ", "\n## ").replace("# ", "## ", 1), ""]

@@ -331,7 +331,11 @@ class _OpenVinoBackend:
         return self._requests[key]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self._request(x.shape[0])[1].infer([x])[0])
+        # the request reads x in place and lends its output buffer (share_*): infer([x]) copied both
+        # through Python, ~0.1 ms a call that a 0.4-ms 28-px model paid on top (benchmarks/results/
+        # bench_vs_benchmark_app.md); the copy below keeps the result past the request's next call
+        out = self._request(x.shape[0])[1].infer(np.ascontiguousarray(x, np.float32), share_inputs=True, share_outputs=True)
+        return np.array(out[0], copy=True)
 
 
 def _read_sidecar(path: Path) -> dict[str, str]:
