@@ -75,26 +75,21 @@ def main():
     calib = compress.calibration_inputs("fashion-mnist", pp, 300, 0, {})
     q = man["artifacts"]["onnx-int8"]["quantization"]
     exclude = sorted({n for v in q["float_scope"].values() for n in v})
+    students = {k: compress.load_student(t, "cpu")[0].eval() for k, t in (("student", Path(a.student) / "distill"), ("pruned", out / "compress"))}
     files = {}
     if "onnx" in rts:
         compress.quantize_onnx(big / "pruned.onnx", big / "pruned-int8.onnx", calib, "x86" if q["activations"] == "QUInt8" else "arm", exclude)
         files.update({k: big / f"{k}.onnx" for k in ("student", "pruned", "pruned-int8")})
     if "openvino" in rts:  # NNCF INT8 with the same float scope as the shipped models (compress's manifest)
-        students = {k: compress.load_student(t, "cpu")[0].eval() for k, t in (("student", Path(a.student) / "distill"), ("pruned", out / "compress"))}
         files["student-ov"] = export_set(students["student"], pp, big / "ov", "student", calib, ("openvino",), int8=False)["openvino"]
         f = export_set(students["pruned"], pp, big / "ov", "pruned", calib, ("openvino",), exclude=exclude)
         files.update({"pruned-ov": f["openvino"], "pruned-int8-ov": f["openvino-int8"]})
     sess = {k: Embedder.load(f, threads=1, precision="f32") for k, f in files.items()}
     ms = interleaved_ms({k: (lambda x, e=e: e.embed_arrays(x, 1)) for k, e in sess.items()}, calib[:1], a.rounds, a.runs)
-    from edgeclr.bench import _ov_int8_layers
+    from edgeclr.bench import precision_ran
 
-    ran = {}
-    for k, e in sess.items():  # what ran: the OpenVINO runtime graph's layer precisions, onnxruntime's QDQ file
-        low, total = _ov_int8_layers(e.backend.compiled) if hasattr(e.backend, "compiled") else (0, 0)
-        ran[k] = (f"int8 ({low}/{total} layers), else f32" if low else "f32") if k.endswith("-ov") else \
-            ("int8 (QDQ)" if "int8" in k else "f32")
-    macs = {k: compress.count_macs(compress.load_student(t, "cpu")[0], torch.zeros(1, 1, a.size, a.size))[0]
-            for k, t in (("student", Path(a.student) / "distill"), ("pruned", out / "compress"))}
+    ran = {k: precision_ran(e.backend, "int8" in k) for k, e in sess.items()}
+    macs = {k: compress.count_macs(m, torch.zeros(1, 1, a.size, a.size))[0] for k, m in students.items()}
     per_rt = {}
     for rt, sfx in (("onnxruntime", ""), ("openvino", "-ov")):
         if f"pruned{sfx}" in ms:

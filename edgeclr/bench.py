@@ -218,8 +218,7 @@ def _load(cfg: Config):
     if hasattr(b, "compiled"):
         import openvino as ov
 
-        low, total = _ov_int8_layers(b.compiled)
-        facts.update(precision_ran=f"int8 ({low}/{total} layers), else {b.precision}" if low else b.precision,
+        facts.update(precision_ran=precision_ran(b, "int8" in cfg.format),
                      threads_setting=int(b.compiled.get_property("INFERENCE_NUM_THREADS")), runtime=f"openvino {ov.__version__}",
                      performance_hint=str(b.compiled.get_property("PERFORMANCE_HINT")).split(".")[-1],
                      streams=int(b.compiled.get_property("NUM_STREAMS")))
@@ -227,12 +226,21 @@ def _load(cfg: Config):
         import onnxruntime as ort
 
         so = b.session.get_session_options()
-        facts.update(precision_ran="int8 (QDQ)" if "int8" in cfg.format else "fp32", threads_setting=so.intra_op_num_threads,
+        facts.update(precision_ran=precision_ran(b, "int8" in cfg.format), threads_setting=so.intra_op_num_threads,
                      runtime=f"onnxruntime {ort.__version__}")
     if b.batch not in (None, cfg.batch):
         raise BenchError(f"{cfg.path} has a fixed batch of {b.batch}: benchmark it with --batch {b.batch}, or export it "
                          "with a dynamic batch")
     return b, shape, facts
+
+
+def precision_ran(backend, int8_file: bool) -> str:
+    """What a runtime backend runs in: an OpenVINO model's 8-bit layers (read from its runtime
+    graph) besides its inference precision; onnxruntime: "int8 (QDQ)" for an INT8 file, else fp32."""
+    if hasattr(backend, "compiled"):
+        low, total = _ov_int8_layers(backend.compiled)
+        return f"int8 ({low}/{total} layers), else {backend.precision}" if low else backend.precision
+    return "int8 (QDQ)" if int8_file else "fp32"
 
 
 def _ov_int8_layers(compiled) -> tuple[int, int]:
