@@ -10,7 +10,9 @@ benchmarks/results/<machine>.md:
     python benchmarks/run_all.py --out runs/all --skip teacher,distill   # reuse finished stages
 
 Each step is the script a reader can also run alone; this one only chains them and gathers their
-markdown. A step whose output exists is re-run unless it is listed in --skip.
+markdown. A step whose output exists is re-run unless it is listed in --skip. The collected file
+opens with a table of the steps: each one's command and wall time, or that it was reused; only
+tables written by this run are gathered (a skipped step's earlier record is named, not copied).
 """
 
 from __future__ import annotations
@@ -55,22 +57,31 @@ def main():
         ("overhead", [py, str(HERE / "train_overhead.py")]),
         ("memory", [py, str(HERE / "embed_memory.py")]),
     ]
+    bad = skip - {name for name, _ in steps}
+    if bad:
+        raise SystemExit(f"--skip {','.join(sorted(bad))}: no such step; steps: {', '.join(name for name, _ in steps)}")
+    done = []
     for name, cmd in steps:
-        if name not in skip:
-            run(cmd)
+        done.append((name, cmd, None if name in skip else run(cmd)))
     m = machine()
     slug = re.sub(r"[^a-z0-9]+", "-", f"{m['cpu']}-{m['cores']}c".lower()).strip("-")
     parts = [f"# All benchmarks on {m['cpu']} ({m['cores']} cores)", "",
-             f"Command: `python {shlex.join(sys.argv)}` ({(time.time() - t0) / 3600:.1f} h). Each section is the "
-             "file its script wrote.", ""]
+             f"Command: `python {shlex.join(sys.argv)}` ({(time.time() - t0) / 3600:.1f} h, {time.strftime('%Y-%m-%d %H:%M')}, "
+             f"git {m.get('git', '?')}). Each section below is the file its step wrote in this run.", "",
+             "| step | wall min | command |", "|---|---|---|"]
+    parts += [f"| {name} | {f'{s / 60:.1f}' if s is not None else 'skipped: reused what ' + shlex.quote(str(out)) + ' holds'} "
+              f"| `{shlex.join(cmd).replace(py, 'python')}` |" for name, cmd, s in done]
+    parts.append("")
     for f in ("fashion_mnist_teacher.md", "distill_fashion_mnist.md", "compress_fashion_mnist.md", "speed_table.md",
               "bench_vs_benchmark_app.md", "ov_call_overhead.md", "train_overhead.md", "embed_memory.md"):
         p = HERE / "results" / f
-        if p.exists():
+        if p.exists() and p.stat().st_mtime >= t0:
             parts += [p.read_text().replace("\n# ", "\n## ").replace("# ", "## ", 1), ""]
+        else:
+            parts += [f"## {f}: not written by this run (its step was skipped)", ""]
     for title, p in (("edgeclr bench (the compressed models, native size)", out / "bench" / "bench.md"),
                      ("edgeclr eval --compare", comp / "compare.md")):
-        if p.exists():
+        if p.exists() and p.stat().st_mtime >= t0:
             parts += [f"## {title}", "", p.read_text(), ""]
     dest = HERE / "results" / f"{slug}.md"
     dest.write_text("\n".join(parts) + "\n")

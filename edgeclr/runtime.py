@@ -311,6 +311,7 @@ class _OpenVinoBackend:
         self._reshape = self.batch is None and None not in self.input_shape[1:]
         self._first = self.batch or 1
         self.compiled, self.request = self._request(self._first)
+        self._last = self.request
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type: "f32", "bf16", ...
         self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
 
@@ -334,8 +335,15 @@ class _OpenVinoBackend:
         # the request reads x in place and lends its output buffer (share_*): infer([x]) copied both
         # through Python, ~0.1 ms a call that a 0.4-ms 28-px model paid on top (benchmarks/results/
         # bench_vs_benchmark_app.md); the copy below keeps the result past the request's next call
-        out = self._request(x.shape[0])[1].infer(np.ascontiguousarray(x, np.float32), share_inputs=True, share_outputs=True)
+        self._last = self._request(x.shape[0])[1]
+        out = self._last.infer(np.ascontiguousarray(x, np.float32), share_inputs=True, share_outputs=True)
         return np.array(out[0], copy=True)
+
+    @property
+    def last_latency_ms(self) -> float:
+        """OpenVINO's own latency of the last call's inference (what `benchmark_app` reports), without
+        the Python around it: the call's wall time minus this is what a Python caller pays on top."""
+        return float(self._last.latency)
 
 
 def _read_sidecar(path: Path) -> dict[str, str]:
