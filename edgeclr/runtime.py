@@ -305,8 +305,8 @@ class _OpenVinoBackend:
         self.output_shape = [d.get_length() if d.is_static else None for d in model.outputs[0].get_partial_shape()]
         # A dynamic-batch model runs each batch size it meets as its own static-shape compilation:
         # OpenVINO's CPU plugin pays shape inference and reallocation on every call of a dynamic
-        # model, ~0.4-1.3 ms here (benchmarks/results/bench_vs_benchmark_app.md). A model whose
-        # image size is dynamic too runs as it is.
+        # model, ~0.4-1.3 ms here (benchmarks/results/bench_vs_benchmark_app-static-shape-fix.md).
+        # A model whose image size is dynamic too runs as it is.
         self._model, self._config, self._requests = model, config, {}
         self._reshape = self.batch is None and None not in self.input_shape[1:]
         self._first = self.batch or 1
@@ -334,7 +334,7 @@ class _OpenVinoBackend:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         # the request reads x in place and lends its output buffer (share_*): infer([x]) copied both
         # through Python, ~0.1 ms a call that a 0.4-ms 28-px model paid on top (benchmarks/results/
-        # bench_vs_benchmark_app.md); the copy below keeps the result past the request's next call
+        # ov_call_overhead.md); the copy below keeps the result past the request's next call
         self._last = self._request(x.shape[0])[1]
         out = self._last.infer(np.ascontiguousarray(x, np.float32), share_inputs=True, share_outputs=True)
         return np.array(out[0], copy=True)

@@ -243,7 +243,7 @@ def test_usearch_backend_agrees_with_exact_search():
 
 def test_a_dynamic_batch_openvino_model_runs_each_batch_size_as_a_static_compilation(tmp_path):
     """OpenVINO's CPU plugin pays shape inference on every call of a dynamic-shape model (0.4-1.3 ms
-    in benchmarks/results/bench_vs_benchmark_app.md): each batch size gets its own static compile,
+    in benchmarks/results/bench_vs_benchmark_app-static-shape-fix.md): each batch size gets its own static compile,
     at most MAX_SHAPES of them, with the same embeddings."""
     from helpers import make_checkpoint, run
 
