@@ -5,7 +5,7 @@ loaded in PyTorch, the same preprocessing, the same batch size).
 Each measurement runs in its own fresh process, which reports its own peak RSS (VmHWM) when
 done; modes alternate (runtime, torch, runtime, torch, ...) and medians are quoted.
 
-    python benchmarks/embed_memory.py --run runs/bench-distill/distilled     # a MobileNet student run
+    python benchmarks/embed_memory.py --run runs/all/distill/distilled       # a student run (its newest stage)
     python benchmarks/embed_memory.py                                         # random-init MobileNetV3-Large, 224 px
 
 Images: Fashion-MNIST test images written as PNG files (--images N). Target (issue 5): the
@@ -29,6 +29,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine
 
 HERE = Path(__file__).parent
+
+
+def model_checkpoint(run: str | None, work: Path) -> Path:
+    """The checkpoint to embed with: --run's newest stage, or a random-init MobileNetV3-Large at
+    224 px, RGB, saved under work (memory does not depend on the weights' values)."""
+    from edgeclr import checkpoint
+
+    if run:
+        from edgeclr.export import newest_checkpoint
+
+        return newest_checkpoint(run)  # it read checkpoint.STAGES, which lives in rundir: --run failed
+    from edgeclr.models import ModelSpec, create_model
+    from edgeclr.runtime import Preprocess
+
+    spec = ModelSpec("mobilenet_v3_large", in_chans=3)
+    ckpt = work / "run" / "train" / "checkpoints" / "last.pt"
+    checkpoint.save({"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, "stage": "train",
+                     "model": create_model(spec).state_dict(), "spec": spec.to_dict(), "config": {"data": "fashion-mnist"},
+                     "preprocess": Preprocess(224, 256, (0.5,) * 3, (0.25,) * 3, 3).to_dict()}, ckpt)
+    return ckpt
 
 
 def peak_rss_mb() -> float:
@@ -71,7 +91,7 @@ def one(mode: str, model: str, folder: str, batch: int) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", help="run folder or checkpoint of a MobileNet student (default: a random-init one)")
+    ap.add_argument("--run", help="run folder or checkpoint of a student (default: a random-init MobileNetV3-Large)")
     ap.add_argument("--images", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
@@ -86,21 +106,7 @@ def main():
     from edgeclr import checkpoint, data
 
     work = Path(tempfile.mkdtemp(prefix="embed-mem-"))
-    if a.run:
-        ckpt = checkpoint.find(a.run, tuple(reversed(checkpoint.STAGES)))
-    else:  # a random-init MobileNetV3-Large at 224 px, RGB: memory does not depend on the weights' values
-        import torch
-
-        from edgeclr.models import ModelSpec, create_model
-        from edgeclr.runtime import Preprocess
-
-        spec = ModelSpec("mobilenet_v3_large", in_chans=3)
-        m = create_model(spec)
-        ckpt = work / "run" / "train" / "checkpoints" / "last.pt"
-        checkpoint.save({"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, "stage": "train",
-                         "model": m.state_dict(), "spec": spec.to_dict(), "config": {"data": "fashion-mnist"},
-                         "preprocess": Preprocess(224, 256, (0.5,) * 3, (0.25,) * 3, 3).to_dict()}, ckpt)
-        del m, torch
+    ckpt = model_checkpoint(a.run, work)
     subprocess.run([sys.executable, "-m", "edgeclr", "export", str(ckpt), "--out", str(work / "export"), "--check-images", "8"], check=True)
     model = work / "export" / "model.onnx"
     ds = data.open_dataset("fashion-mnist", "test")
@@ -118,8 +124,8 @@ def main():
             rows[mode].append(json.loads(out.strip().splitlines()[-1]))
     med = {k: statistics.median(r["peak_rss_mb"] for r in v) for k, v in rows.items()}
     ratio = med["runtime"] / med["torch"]
-    spec = checkpoint.load(ckpt)["spec"]
-    pp = checkpoint.load(ckpt)["preprocess"]
+    ck = checkpoint.load(ckpt)
+    spec, pp = ck["spec"], ck["preprocess"]
     result = {"benchmark": "embed_memory", "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
               "command": shlex.join(["python", "benchmarks/embed_memory.py"] + sys.argv[1:]),
               "model": spec, "input_size": pp["input_size"], "images": a.images, "batch_size": a.batch_size, "runs": rows,

@@ -55,7 +55,7 @@ def main():
         ("openvino", [py, str(HERE / "bench_vs_benchmark_app.py")]),
         ("ovcall", [py, str(HERE / "ov_call_overhead.py")]),
         ("overhead", [py, str(HERE / "train_overhead.py")]),
-        ("memory", [py, str(HERE / "embed_memory.py")]),
+        ("memory", [py, str(HERE / "embed_memory.py"), "--run", str(student / "distilled")]),
     ]
     bad = skip - {name for name, _ in steps}
     if bad:

@@ -72,12 +72,17 @@ class EmbeddingModel(nn.Module):
         return F.normalize(e, dim=1) if self.normalize else e
 
 
+def newest_checkpoint(target: str | Path) -> Path:
+    """A checkpoint file, a stage folder's, or a run folder's most downstream stage's (compress, then distill, then train)."""
+    return checkpoint.find(target, tuple(reversed(STAGES)))
+
+
 def load_model(target: str | Path) -> tuple[nn.Module, dict, Path]:
     """(encoder in eval mode on CPU, checkpoint, path) from any stage's checkpoint or a run folder
     (whose most downstream stage is taken)."""
     from edgeclr.evaluate import load_encoder
 
-    return load_encoder(checkpoint.find(target, tuple(reversed(STAGES))), "cpu")
+    return load_encoder(newest_checkpoint(target), "cpu")
 
 
 # ----------------------------------------------------------------------------------------------

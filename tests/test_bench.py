@@ -167,3 +167,17 @@ def test_run_all_refuses_an_unknown_skip_before_running_anything(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "--skip teachr: no such step; steps: teacher, distill" in r.stderr
     assert not (tmp_path / "all").exists() and "+ " not in r.stdout  # no step started
+
+
+def test_embed_memory_takes_a_student_runs_newest_stage(tmp_path):
+    """benchmarks/embed_memory.py --run (run_all's memory step) failed with an AttributeError: it
+    asked edgeclr.checkpoint for the stage names that edgeclr.rundir holds."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import embed_memory
+
+    run_dir = tmp_path / "run"
+    make_checkpoint(run_dir / "train" / "checkpoints" / "last.pt", "resnet18", width=8)
+    make_checkpoint(run_dir / "distill" / "checkpoints" / "last.pt", "resnet18", stage="distill", width=8)
+    assert embed_memory.model_checkpoint(str(run_dir), tmp_path) == run_dir / "distill" / "checkpoints" / "last.pt"
+    made = embed_memory.model_checkpoint(None, tmp_path / "w")
+    assert made.is_file() and made.parent.parent.name == "train"

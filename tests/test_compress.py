@@ -42,6 +42,24 @@ def test_pruning_keeps_the_embedding_width_and_cuts_macs_as_asked(name):
     assert all(w % 8 == 0 for w in widths), widths  # round_to=8
 
 
+def test_a_step_that_overshoots_its_goal_says_so_in_channels():
+    """A width-16 ResNet loses at least 8 of a layer's 16 channels: a step asked for 90% of the MACs
+    lands far below, at a bisected ratio that printed as "channel ratio 0.000" (nothing pruned, it read)."""
+    from edgeclr.compress import prune
+
+    m = create_model(ModelSpec("resnet18", in_chans=1, stem_stride=2, width=16, embed_dim=32, head_layers=0)).eval()
+    x = torch.zeros(1, 1, 28, 28)
+    macs0 = compress.count_macs(m, x)[0]
+    before = prune.conv_channels(m)
+    ratio = compress.ratio_for_macs(m, x, 0.9 * macs0, False)
+    compress.prune_step(m, x, ratio, False)
+    msg = prune.step_summary(m, x, ratio, before, macs0, 0.9 * macs0)
+    removed = before - prune.conv_channels(m)
+    assert 0 < ratio < 0.01 and removed > 0 and f"{removed} of {before} conv channels removed" in msg
+    assert "below this step's goal" in msg and "multiples of 8" in msg
+    assert "below" not in prune.step_summary(m, x, ratio, before, macs0, compress.count_macs(m, x)[0])
+
+
 def test_channel_ratio_shrinks_parameters_quadratically():
     m = create_model(ModelSpec("mobilenet_v2", in_chans=1, stem_stride=1, embed_dim=32, head_layers=0)).eval()
     x = torch.zeros(1, 1, 16, 16)

@@ -78,6 +78,24 @@ def ratio_for_macs(model: Encoder, x: torch.Tensor, target_macs: float, global_p
     return hi
 
 
+def conv_channels(model: nn.Module) -> int:
+    return sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def step_summary(model: Encoder, x: torch.Tensor, ratio: float, channels_before: int, base_macs: float,
+                 goal: float | None) -> str:
+    """What a pruning step did, in channels and MACs; says so when it overshot its MAC goal (widths go
+    in multiples of 8, so on a narrow network the smallest cut can take more than the step asked)."""
+    macs, params = count_macs(model, x)
+    after = conv_channels(model)
+    msg = (f"channel ratio {ratio:.3g}, {channels_before - after} of {channels_before} conv channels removed -> "
+           f"{macs / 1e6:.2f}M MACs ({100 * macs / base_macs:.0f}% of {base_macs / 1e6:.2f}M), {params / 1e6:.2f}M parameters")
+    if goal is not None and macs < 0.95 * goal:
+        msg += (f"; below this step's goal of {goal / 1e6:.2f}M ({100 * goal / base_macs:.0f}%): channels go in multiples "
+                "of 8 and the smallest cut takes more (fewer --prune-steps, or a wider model, gives finer steps)")
+    return msg
+
+
 def prune_step(model: Encoder, x: torch.Tensor, ratio: float, global_pruning: bool) -> list:
     """Remove a `ratio` of the prunable channels of model in place; returns this step's history."""
     was = model.training
@@ -167,11 +185,11 @@ def prune_and_recover(cfg, student, sck, spath, device, stage_dir, resume_from) 
             else:  # channel ratio schedule relative to the unpruned widths
                 done, want = cfg.prune_ratio * k / cfg.prune_steps, cfg.prune_ratio * (k + 1) / cfg.prune_steps
                 ratio = 1 - (1 - want) / (1 - done)
+            channels = conv_channels(student)
             if ratio > 0:
                 history += prune_step(student, x, ratio, cfg.global_pruning)
-            macs, params = count_macs(student, x)
-            log.info("prune step %d/%d: channel ratio %.3f -> %.2fM MACs (%.0f%% of %.2fM), %.2fM parameters",
-                     k + 1, cfg.prune_steps, ratio, macs / 1e6, 100 * macs / base_macs, base_macs / 1e6, params / 1e6)
+            log.info("prune step %d/%d: %s", k + 1, cfg.prune_steps,
+                     step_summary(student, x, ratio, channels, base_macs, goal if target is not None else None))
         if dcfg.channels_last:  # pruning replaces the parameters: restore the layout the trainer's views use
             student = student.to(memory_format=torch.channels_last)
         adapter = nn.Identity() if student.embed_dim == teacher.embed_dim else nn.Linear(student.embed_dim, teacher.embed_dim)
