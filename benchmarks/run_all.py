@@ -10,7 +10,9 @@ benchmarks/results/<machine>.md:
     python benchmarks/run_all.py --out runs/all --skip teacher,distill   # reuse finished stages
 
 Each step is the script a reader can also run alone; this one only chains them and gathers their
-markdown. A step whose output exists is re-run unless it is listed in --skip. The collected file
+markdown. Every step runs unless it is listed in --skip; the training steps (teacher, distill,
+compress) refuse to overwrite a finished run, so an existing output folder of one that is not
+skipped stops this script before anything runs (remove it, or skip the step). The collected file
 opens with a table of the steps: each one's command and wall time, or that it was reused; only
 tables written by this run are gathered (a skipped step's earlier record is named, not copied).
 """
@@ -60,6 +62,11 @@ def main():
     bad = skip - {name for name, _ in steps}
     if bad:
         raise SystemExit(f"--skip {','.join(sorted(bad))}: no such step; steps: {', '.join(name for name, _ in steps)}")
+    outputs = {"teacher": teacher, "distill": student, "compress": comp}
+    held = [f"{name} ({outputs[name]})" for name, _ in steps if name in outputs and name not in skip and outputs[name].exists()]
+    if held:
+        raise SystemExit(f"already there: {', '.join(held)}; each refuses to overwrite a finished run: delete the folder to "
+                         f"re-run the step, or reuse it with --skip {','.join(h.split()[0] for h in held)}")
     done = []
     for name, cmd in steps:
         done.append((name, cmd, None if name in skip else run(cmd)))

@@ -167,6 +167,11 @@ def test_run_all_refuses_an_unknown_skip_before_running_anything(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "--skip teachr: no such step; steps: teacher, distill" in r.stderr
     assert not (tmp_path / "all").exists() and "+ " not in r.stdout  # no step started
+    (tmp_path / "all" / "compress").mkdir(parents=True)  # a finished compress run, not skipped: refused up front
+    r = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "all"), "--skip", "teacher,distill"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and f"already there: compress ({tmp_path / 'all' / 'compress'})" in r.stderr
+    assert "--skip compress" in r.stderr and "+ " not in r.stdout
 
 
 def test_embed_memory_takes_a_student_runs_newest_stage(tmp_path):
