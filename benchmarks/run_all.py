@@ -4,7 +4,8 @@ benchmarks/results/<machine>.md:
     teacher (fashion_mnist_teacher.py) -> distillation (distill_fashion_mnist.py)
       -> compression (compress_fashion_mnist.py) -> edgeclr bench on the run (native size)
       -> edgeclr eval --compare on the run -> speed_table.py (224 px and 28 px, against the teacher
-      and torchvision references) -> bench_vs_benchmark_app.py -> train_overhead.py, embed_memory.py
+      and torchvision references) -> bench_vs_benchmark_app.py, bench_between_calls.py, ov_call_overhead.py
+      -> train_overhead.py, embed_memory.py
 
     python benchmarks/run_all.py --out runs/all          # about 2.5 hours on 2 CPU cores
     python benchmarks/run_all.py --out runs/all --skip teacher,distill   # reuse finished stages
@@ -36,7 +37,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/all")
     ap.add_argument("--skip", default="", help="comma list of steps to reuse: teacher, distill, compress, bench, compare, "
-                                                 "speed, openvino, ovcall, overhead, memory")
+                                                 "speed, openvino, between, ovcall, overhead, memory")
     a = ap.parse_args()
     out, skip, py = Path(a.out), set(filter(None, a.skip.split(","))), sys.executable
     teacher, student, comp = out / "teacher", out / "distill", out / "compress"
@@ -55,6 +56,7 @@ def main():
         ("speed", [py, str(HERE / "speed_table.py"), "--teacher", str(teacher), "--student", str(student / "distilled"),
                    "--compress", str(comp)]),
         ("openvino", [py, str(HERE / "bench_vs_benchmark_app.py")]),
+        ("between", [py, str(HERE / "bench_between_calls.py")]),
         ("ovcall", [py, str(HERE / "ov_call_overhead.py")]),
         ("overhead", [py, str(HERE / "train_overhead.py")]),
         ("memory", [py, str(HERE / "embed_memory.py"), "--run", str(student / "distilled")]),
@@ -80,7 +82,7 @@ def main():
               f"| `{shlex.join(cmd).replace(py, 'python')}` |" for name, cmd, s in done]
     parts.append("")
     for f in ("fashion_mnist_teacher.md", "distill_fashion_mnist.md", "compress_fashion_mnist.md", "speed_table.md",
-              "bench_vs_benchmark_app.md", "ov_call_overhead.md", "train_overhead.md", "embed_memory.md"):
+              "bench_vs_benchmark_app.md", "bench_between_calls.md", "ov_call_overhead.md", "train_overhead.md", "embed_memory.md"):
         p = HERE / "results" / f
         if p.exists() and p.stat().st_mtime >= t0:
             parts += [p.read_text().replace("\n# ", "\n## ").replace("# ", "## ", 1), ""]

@@ -292,7 +292,11 @@ def worker(spec: str) -> None:
                 ts.append(time.perf_counter() - t)
                 if own_latency:  # read after the clock stopped: it costs the timed call nothing
                     own.append(run.last_latency_ms / 1000)
-                threads_seen = max(threads_seen, _threads_running())
+            # once per chunk, not per call: nothing but the clock runs between timed calls, as in
+            # benchmark_app's loop (listing /proc/self/task after each call changed a 0.5-ms model's
+            # next inference by a median 0.98-1.08x: results/bench_between_calls.md); the runtime's
+            # threads live as long as its compiled model, so the count is the same
+            threads_seen = max(threads_seen, _threads_running())
             print(json.dumps({"times": ts, "runtime_times": own}), flush=True)
         elif cmd[0] == "stats":
             print(json.dumps({"peak_rss_mb": _vm("VmHWM"), "threads_in_process": threads_seen}), flush=True)
