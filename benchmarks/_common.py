@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+from pathlib import Path
 
 
 def machine() -> dict:
@@ -26,11 +27,22 @@ def machine() -> dict:
                     gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
     except ImportError:
         pass
-    try:
-        info["git"] = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        pass
+    info["git"] = git_state(Path(__file__).parents[1])
     return info
+
+
+def git_state(root: Path) -> str:
+    """The commit of the checkout at root, "-dirty" when its tracked code differs from it. The
+    records under benchmarks/results/ do not count: a run writes them itself (run_all.py's later
+    steps read "-dirty" from its earlier steps' tables)."""
+    git = ["git", "-C", str(root)]
+    try:
+        head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        changed = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"],
+                                 capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+    return head + "-dirty" if head and changed else head
 
 
 def run(cmd: list[str]) -> float:

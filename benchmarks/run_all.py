@@ -48,7 +48,7 @@ def main():
         # whose dense convolutions make its pruned INT8 model >= 1.5x its FP32 one on this AVX2 CPU
         # (MobileNetV3-Small's does 1.1-1.4x: benchmarks/results/compress_fashion_mnist-*.md)
         ("distill", [py, str(HERE / "distill_fashion_mnist.py"), "--teacher", str(teacher), "--out", str(student),
-                     "--student", "resnet18", "--width", "16", "--stem-stride", "2"]),
+                     "--student", "resnet18", "--width", "16", "--stem-stride", "2", "--tag", "resnet18-w16"]),
         ("compress", [py, str(HERE / "compress_fashion_mnist.py"), "--student", str(student / "distilled"), "--out", str(comp)]),
         ("bench", [py, "-m", "edgeclr", "bench", str(comp / "compress" / "models"), "--threads", "1,2", "--batch", "1,32",
                    "--out", str(out / "bench")]),
@@ -81,7 +81,7 @@ def main():
     parts += [f"| {name} | {f'{s / 60:.1f}' if s is not None else 'skipped: reused what ' + shlex.quote(str(out)) + ' holds'} "
               f"| `{shlex.join(cmd).replace(py, 'python')}` |" for name, cmd, s in done]
     parts.append("")
-    for f in ("fashion_mnist_teacher.md", "distill_fashion_mnist.md", "compress_fashion_mnist.md", "speed_table.md",
+    for f in ("fashion_mnist_teacher.md", "distill_fashion_mnist-resnet18-w16.md", "compress_fashion_mnist.md", "speed_table.md",
               "bench_vs_benchmark_app.md", "bench_between_calls.md", "ov_call_overhead.md", "train_overhead.md", "embed_memory.md"):
         p = HERE / "results" / f
         if p.exists() and p.stat().st_mtime >= t0:

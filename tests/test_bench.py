@@ -205,3 +205,29 @@ def test_the_timed_loop_does_nothing_between_calls_but_read_the_clock(exported, 
     assert "ready" in out[0] and len(out[1]["times"]) == len(out[1]["runtime_times"]) == 20 and len(out[2]["times"]) == 20
     assert len(calls) == 2  # once per 'run' command, not once per call
     assert out[3]["threads_in_process"] >= 1
+
+
+def test_a_record_names_dirty_code_but_not_the_records_a_run_writes(tmp_path):
+    """git describe --dirty marked every record of a run_all.py run "-dirty" once its first step
+    had written its table into benchmarks/results/."""
+    import subprocess
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from _common import git_state
+
+    def git(*a):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *a], check=True, capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "table.md").write_text("old\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "c")
+    head = git_state(tmp_path)
+    assert head and not head.endswith("-dirty")
+    (tmp_path / "benchmarks" / "results" / "table.md").write_text("new figures\n")
+    assert git_state(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_state(tmp_path) == head + "-dirty"
+    assert git_state(tmp_path / "nowhere") == ""
