@@ -191,7 +191,7 @@ def test_embed_memory_takes_a_student_runs_newest_stage(tmp_path):
 def test_the_timed_loop_does_nothing_between_calls_but_read_the_clock(exported, monkeypatch, capsys):
     """The worker listed /proc/self/task after every timed call to count threads, work that
     benchmark_app's loop does not do (it changed a 0.5-ms model's next inference by a median
-    0.98-1.08x: benchmarks/results/bench_between_calls.md). It counts once per chunk of runs now,
+    0.98-1.43x over two runs: benchmarks/results/bench_between_calls.md). It counts once per chunk of runs now,
     and still reports the threads alive."""
     import dataclasses
     import io
