@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeclr.errors import BenchError  # noqa: F401  (raised here; defined with the others)
+
 log = logging.getLogger("edgeclr.bench")
 
 FORMATS = ("torch", "onnx", "onnx-int8", "openvino", "openvino-int8")
@@ -45,10 +47,6 @@ PROFILES: dict[str, dict] = {
     "pi5": {"threads": (1, 4), "batch": (1,), "formats": ("onnx", "onnx-int8"), "int8_flavour": "arm (S8S8)"},
     "x86": {"threads": (1, 2), "batch": (1, 8, 32), "formats": FORMATS, "int8_flavour": "x86 (U8S8)"},
 }
-
-
-class BenchError(RuntimeError):
-    """A model that cannot be benchmarked as asked (missing runtime, wrong kind of file)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,13 +30,11 @@ from pathlib import Path
 
 import torch
 
+from edgeclr.errors import CheckpointError  # noqa: F401  (raised here; defined with the others)
+
 FORMAT = "edgeclr-checkpoint"
 FORMAT_VERSION = 1
 REQUIRED = ("format", "format_version", "stage", "model", "spec", "preprocess")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: the message names the file, the problem and the fix."""
 
 
 def rng_state() -> dict:
@@ -121,8 +119,6 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
         raise CheckpointError(f"checkpoint {path} has format version {ckpt['format_version']}, newer than this "
                               f"edgeclr reads ({FORMAT_VERSION}); upgrade edgeclr")
     return ckpt
-
-
 
 
 def load_for_resume(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, Path]:

@@ -16,10 +16,7 @@ from pathlib import Path
 import click
 
 from edgeclr import __version__, config
-
-# errors that are the user's to fix: printed as one clear line, exit code 2, no traceback
-USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "ImageError", "NonFiniteLoss", "ExportError", "ModelError",
-               "CompressError", "BenchError", "OutputError")
+from edgeclr.errors import EdgeclrError
 
 
 def _option(fld: dataclasses.Field, none_default: str):
@@ -61,11 +58,9 @@ def run_stage(fn, *args, interrupted: str | None = None, **kwargs):
             raise
         click.echo(f"\n{interrupted}", err=True)
         sys.exit(130)
-    except Exception as e:
-        if type(e).__name__ in USER_ERRORS or any(c.__name__ in USER_ERRORS for c in type(e).__mro__):
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-        raise
+    except EdgeclrError as e:  # the user's to fix: one clear line, exit code 2, no traceback
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

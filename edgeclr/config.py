@@ -15,9 +15,7 @@ from typing import Any, ClassVar
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value or file that cannot be used."""
+from edgeclr.errors import ConfigError  # noqa: F401  (raised here; defined with the others)
 
 
 def opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True, off: str | None = None):

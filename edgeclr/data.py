@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from edgeclr.errors import DataError  # noqa: F401  (raised here; defined with the others)
 from edgeclr.runtime import GRAY_MODES, IMAGE_SUFFIXES, ImageError, list_images, load_image, resize_center_crop
 
 if TYPE_CHECKING:
@@ -41,10 +42,6 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 SPLITS = ("pretrain", "train", "test")
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used: the message names the problem and the fix."""
 
 
 # ----------------------------------------------------------------------------------------------

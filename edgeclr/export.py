@@ -30,15 +30,12 @@ from torch import nn
 
 import edgeclr
 from edgeclr import checkpoint, config, data
+from edgeclr.errors import ExportError  # noqa: F401  (raised here; defined with the others)
 from edgeclr.models import count_macs, count_params
 from edgeclr.rundir import STAGES, make_writable_dir
 from edgeclr.runtime import Embedder, ModelMeta, Preprocess
 
 log = logging.getLogger("edgeclr.export")
-
-
-class ExportError(RuntimeError):
-    """An export that failed its checks: nothing was written as done."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,14 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import edgeclr
+from edgeclr.errors import OutputError  # noqa: F401  (raised here; defined with the others)
 
 METRICS_HEADER = ["time", "stage", "epoch", "step", "name", "value"]
 # stages in pipeline order, most downstream last: a run folder's deployable model is its last one
 STAGES = ("train", "distill", "compress")
-
-
-class OutputError(OSError):
-    """The output folder cannot be written: raised before a stage does any work."""
 
 
 def make_writable_dir(path: str | Path, what: str = "output folder") -> Path:

@@ -25,14 +25,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from edgeclr.errors import ImageError, ModelError  # noqa: F401  (raised here; defined with the others)
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 # PIL modes that carry no colour: a dataset made only of these is trained with 1 channel.
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-
-
-class ImageError(ValueError):
-    """An image file that cannot be decoded (corrupt, truncated, not an image)."""
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -201,10 +199,6 @@ def preprocess_batch(images: Sequence[Image.Image], pp: Preprocess) -> np.ndarra
 
 # ----------------------------------------------------------------------------------------------
 # exported models
-
-
-class ModelError(ValueError):
-    """An exported model file that cannot be used (missing, unknown format, no edgeclr metadata)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -545,7 +539,6 @@ class Index:
                 return cls(f["embeddings"], f["ids"], f["labels"] if "labels" in f.files else None, backend)
         except (OSError, KeyError, ValueError) as e:
             raise ModelError(f"cannot read index {path}: {e}") from e
-
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,15 +26,12 @@ import torch
 from edgeclr import checkpoint, config, data, faults
 from edgeclr import distributed as dist_
 from edgeclr.augment import SimCLRAugment, get_preset, preset_for, view_generator
+from edgeclr.errors import NonFiniteLoss  # noqa: F401  (raised here; defined with the others)
 from edgeclr.losses import nt_xent
 from edgeclr.models import Encoder, ModelSpec, count_params, create_model
 from edgeclr.runtime import Preprocess
 
 log = logging.getLogger("edgeclr.train")
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite: the run stops; the last good checkpoint is kept."""
 
 
 # ----------------------------------------------------------------------------------------------

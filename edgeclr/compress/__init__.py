@@ -45,14 +45,11 @@ from torch import nn
 from edgeclr import checkpoint, config, data
 from edgeclr.compress.prune import WORK, apply_pruning, count_macs, example_input, prune_and_recover, prune_step, ratio_for_macs  # noqa: F401
 from edgeclr.compress.quantize import calibration_inputs, float_scope, quantize_onnx, quantize_openvino  # noqa: F401
+from edgeclr.errors import CompressError  # noqa: F401  (raised here; defined with the others)
 from edgeclr.models import Encoder, model_from_checkpoint
 from edgeclr.runtime import Embedder, ModelMeta, Preprocess, median_latency_ms
 
 log = logging.getLogger("edgeclr.compress")
-
-
-class CompressError(RuntimeError):
-    """A compression step that failed its checks or its budget: nothing was written as done."""
 
 
 # ----------------------------------------------------------------------------------------------
