@@ -1,4 +1,9 @@
-"""Shared by the benchmark scripts: what machine a figure was measured on."""
+"""Shared by the benchmark scripts: what machine a figure was measured on, and where its record goes.
+
+Records: benchmarks/results/<benchmark>/<name>.{md,json}, <benchmark> the script's name. A run without
+--tag writes `latest`, a run with --tag T writes `T`; a re-run overwrites its own record (git keeps
+the earlier ones). So <benchmark>/latest.md is always the newest run of the script as shipped.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,19 @@ import os
 import platform
 import subprocess
 from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def record_path(benchmark: str, tag: str = "", ext: str = "md", root: Path = RESULTS) -> Path:
+    """root/<benchmark>/<tag or "latest">.<ext>, its folder created. Build both suffixes with this (not
+    Path.with_suffix: a tag may hold a dot, as in "w16-s0.5")."""
+    name = tag or "latest"
+    if "/" in name or "\\" in name or name.startswith("."):
+        raise SystemExit(f"--tag {tag!r}: a record name, not a path")
+    folder = Path(root) / benchmark
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{name}.{ext.lstrip('.')}"
 
 
 def machine() -> dict:

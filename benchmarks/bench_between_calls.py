@@ -12,7 +12,7 @@ two alternates between turns, so a drifting machine favours neither).
     python benchmarks/bench_between_calls.py                  # two 28-px MobileNetV3-Small IRs, FP32 and INT8
     python benchmarks/bench_between_calls.py --models a.xml
 
-Writes benchmarks/results/bench_between_calls.{json,md}.
+Writes benchmarks/results/bench_between_calls/latest.{json,md}.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine  # noqa: E402
+from _common import machine, record_path  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -87,7 +87,7 @@ def main():
                   flush=True)
     res = {"machine": machine(), "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
            "turns": a.turns, "runs": a.runs, "rows": rows}
-    (HERE / "results" / "bench_between_calls.json").write_text(json.dumps(res, indent=2) + "\n")
+    record_path("bench_between_calls", ext="json").write_text(json.dumps(res, indent=2) + "\n")
     md = ["# Work between timed calls: does it slow the next inference?", "",
           f"Machine: {res['machine']['cpu']} ({res['machine']['cores']} cores), git {res['machine'].get('git')}. "
           f"Command: `{res['command']}` ({res['date']}). OpenVINO, 1 thread, batch 1, f32; each figure is a median of "
@@ -99,7 +99,7 @@ def main():
                   + ", ".join(f"{x:.2f}" for x in r["ratios"]) + " |")
     md += ["", "`edgeclr bench`'s worker counted threads after every call until this was measured; it counts once per "
                "chunk of runs now (tests/test_bench.py::test_the_timed_loop_does_nothing_between_calls_but_read_the_clock)."]
-    (HERE / "results" / "bench_between_calls.md").write_text("\n".join(md) + "\n")
+    record_path("bench_between_calls").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 

@@ -20,7 +20,7 @@ machine drifts more between turns than the tolerance, and no pair of tools can b
 Without --models, it exports (random weights; latency does not depend on them) MobileNetV3-Small at
 224 px (stem stride 2) and at 28 px (stem stride 1, Fashion-MNIST's), each as an FP32 IR and an NNCF
 INT8 IR calibrated on digits images, and the teacher's ResNet-18 (width 16) at 224 px.
-Writes benchmarks/results/bench_vs_benchmark_app.{json,md}.
+Writes benchmarks/results/bench_vs_benchmark_app/latest.{json,md} (TAG.{json,md} with --tag TAG).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import export_set, machine  # noqa: E402
+from _common import export_set, machine, record_path  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -151,7 +151,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=DEFAULTS["seconds"], help="benchmark_app's -t per turn")
     ap.add_argument("--rounds", type=int, default=DEFAULTS["rounds"], help="edgeclr bench rounds per turn")
     ap.add_argument("--runs", type=int, default=DEFAULTS["runs"], help="edgeclr bench runs per round")
-    ap.add_argument("--tag", default="")
+    ap.add_argument("--tag", default="", help="name of the record [latest]")
     ap.add_argument("--report", metavar="JSON", help="only rewrite the .md of a recorded .json (its turns re-summarised)")
     a = ap.parse_args()
 
@@ -188,10 +188,9 @@ def main():
                       flush=True)
     res = {"machine": machine(), "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
            "settings": {k: getattr(a, k) for k in DEFAULTS}, "rows": rows}
-    stem = HERE / "results" / ("bench_vs_benchmark_app" + (f"-{a.tag}" if a.tag else ""))
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    record_path("bench_vs_benchmark_app", a.tag, "json").write_text(json.dumps(res, indent=2) + "\n")
     md = report(res)
-    stem.with_suffix(".md").write_text(md)
+    record_path("bench_vs_benchmark_app", a.tag).write_text(md)
     print(md)
 
 

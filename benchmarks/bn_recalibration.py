@@ -5,7 +5,7 @@ training images (edgeclr.distill.recalibrate_bn, which `edgeclr distill` and `co
 
 Each checkpoint is evaluated as saved, then after the re-estimation on 2,048 clean images of its
 own training set (weighted kNN, k=20, T=0.1, the dataset's labeled train/test splits). Writes
-benchmarks/results/bn_recalibration.{json,md}.
+benchmarks/results/bn_recalibration/latest.{json,md}.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine  # noqa: E402
+from _common import machine, record_path  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -45,12 +45,12 @@ def main():
                      "knn_as_saved": round(before, 2), "knn_recalibrated": round(knn_accuracy(embed(m2.eval().embed, xtr), ytr, embed(m2.embed, xte), yte), 2)})
         print(rows[-1], flush=True)
     res = {"machine": machine(), "command": shlex.join(["python", "benchmarks/bn_recalibration.py", *sys.argv[1:]]), "rows": rows}
-    (HERE / "results" / "bn_recalibration.json").write_text(json.dumps(res, indent=2) + "\n")
+    record_path("bn_recalibration", ext="json").write_text(json.dumps(res, indent=2) + "\n")
     md = ["# BatchNorm statistics re-estimated on clean images: kNN before and after", "", "```", res["command"], "```", "",
           "| checkpoint | stage | model | data | kNN as saved | kNN re-estimated |", "|---|---|---|---|---|---|"]
     md += [f"| `{r['checkpoint']}` | {r['stage']} | {r['model']} | {r['data']} | {r['knn_as_saved']:.2f} | {r['knn_recalibrated']:.2f} |"
            for r in rows]
-    (HERE / "results" / "bn_recalibration.md").write_text("\n".join(md) + "\n")
+    record_path("bn_recalibration").write_text("\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ report of `edgeclr compress` itself gives the native-resolution (28 px) figures.
     python benchmarks/distill_fashion_mnist.py --teacher runs/bench-fmnist --out runs/r16 \
         --student resnet18 --width 16 --stem-stride 2                # the x86 benchmark student
     python benchmarks/compress_fashion_mnist.py --student runs/r16/distilled --tag resnet18-w16
-Writes benchmarks/results/compress_fashion_mnist[-TAG].{json,md}.
+Writes benchmarks/results/compress_fashion_mnist/latest.{json,md} (TAG.{json,md} with --tag TAG).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import export_set, interleaved_ms, machine, run  # noqa: E402
+from _common import export_set, interleaved_ms, machine, record_path, run  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -48,7 +48,7 @@ def main():
     ap.add_argument("--extra", default="", help="more `edgeclr compress` options")
     ap.add_argument("--runtimes", default="onnx,openvino", help="runtimes timed at --size: onnx (onnxruntime QDQ INT8), "
                     "openvino (NNCF INT8, FP32 pinned to f32); all interleaved in one run")
-    ap.add_argument("--tag", default="")
+    ap.add_argument("--tag", default="", help="name of the record [latest]")
     ap.add_argument("--skip-compress", action="store_true", help="reuse OUT/compress from an earlier run")
     a = ap.parse_args()
 
@@ -102,8 +102,7 @@ def main():
            "int8_retention": rep["onnx-int8"]["knn_top1"] / rep["student"]["knn_top1"],
            "openvino_int8_retention": rep.get("openvino-int8", {}).get("knn_top1", float("nan")) / rep["student"]["knn_top1"],
            "date": time.strftime("%Y-%m-%d %H:%M")}
-    stem = HERE / "results" / f"compress_fashion_mnist{'-' + a.tag if a.tag else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    record_path("compress_fashion_mnist", a.tag, "json").write_text(json.dumps(res, indent=2) + "\n")
     md = ["# Compression of the Fashion-MNIST student", "",
           f"Machine: {res['machine']['cpu']} ({res['machine']['cores']} cores). Commands: `{res['command']}`, which ran "
           f"`python {res['compress_command']}`" + (f" ({compress_s / 60:.1f} min)" if compress_s else "") + ".", "",
@@ -123,7 +122,7 @@ def main():
     md += [
            f"- kNN retention of the pruned INT8 model: onnxruntime {res['int8_retention']:.3f}, OpenVINO "
            f"{res['openvino_int8_retention']:.3f} of the FP32 student (target >= 0.98)."]
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    record_path("compress_fashion_mnist", a.tag).write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 

@@ -8,10 +8,10 @@ same student trained with SimCLR alone for the same wall time, both evaluated li
 
 Targets (issue 4): student kNN >= 97% of the teacher's, and >= 3 points above the SimCLR-only
 student, within 30 minutes of distillation on 2 CPU cores. Writes
-benchmarks/results/distill_fashion_mnist[-TAG].{json,md}.
+benchmarks/results/distill_fashion_mnist/latest.{json,md} (TAG.{json,md} with --tag TAG).
 
-Recorded: results/distill_fashion_mnist-lr4e-3.md (these defaults: 86.04% kNN = 0.990 of the
-teacher's 86.89%, +3.80 over SimCLR alone, 18.8 min) and results/distill_fashion_mnist.md (lr 0.002,
+Recorded: results/distill_fashion_mnist/latest.md (these defaults: 86.04% kNN = 0.990 of the
+teacher's 86.89%, +3.80 over SimCLR alone, 18.8 min) and results/distill_fashion_mnist/lr2e-3.md (lr 0.002,
 the teacher's crops, 5 epochs: 83.48%, 0.961, +1.24).
 """
 
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, run
+from _common import machine, record_path, run
 
 HERE = Path(__file__).parent
 
@@ -51,7 +51,7 @@ def main():
     ap.add_argument("--distill-crop", default="0.5 1.0", help="crop area range of the distillation views")
     ap.add_argument("--extra", default="", help="more `edgeclr distill` options, e.g. '--cache-teacher'")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--tag", default="")
+    ap.add_argument("--tag", default="", help="name of the record [latest]")
     ap.add_argument("--skip-simclr", action="store_true", help="reuse OUT/simclr from an earlier run")
     ap.add_argument("--simclr-first", action="store_true", help="train the SimCLR-only student first")
     a = ap.parse_args()
@@ -106,8 +106,7 @@ def main():
     }
     within = dm["train_seconds"] <= a.budget_min * 60 + 30
     result["meets_target"] = result["retention"] >= 0.97 and result["gain_over_simclr_points"] >= 3 and within
-    name = "distill_fashion_mnist" + (f"-{a.tag}" if a.tag else "")
-    (HERE / "results" / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    record_path("distill_fashion_mnist", a.tag, "json").write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
     md = f"""# Distillation on Fashion-MNIST{' (' + a.tag + ')' if a.tag else ''}
 
@@ -134,7 +133,7 @@ Agreement with the teacher on the monitor's held-out images: {result['agreement_
 Raw-pixel kNN for reference: {result['raw_pixels_knn']}. Targets met: {result['meets_target']}.
 """ + ("\nThe SimCLR-only student was not trained by this invocation (--skip-simclr): it is the one an earlier "
        f"invocation wrote into {out / 'simclr'}, with the command above, on the same machine.\n" if a.skip_simclr else "")
-    (HERE / "results" / f"{name}.md").write_text(md)
+    record_path("distill_fashion_mnist", a.tag).write_text(md)
     print(md)
 
 

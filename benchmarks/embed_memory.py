@@ -9,7 +9,7 @@ done; modes alternate (runtime, torch, runtime, torch, ...) and medians are quot
     python benchmarks/embed_memory.py                                         # random-init MobileNetV3-Large, 224 px
 
 Images: Fashion-MNIST test images written as PNG files (--images N). Target (issue 5): the
-runtime's peak <= 1/3 of torch's. Writes benchmarks/results/embed_memory.{json,md}.
+runtime's peak <= 1/3 of torch's. Writes benchmarks/results/embed_memory/latest.{json,md}.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine
+from _common import machine, record_path
 
 HERE = Path(__file__).parent
 
@@ -131,7 +131,7 @@ def main():
               "model": spec, "input_size": pp["input_size"], "images": a.images, "batch_size": a.batch_size, "runs": rows,
               "median_peak_rss_mb": med, "ratio_runtime_over_torch": round(ratio, 3), "target": "<= 0.333",
               "meets_target": ratio <= 1 / 3}
-    (HERE / "results" / "embed_memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    record_path("embed_memory", ext="json").write_text(json.dumps(result, indent=2) + "\n")
     md = f"""# Peak memory of embedding images: runtime (onnxruntime) vs torch eager
 
 Measured {result['date']} on {result['machine']['cpu']} ({result['machine']['cores']} cores).
@@ -150,7 +150,7 @@ batch {a.batch_size}, 1 thread; each measurement in a fresh process ({a.rounds} 
 
 runtime / torch = **{ratio:.3f}** (target <= 0.333: {'met' if ratio <= 1 / 3 else 'NOT met'}).
 """
-    (HERE / "results" / "embed_memory.md").write_text(md)
+    record_path("embed_memory").write_text(md)
     print(md)
 
 

@@ -5,7 +5,7 @@ random-init network of the same spec and raw pixels.
     python benchmarks/fashion_mnist_teacher.py                     # the CPU recipe (<= 60 min on 2 cores)
     python benchmarks/fashion_mnist_teacher.py --epochs 200 --width 64 --device cuda   # the GPU recipe
 
-Writes benchmarks/results/fashion_mnist_teacher[-TAG].{json,md}. Needs the IDX files
+Writes benchmarks/results/fashion_mnist_teacher/latest.{json,md} (TAG.{json,md} with --tag TAG). Needs the IDX files
 (`apt-get install dataset-fashion-mnist`, or --data fashion-mnist:DIR).
 """
 
@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine  # noqa: E402
+from _common import machine, record_path  # noqa: E402
 
 HERE = Path(__file__).parent
 
-# The recipe measured in results/fashion_mnist_teacher-lr4e-3.md; every value is also a CLI option.
+# The recipe measured in results/fashion_mnist_teacher/latest.md; every value is also a CLI option.
 RECIPE = dict(model="resnet18", width=16, stem_stride=2, last_stride=1, input_size=28, batch_size=256, epochs=32,
               optimizer="adamw", lr=4e-3, weight_decay=1e-4, temperature=0.1, crop_scale="0.2 1.0", jitter=1.0, warmup_epochs=1)
 
@@ -33,7 +33,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--out", default="runs/bench-fmnist")
-    ap.add_argument("--tag", default="", help="suffix of the results file (e.g. gpu)")
+    ap.add_argument("--tag", default="", help="name of the record, e.g. gpu [latest]")
     ap.add_argument("--budget-min", type=float, default=60.0, help="training stops with a checkpoint after this")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--resume", action="store_true")
@@ -72,8 +72,7 @@ def main():
         "target": {"min_knn": 86.5, "aim_knn": 89.0},
     }
     result["meets_target"] = result["knn_top1"]["model"] >= 86.5 and result["training_wall_minutes"] <= a.budget_min
-    name = "fashion_mnist_teacher" + (f"-{a.tag}" if a.tag else "")
-    (HERE / "results" / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    record_path("fashion_mnist_teacher", a.tag, "json").write_text(json.dumps(result, indent=2) + "\n")
     md = [f"# Fashion-MNIST SimCLR teacher{' (' + a.tag + ')' if a.tag else ''}", "",
           f"Measured {result['date']} on {result['machine']['cpu']} ({result['machine']['cores']} cores, "
           f"torch {result['machine'].get('torch')}, GPU: {result['machine'].get('gpu')}).", "",
@@ -87,7 +86,7 @@ def main():
 
     md[-2] = format_table(ev["rows"])
     md += [f"Target: kNN >= 86.5% (raw pixels + 2), aim 89%. Met: {result['meets_target']}.", ""]
-    (HERE / "results" / f"{name}.md").write_text("\n".join(md))
+    record_path("fashion_mnist_teacher", a.tag).write_text("\n".join(md))
     print("\n".join(md))
 
 

@@ -14,7 +14,7 @@ the same command again (with --resume where the stage takes it) and check:
     python benchmarks/fault_campaign.py                 # 89 faults, ~30 min on 2 cores
     python benchmarks/fault_campaign.py --quick         # a few points per stage
 
-Writes benchmarks/results/fault_campaign.{json,md}: counts injected / survived / lost.
+Writes benchmarks/results/fault_campaign/latest.{json,md}: counts injected / survived / lost.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine  # noqa: E402
+from _common import machine, record_path  # noqa: E402
 
 from edgeclr import checkpoint  # noqa: E402
 
@@ -224,7 +224,7 @@ def main():
 
 
 def write_results(cases: list[dict], final: bool = False) -> None:
-    """benchmarks/results/fault_campaign.{json,md}; written after every case, so that a campaign cut
+    """benchmarks/results/fault_campaign/latest.{json,md}; written after every case, so that a campaign cut
     short still leaves its counts (marked unfinished)."""
     injected, survived = len(cases), sum(c["survived"] for c in cases)
     lost = sum(c["lost"] for c in cases)
@@ -232,7 +232,7 @@ def write_results(cases: list[dict], final: bool = False) -> None:
     cmd = "python benchmarks/fault_campaign.py " + shlex.join(sys.argv[1:])
     result = {"machine": m, "command": cmd, "finished": final, "injected": injected, "survived": survived,
               "lost_or_corrupt": lost, "cases": cases}
-    (HERE / "results" / "fault_campaign.json").write_text(json.dumps(result, indent=2) + "\n")
+    record_path("fault_campaign", ext="json").write_text(json.dumps(result, indent=2) + "\n")
     by = {}
     for c in cases:
         kind = c["fault"].split(":")[0] + (" (skip)" if "--nonfinite skip" in c["fault"] else "")
@@ -255,7 +255,7 @@ def write_results(cases: list[dict], final: bool = False) -> None:
     bad = [c for c in cases if not c["survived"] or c["lost"]]
     if bad:
         lines += ["", "Failures:", ""] + [f"- {c['stage']} {c['fault']}: {'; '.join(c['problems'])[:300]}" for c in bad]
-    (HERE / "results" / "fault_campaign.md").write_text("\n".join(lines) + "\n")
+    record_path("fault_campaign").write_text("\n".join(lines) + "\n")
     if final:
         print("\n".join(lines))
 

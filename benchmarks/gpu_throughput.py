@@ -11,7 +11,7 @@ median images/s of each. The compute blocks feed the GPU uint8 batches already i
 (the images' values do not change the arithmetic); the loader line runs the real loader of
 `--data` (decode + resize in `--num-workers` processes) with the bf16 + channels_last step and
 reports the fraction of wall time spent waiting for batches. Writes
-benchmarks/results/gpu_throughput[-TAG].{json,md}.
+benchmarks/results/gpu_throughput/latest.{json,md} (TAG.{json,md} with --tag TAG).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine  # noqa: E402
+from _common import machine, record_path  # noqa: E402
 
 HERE = Path(__file__).parent
 VARIANTS = {  # name: (amp, channels_last, compile)
@@ -48,7 +48,7 @@ def main():
     ap.add_argument("--data", default="", help="image folder (or dataset spec) for the loader-share line; empty = skip it")
     ap.add_argument("--num-workers", type=int, default=8)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--tag", default="")
+    ap.add_argument("--tag", default="", help="name of the record [latest]")
     a = ap.parse_args()
 
     import numpy as np
@@ -127,9 +127,7 @@ def main():
     cmd = "python benchmarks/gpu_throughput.py " + shlex.join(sys.argv[1:])
     result = {"machine": m, "command": cmd, "model": a.model, "input_size": a.input_size, "batch_size": a.batch_size,
               "steps_per_block": a.steps, "rounds": rounds, "median_images_per_s": med, "loader": loader}
-    name = "gpu_throughput" + (f"-{a.tag}" if a.tag else "")
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    record_path("gpu_throughput", a.tag, "json").write_text(json.dumps(result, indent=2) + "\n")
     base = med.get("fp32") or next(iter(med.values()))
     lines = [f"# SimCLR training throughput: {a.model} at {a.input_size} px, batch {a.batch_size}", "",
              f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {m.get('gpu') or m['cpu']} (torch {m['torch']}).", "",
@@ -139,7 +137,7 @@ def main():
     if loader:
         lines += ["", f"Real loader ({loader['data']}, {loader['num_workers']} workers) feeding the bf16 + channels_last step: "
                       f"{loader['images_per_s']:.0f} images/s, waiting for batches {100 * loader['loader_wait_share']:.1f}% of the time."]
-    (HERE / "results" / f"{name}.md").write_text("\n".join(lines) + "\n")
+    record_path("gpu_throughput", a.tag).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -12,7 +12,8 @@ Weights are random (latency does not depend on them); calibration uses real Fash
     python benchmarks/int8_students.py --size 28 --stem-stride 1     # Fashion-MNIST's native size
     python benchmarks/int8_students.py --size 224 --runtime openvino
 
-Writes benchmarks/results/int8_students-<size>px[-openvino].{json,md}.
+Writes benchmarks/results/int8_students/<size>px[-openvino][-prunedNpct][-TAG].{json,md}: each
+configuration is its own record (a re-run of it overwrites it).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import export_set, interleaved_ms, machine  # noqa: E402
+from _common import export_set, interleaved_ms, machine, record_path  # noqa: E402
 
 from edgeclr import compress, data, export  # noqa: E402
 from edgeclr.compress import prune  # noqa: E402
@@ -52,7 +53,7 @@ def main():
     ap.add_argument("--prune-macs", type=float, default=0.0,
                     help="prune each model to this fraction of its MACs first (as `edgeclr compress --target-macs`, "
                          "one step, magnitude importance on the random weights): does pruning eat the INT8 gain?")
-    ap.add_argument("--tag", default="", help="suffix of the results file")
+    ap.add_argument("--tag", default="", help="suffix of the record's name")
     a = ap.parse_args()
     ov = a.runtime == "openvino"
 
@@ -90,9 +91,9 @@ def main():
     res = {"machine": machine(), "command": "python " + " ".join(sys.argv), "size": a.size, "stem_stride": a.stem_stride,
            "prune_macs": a.prune_macs,
            "target": a.target, "runtime": a.runtime, "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
-    stem = HERE / "results" / (f"int8_students-{a.size}px" + ("-openvino" if ov else "") + (f"-pruned{round(a.prune_macs * 100)}pct" if a.prune_macs else "")
-                               + (f"-{a.tag}" if a.tag else ""))
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    name = (f"{a.size}px" + ("-openvino" if ov else "") + (f"-pruned{round(a.prune_macs * 100)}pct" if a.prune_macs else "")
+            + (f"-{a.tag}" if a.tag else ""))
+    record_path("int8_students", name, "json").write_text(json.dumps(res, indent=2) + "\n")
     md = [f"# INT8 vs FP32 per student, {a.runtime}, 1 thread, batch 1, {a.size} px, grayscale, stem stride {a.stem_stride}"
           + (f", ResNet width {a.width}" if a.width else "")
           + (f", pruned to {a.prune_macs:g} of the MACs (random weights, one step, channels in multiples of 8)" if a.prune_macs else ""), "",
@@ -108,7 +109,7 @@ def main():
     for r in rows:
         md.append(f"| {r['model']} | {r['macs_m']:.1f} | {r['fp32_ms']:.3f} | {r['int8_ms']:.3f} | {r['speedup_int8']:.2f}x | "
                   f"{r['int8-all_ms']:.3f} | {r['speedup_int8_all']:.2f}x |")
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    record_path("int8_students", name).write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 

@@ -5,7 +5,7 @@ layer3 and layer4, on the embedding as it is, centred, and standardised, and on 
     python benchmarks/layer_probe.py runs/bench-fmnist
 
 This probe is why `--last-stride 1` exists: with a 2x2 last stage at 28 px, layer3's pooled
-features beat the final embedding (results/layer_probe.md).
+features beat the final embedding (results/layer_probe/latest.md).
 """
 
 from __future__ import annotations

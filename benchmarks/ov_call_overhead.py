@@ -10,7 +10,7 @@ benchmark_app reports it). Overhead = the call's median minus the request's medi
 
     python benchmarks/ov_call_overhead.py
 
-Random weights (latency does not depend on them). Writes benchmarks/results/ov_call_overhead.{json,md}.
+Random weights (latency does not depend on them). Writes benchmarks/results/ov_call_overhead/latest.{json,md}.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import export_set, machine  # noqa: E402
+from _common import export_set, machine, record_path  # noqa: E402
 
 from edgeclr.models import ModelSpec, create_model  # noqa: E402
 from edgeclr.runtime import Embedder, Preprocess  # noqa: E402
@@ -72,7 +72,7 @@ def main(rounds: int = 7, runs: int = 300):
             print(json.dumps(row), flush=True)
     res = {"machine": machine(), "command": "python " + " ".join(sys.argv), "rounds": rounds, "runs": runs,
            "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
-    (HERE / "results" / "ov_call_overhead.json").write_text(json.dumps(res, indent=2) + "\n")
+    record_path("ov_call_overhead", ext="json").write_text(json.dumps(res, indent=2) + "\n")
     md = ["# What a Python call adds to an OpenVINO inference, 1 thread, batch 1", "",
           f"Machine: {res['machine']['cpu']} ({res['machine']['cores']} cores), {res['date']}. Command: `{res['command']}`. "
           f"Medians of {rounds} interleaved rounds of {runs} calls; request = OpenVINO's own `InferRequest.latency` "
@@ -83,7 +83,7 @@ def main(rounds: int = 7, runs: int = 300):
         a, b = r["infer([x])"], r["edgeclr"]
         md.append(f"| {r['model']} | {a['call_ms']:.3f} | {a['request_ms']:.3f} | {a['overhead_ms']:.3f} | {b['call_ms']:.3f} | "
                   f"{b['request_ms']:.3f} | {b['overhead_ms']:.3f} | {a['call_ms'] / b['call_ms']:.2f}x |")
-    (HERE / "results" / "ov_call_overhead.md").write_text("\n".join(md) + "\n")
+    record_path("ov_call_overhead").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 

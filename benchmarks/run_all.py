@@ -1,5 +1,5 @@
 """Reproduce every recorded table from scratch on Fashion-MNIST, in order, and collect them in
-benchmarks/results/<machine>.md:
+benchmarks/results/run_all/<machine>.md:
 
     teacher (fashion_mnist_teacher.py) -> distillation (distill_fashion_mnist.py)
       -> compression (compress_fashion_mnist.py) -> edgeclr bench on the run (native size)
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, run  # noqa: E402
+from _common import machine, record_path, run  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -46,7 +46,7 @@ def main():
         ("teacher", [py, str(HERE / "fashion_mnist_teacher.py"), "--out", str(teacher)]),
         # the x86 benchmark student (the `fashion-mnist` pipeline preset's): ResNet-18 at base width 16,
         # whose dense convolutions make its pruned INT8 model >= 1.5x its FP32 one on this AVX2 CPU
-        # (MobileNetV3-Small's does 1.1-1.4x: benchmarks/results/compress_fashion_mnist-*.md)
+        # (MobileNetV3-Small's does 1.1-1.4x: benchmarks/results/compress_fashion_mnist/s18*.md)
         ("distill", [py, str(HERE / "distill_fashion_mnist.py"), "--teacher", str(teacher), "--out", str(student),
                      "--student", "resnet18", "--width", "16", "--stem-stride", "2", "--tag", "resnet18-w16"]),
         ("compress", [py, str(HERE / "compress_fashion_mnist.py"), "--student", str(student / "distilled"), "--out", str(comp)]),
@@ -81,9 +81,11 @@ def main():
     parts += [f"| {name} | {f'{s / 60:.1f}' if s is not None else 'skipped: reused what ' + shlex.quote(str(out)) + ' holds'} "
               f"| `{shlex.join(cmd).replace(py, 'python')}` |" for name, cmd, s in done]
     parts.append("")
-    for f in ("fashion_mnist_teacher.md", "distill_fashion_mnist-resnet18-w16.md", "compress_fashion_mnist.md", "speed_table.md",
-              "bench_vs_benchmark_app.md", "bench_between_calls.md", "ov_call_overhead.md", "train_overhead.md", "embed_memory.md"):
-        p = HERE / "results" / f
+    for bench, tag in (("fashion_mnist_teacher", ""), ("distill_fashion_mnist", "resnet18-w16"), ("compress_fashion_mnist", ""),
+                       ("speed_table", ""), ("bench_vs_benchmark_app", ""), ("bench_between_calls", ""), ("ov_call_overhead", ""),
+                       ("train_overhead", ""), ("embed_memory", "")):
+        p = record_path(bench, tag)
+        f = f"{bench}/{p.name}"
         if p.exists() and p.stat().st_mtime >= t0:
             parts += [p.read_text().replace("\n# ", "\n## ").replace("# ", "## ", 1), ""]
         else:
@@ -92,7 +94,7 @@ def main():
                      ("edgeclr eval --compare", comp / "compare.md")):
         if p.exists() and p.stat().st_mtime >= t0:
             parts += [f"## {title}", "", p.read_text(), ""]
-    dest = HERE / "results" / f"{slug}.md"
+    dest = record_path("run_all", slug)
     dest.write_text("\n".join(parts) + "\n")
     print(f"written: {dest}")
 

@@ -18,7 +18,7 @@ the first conv at stride 2: the stem a student trained at 224 px gets, MobileNet
 4). The teacher runs as trained only, so the 224-px build's ratio to it is not like-for-like. The
 kNN accuracies are those of the 28-px models (`edgeclr compress`'s report on the 10,000 test
 images); a 224-px build has no accuracy of its own.
-Writes benchmarks/results/speed_table.{json,md} and the two bench folders under --out.
+Writes benchmarks/results/speed_table/latest.{json,md} (TAG.{json,md} with --tag TAG) and the two bench folders under --out.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import export_set, machine, run  # noqa: E402
+from _common import export_set, machine, record_path, run  # noqa: E402
 
 HERE = Path(__file__).parent
 REFS = ("torchvision:resnet18", "torchvision:mobilenet_v3_large")
@@ -98,7 +98,7 @@ def main():
     ap.add_argument("--runs", default="20")
     ap.add_argument("--calib", type=int, default=300, help="calibration images for the INT8 files")
     ap.add_argument("--data", default="fashion-mnist", help="calibration images (the student's dataset)")
-    ap.add_argument("--tag", default="")
+    ap.add_argument("--tag", default="", help="name of the record [latest]")
     a = ap.parse_args()
     teacher, student, comp = Path(a.teacher), Path(a.student), Path(a.compress)
     out = Path(a.out or comp / "speed")
@@ -129,8 +129,7 @@ def main():
                         "matmul_peak": res["matmul_peak_macs_per_s"]}
     res = {"machine": machine(), "command": "python " + shlex.join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
            "report": report, "tables": tables}
-    stem = HERE / "results" / ("speed_table" + (f"-{a.tag}" if a.tag else ""))
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    record_path("speed_table", a.tag, "json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     tk = report["teacher"]["knn_top1"]
     md = ["# Speed table: the compressed Fashion-MNIST student, its teacher, and torchvision references", "",
           f"Machine: {res['machine']['cpu']} ({res['machine']['cores']} cores, AVX-512: {res['machine']['avx512']}), {res['date']}. "
@@ -150,7 +149,7 @@ def main():
                       f"{r['speedup_vs_baseline']:.2f}x | {r['speedup_vs_resnet18']:.2f}x | {r['speedup_vs_mobilenet_v3_large']:.2f}x | "
                       + (f"{k:.2f} | {k - tk:+.2f} |" if k is not None else " | |"))
         md.append("")
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    record_path("speed_table", a.tag).write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 

@@ -6,7 +6,7 @@ then run at the full budget by fashion_mnist_teacher.py.
     python benchmarks/teacher_sweep.py --variants base,jitter1,t01 --epochs 5
     python benchmarks/teacher_sweep.py --list
 
-Writes benchmarks/results/teacher_sweep.{json,md} (appending variants already measured).
+Writes benchmarks/results/teacher_sweep/latest.{json,md} (appending variants already measured).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine
+from _common import machine, record_path
 
 # the recipe every variant below changes: fashion_mnist_teacher.py's first recipe (84.58% kNN in
 # 38 epochs); the sweep's winner (J-t0.1-l4s1) became that script's RECIPE
@@ -68,7 +68,7 @@ def main():
         for k, v in VARIANTS.items():
             print(f"{k:18s} {shlex.join(v)}")
         return
-    res_f = HERE / "results" / "teacher_sweep.json"
+    res_f = record_path("teacher_sweep", ext="json")
     results = json.loads(res_f.read_text()) if res_f.exists() else {"machine": machine(), "runs": []}
     exe = [sys.executable, "-m", "edgeclr"]
     for name in a.variants.split(","):
@@ -101,7 +101,7 @@ def write_md(results: dict) -> None:
           "| variant | changes | epochs | training min | kNN top-1 |", "|---|---|---|---|---|"]
     for r in results["runs"]:
         md.append(f"| {r['variant']} | `{shlex.join(r['options'])}` | {r['epochs']} | {r['train_minutes']} | {r['knn_top1']:.2f} |")
-    (HERE / "results" / "teacher_sweep.md").write_text("\n".join(md) + "\n")
+    record_path("teacher_sweep").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ the same machine noise; the figure is the ratio of median steps/s. Target: edgec
     python benchmarks/train_overhead.py                 # Fashion-MNIST recipe model, CPU
     python benchmarks/train_overhead.py --device cuda --width 64 --input-size 96 --data stl10:DIR
 
-Writes benchmarks/results/train_overhead[-TAG].{json,md}.
+Writes benchmarks/results/train_overhead/latest.{json,md} (TAG.{json,md} with --tag TAG).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine  # noqa: E402
+from _common import machine, record_path  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -38,7 +38,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20, help="steps per block")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--tag", default="")
+    ap.add_argument("--tag", default="", help="name of the record [latest]")
     a = ap.parse_args()
 
     import numpy as np
@@ -107,8 +107,7 @@ def main():
               "median_steps_per_s": {k: round(v, 3) for k, v in med.items()},
               "images_per_s_median": {k: round(v * a.batch_size, 1) for k, v in med.items()},
               "ratio_edgeclr_over_bare": round(ratio, 4), "target": 0.95, "meets_target": ratio >= 0.95}
-    name = "train_overhead" + (f"-{a.tag}" if a.tag else "")
-    (HERE / "results" / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    record_path("train_overhead", a.tag, "json").write_text(json.dumps(result, indent=2) + "\n")
     md = f"""# Training-loop overhead: edgeclr vs a bare PyTorch loop
 
 Measured {result['date']} on {result['machine']['cpu']} ({result['machine']['cores']} cores, torch {result['machine'].get('torch')}), device {device}.
@@ -127,7 +126,7 @@ augmentations, NT-Xent and optimiser; {a.rounds} interleaved rounds of {a.steps}
 
 edgeclr / bare = **{ratio:.3f}** (target >= 0.95: {'met' if ratio >= 0.95 else 'NOT met'}).
 """
-    (HERE / "results" / f"{name}.md").write_text(md)
+    record_path("train_overhead", a.tag).write_text(md)
     print(md)
 
 

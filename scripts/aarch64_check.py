@@ -15,7 +15,7 @@ ONNX files exported from a tiny real training run), and compares:
 
     python scripts/aarch64_check.py                      # build the environment once (cache), train, compare
     python scripts/aarch64_check.py --model-dir DIR      # reuse (or keep) the models and images in DIR
-    python scripts/aarch64_check.py --cache DIR --out benchmarks/results
+    python scripts/aarch64_check.py --cache DIR --out benchmarks/results/aarch64_check
 
 The environment is built once into --cache (default ~/.cache/edgeclr-aarch64, or
 $EDGECLR_AARCH64_CACHE): Debian's qemu-user-static and debootstrap (apt-get, as root), an arm64
@@ -46,7 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "scripts" / "aarch64_embed.py"
 DEFAULT_CACHE = Path(os.environ.get("EDGECLR_AARCH64_CACHE") or "~/.cache/edgeclr-aarch64").expanduser()
-RESULTS = REPO / "benchmarks" / "results"
+RESULTS = REPO / "benchmarks" / "results" / "aarch64_check"  # its records: latest.{json,md} (benchmarks/README.md)
 
 RELEASE = "bookworm"  # Raspberry Pi OS (64-bit) Bookworm is Debian 12: glibc 2.36, Python 3.11
 MIRROR = "http://deb.debian.org/debian"
@@ -517,7 +517,7 @@ def compare(x86: Path, arm: Path, spec: dict) -> dict:
 
 def run_check(env: Env | None = None, model_dir: Path | None = None, work: Path | None = None, results_dir: Path | None = RESULTS,
               cache: Path = DEFAULT_CACHE, other_cpus: tuple[str, ...] = ()) -> dict:
-    """The whole check; writes results_dir/aarch64_check.{json,md} unless results_dir is None.
+    """The whole check; writes results_dir/latest.{json,md} unless results_dir is None.
     other_cpus: more qemu CPU models to run the emulated side on, each compared with the first."""
     import tempfile
 
@@ -637,8 +637,8 @@ emulated CPU model (Cortex-A76, the Pi 5's, by default). Without it, 1.27.0 is t
 def write_results(r: dict, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     r = {**r, "onnxruntime_choice": ORT_CHOICE}
-    (folder / "aarch64_check.json").write_text(json.dumps(r, indent=1) + "\n")
-    (folder / "aarch64_check.md").write_text(format_md(r))
+    (folder / "latest.json").write_text(json.dumps(r, indent=1) + "\n")
+    (folder / "latest.md").write_text(format_md(r))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -646,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the aarch64 environment is built once [%(default)s]")
     ap.add_argument("--model-dir", type=Path, help="models and images: re-used when DIR/models.json exists, else made there")
     ap.add_argument("--work", type=Path, help="folder for the two sides' outputs [a new temporary folder]")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="where aarch64_check.{json,md} go [%(default)s]")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder of the record latest.{json,md} [%(default)s]")
     ap.add_argument("--onnxruntime", default=ORT_VERSION, help="aarch64 onnxruntime version [%(default)s]")
     ap.add_argument("--qemu-cpu", default=QEMU_CPU, help="qemu CPU model (-cpu): cortex-a76 (Pi 5), cortex-a72 (Pi 4), max, ... [%(default)s]")
     ap.add_argument("--other-cpus", default="cortex-a72,max",
@@ -664,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error cases: {sum(e['same'] for e in r['errors'])}/{len(r['errors'])} identical")
     print("PASS" if r["passed"] else "FAIL:\n  " + "\n  ".join(r["failures"]))
     if a.out:
-        print(f"wrote {a.out / 'aarch64_check.md'}")
+        print(f"wrote {a.out / 'latest.md'}")
     return 0 if r["passed"] else 1
 
 

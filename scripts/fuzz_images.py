@@ -2,7 +2,7 @@
 uploaded or camera file -> edgeclr.runtime.load_image -> preprocess, as `edgeclr embed` does.
 
     pip install -e ".[fuzz]"
-    python scripts/fuzz_images.py --seconds 300            # writes benchmarks/results/fuzz_images.{json,md}
+    python scripts/fuzz_images.py --seconds 300            # writes benchmarks/results/fuzz_images/latest.{json,md}
 
 The property: for any bytes, load_image returns an 8-bit image or raises ImageError naming the
 file, preprocess returns a finite (C, S, S) float32 array, and the process never crashes (a
@@ -82,9 +82,10 @@ def main():
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         r = {"status": status, "seconds": round(time.time() - t0, 1), **STATS, "peak_rss_mb": round(peak_mb, 1),
              "atheris": getattr(atheris, "__version__", "?"), "command": "python scripts/fuzz_images.py " + " ".join(sys.argv[1:])}
-        out = ROOT / "benchmarks" / "results"
-        (out / "fuzz_images.json").write_text(json.dumps(r, indent=2) + "\n")
-        (out / "fuzz_images.md").write_text(
+        out = ROOT / "benchmarks" / "results" / "fuzz_images"  # the record's folder (benchmarks/README.md)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "latest.json").write_text(json.dumps(r, indent=2) + "\n")
+        (out / "latest.md").write_text(
             "# Fuzzing the runtime's image input (atheris)\n\n```\n" + r["command"] + "\n```\n\n"
             f"{r['executions']} inputs (recorded every 500) in {r['seconds']} s: {r['decoded']} decoded to a finite model input, "
             f"{r['image_errors']} refused with an ImageError naming the file, crashes or other exceptions: "
