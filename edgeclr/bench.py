@@ -35,13 +35,17 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeclr.errors import BenchError  # noqa: F401  (raised here; defined with the others)
+from edgeclr.errors import BenchError
+from edgeclr.formats import format_of
+from edgeclr.report import bench_table
+from edgeclr.rundir import exported_files, make_writable_dir, write_manifest
+from edgeclr.stages import MODEL_STAGES
 
 log = logging.getLogger("edgeclr.bench")
 
 FORMATS = ("torch", "onnx", "onnx-int8", "openvino", "openvino-int8")
 # what a board runs: threads, batch sizes, formats (on ARM, INT8 means onnxruntime: OpenVINO's ARM
-# plugin executes INT8 models in fp16; ../shared/FIELD-NOTES.md)
+# plugin executes INT8 models in fp16; docs/compression.md)
 PROFILES: dict[str, dict] = {
     "pi4": {"threads": (1, 4), "batch": (1,), "formats": ("onnx", "onnx-int8"), "int8_flavour": "arm (S8S8)"},
     "pi5": {"threads": (1, 4), "batch": (1,), "formats": ("onnx", "onnx-int8"), "int8_flavour": "arm (S8S8)"},
@@ -141,15 +145,11 @@ def discover(models: list[str], formats: tuple[str, ...]) -> list[tuple[str, str
             raise BenchError(f"{p}: {p.suffix or 'no suffix'} is not a model file edgeclr benchmarks "
                              "(.onnx for onnxruntime, .xml for OpenVINO, .pt edgeclr checkpoints for torch)")
         else:
-            from edgeclr.rundir import exported_files
-
             files = exported_files(p, tuple(wanted))
             for f in files:
                 found.append((f"{p.name}/{f.relative_to(p).with_suffix('')}", str(f), classify(f)))
             if "torch" in formats and _has("torch"):  # the runtime install has no torch: files only
-                from edgeclr.rundir import STAGES
-
-                for stage in STAGES:
+                for stage in MODEL_STAGES:
                     c = p / stage / "checkpoints" / "last.pt"
                     if c.is_file():
                         found.append((f"{p.name}/{stage}", str(c), "torch"))
@@ -193,8 +193,8 @@ def _load(cfg: Config):
             net = model = _torchvision_model(cfg.path[len(TORCHVISION):])
             shape = (cfg.batch, 3, cfg.input_size or 224, cfg.input_size or 224)
         else:
-            from edgeclr.evaluate import load_encoder
             from edgeclr.export import EmbeddingModel
+            from edgeclr.loading import load_encoder
 
             net, ck, _ = load_encoder(cfg.path, "cpu")
             model = EmbeddingModel(net, True).eval()
@@ -214,8 +214,7 @@ def _load(cfg: Config):
     emb = Embedder.load(cfg.path, threads=cfg.threads, precision=cfg.precision)
     pp = emb.meta.preprocess
     shape = (cfg.batch, pp.channels, pp.input_size, pp.input_size)
-    files = [Path(cfg.path)] + ([Path(cfg.path).with_suffix(".bin")] if cfg.path.endswith(".xml") else [])
-    facts.update(size_bytes=sum(f.stat().st_size for f in files), macs=getattr(emb.meta, "macs", None),
+    facts.update(size_bytes=format_of(cfg.path).size_bytes(cfg.path), macs=getattr(emb.meta, "macs", None),
                  params=getattr(emb.meta, "params", None), precision_file=emb.meta.precision)
     b = emb.backend
     if hasattr(b, "compiled"):
@@ -421,24 +420,21 @@ def main(cfg) -> dict:
         if b is not None:
             r["speedup_vs_baseline"] = b["p50_ms"] / r["p50_ms"]
     out = Path(cfg.out)
-    from edgeclr.rundir import make_writable_dir
-
     make_writable_dir(out)
     result = {"edgeclr_version": __version__, "machine": _machine(), "profile": cfg.profile,
               "baseline": base and base["label"] + ":" + base["format"],
               "rounds": cfg.rounds, "runs_per_round": cfg.runs, "warmup_s": cfg.warmup, "matmul_peak_macs_per_s": peaks,
               "rows": rows, "wall_time_s": round(time.time() - t0, 1)}
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    from edgeclr.rundir import write_manifest
-
     write_manifest(out, "bench", inputs={"models": sorted({c.path for c in configs})}, spec=None, preprocess=None, embed_dim=None,
                    metrics={f"{r['label']}:{r['format']}:t{r['threads']}:b{r['batch']}": {"p50_ms": r["p50_ms"],
                             **({"speedup_vs_baseline": r["speedup_vs_baseline"]} if r.get("speedup_vs_baseline") else {})}
                             for r in rows},
                    wall_time_s=time.time() - t0, artifacts={"json": str(out / "bench.json"), "md": str(out / "bench.md")})
-    (out / "bench.md").write_text(format_table(result) + "\n")
+    (out / "bench.md").write_text(bench_table(result) + "\n")
     result["chart"] = _chart(rows, out / "bench.png")
-    result["table"] = format_table(result)
+    result["out"] = str(out)
+    result["table"] = bench_table(result)
     return result
 
 
@@ -470,23 +466,6 @@ def _machine() -> dict:
         cpu = platform.processor() or platform.machine()
     return {"cpu": cpu, "cores": os.cpu_count(), "arch": platform.machine(), "python": platform.python_version()}
 
-
-def format_table(result: dict) -> str:
-    m = result["machine"]
-    lines = [f"Machine: {m['cpu']} ({m['cores']} cores, {m['arch']}); baseline: {result['baseline']}; "
-             f"{result['rounds']} interleaved rounds x {result['runs_per_round']} runs after {result['warmup_s']} s warm-up; "
-             "matmul peak (FP32 GMAC/s): " + ", ".join(f"{t} thread(s) {p / 1e9:.1f}" for t, p in result["matmul_peak_macs_per_s"].items()),
-             "", "| model | format | ran as | threads (set/seen) | batch | p50 ms | p90 ms | p99 ms | runtime's own p50 ms | img/s | "
-             "peak RSS MB | size MB | MMACs | efficiency | speed-up vs baseline |", "|---" * 15 + "|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['label']} | {r['format']} | {r['precision_ran']} | {r['threads_setting']}/{r['threads_in_process']} | "
-                     f"{r['batch']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | "
-                     + (f"{r['runtime_p50_ms']:.3f}" if "runtime_p50_ms" in r else "") + f" | {r['images_per_s']:.1f} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['size_bytes'] / 1e6:.2f} | "
-                     + (f"{r['macs'] / 1e6:.1f}" if r.get("macs") else "") + " | "
-                     + (f"{r['efficiency']:.3f}" if r.get("efficiency") else "") + " | "
-                     + (f"{r['speedup_vs_baseline']:.2f}x" if r.get("speedup_vs_baseline") else "") + " |")
-    return "\n".join(lines)
 
 
 def _chart(rows: list[dict], path: Path) -> str | None:

@@ -1,7 +1,7 @@
-"""`edgeclr` command line: a thin map from command to stage.main(config).
+"""`edgeclr` command line: a thin map from command to its function in edgeclr.api.
 
 Options are generated from the config dataclasses (edgeclr/config.py), so a field's help line is
-written once. Stages are imported inside their command: `edgeclr --help` does not import torch.
+written once. Stages are imported when they run: `edgeclr --help` does not import torch.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from edgeclr import __version__, config
+from edgeclr import __version__, api, config, stages
 from edgeclr.errors import EdgeclrError
 
 
@@ -50,7 +50,8 @@ def config_options(cls, none_default: str = "from the dataset preset"):
 
 def run_stage(fn, *args, interrupted: str | None = None, **kwargs):
     """Call a stage; user errors become one line on stderr and exit code 2; with `interrupted`,
-    Ctrl-C prints that line and exits with 130."""
+    Ctrl-C prints that line and exits with 130. Processes started by --devices that failed: their
+    exit code (they printed why)."""
     try:
         return fn(*args, **kwargs)
     except KeyboardInterrupt:
@@ -59,6 +60,8 @@ def run_stage(fn, *args, interrupted: str | None = None, **kwargs):
         click.echo(f"\n{interrupted}", err=True)
         sys.exit(130)
     except EdgeclrError as e:  # the user's to fix: one clear line, exit code 2, no traceback
+        if hasattr(e, "returncode"):  # distributed.WorkersFailed
+            sys.exit(e.returncode)
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
 
@@ -79,15 +82,9 @@ def train(config_file, **options):
 
     Writes OUT/train/{config.yaml, manifest.json, metrics.csv, checkpoints/last.pt, tb/}.
     """
-    cfg = run_stage(config.build, config.TrainConfig, config_file, **options)
-    from edgeclr import distributed
-
-    if cfg.devices > 1 and not distributed.launched_by_torchrun():
-        sys.exit(distributed.launch(cfg.devices, distributed.strip_option(sys.argv[1:], "--devices")))
-    from edgeclr import train as stage
-
-    result = run_stage(stage.main, cfg, interrupted="interrupted: the checkpoint is written; add --resume to continue")
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+    result = run_stage(api.train, config_file=config_file, **options,
+                       interrupted="interrupted: the checkpoint is written; add --resume to continue")
+    if os.environ.get("RANK", "0") == "0" and not result.get("launched"):  # under torchrun, rank 0 reports
         click.echo(f"checkpoint: {result['checkpoint']}" + (f"  kNN top-1: {result['knn_top1']:.2f}%" if "knn_top1" in result else ""))
 
 
@@ -99,10 +96,8 @@ def distill(config_file, **options):
     Writes OUT/distill/{config.yaml, manifest.json, metrics.csv, checkpoints/last.pt, tb/}; the
     manifest links the teacher and records retention (student kNN / teacher kNN) and agreement.
     """
-    cfg = run_stage(config.build, config.DistillConfig, config_file, **options)
-    from edgeclr import distill as stage
-
-    result = run_stage(stage.main, cfg, interrupted="interrupted: the checkpoint is written; add --resume to continue")
+    result = run_stage(api.distill, config_file=config_file, **options,
+                       interrupted="interrupted: the checkpoint is written; add --resume to continue")
     msg = f"checkpoint: {result['checkpoint']}"
     if "retention" in result:
         msg += (f"  kNN top-1: student {result['knn_top1']:.2f}% / teacher {result['teacher_knn_top1']:.2f}% "
@@ -120,10 +115,7 @@ def export(target, config_file, **options):
     The file carries its preprocessing and provenance, and is checked against torch on real
     images before it is written as done.
     """
-    cfg = run_stage(config.build, config.ExportConfig, config_file, target=target, **options)
-    from edgeclr import export as stage
-
-    r = run_stage(stage.main, cfg)
+    r = run_stage(api.export, config_file=config_file, target=target, **options)
     p = r["parity"]
     click.echo(f"{r['path']}  ({', '.join(Path(f).name for f in r['files'])}); parity vs torch on {r['parity_images']} images: "
                f"min cosine {p['min_cosine']:.6f}, max abs diff {p['max_abs_diff']:.2e}")
@@ -139,10 +131,8 @@ def compress(student, config_file, **options):
     manifest.json}: every artifact with kNN accuracy, agreement with the FP32 student, size, MACs
     and 1-thread latency.
     """
-    cfg = run_stage(config.build, config.CompressConfig, config_file, student=student, **options)
-    from edgeclr import compress as stage
-
-    r = run_stage(stage.main, cfg, interrupted="interrupted: the checkpoint is written; add --resume to continue")
+    r = run_stage(api.compress, config_file=config_file, student=student, **options,
+                  interrupted="interrupted: the checkpoint is written; add --resume to continue")
     click.echo(r["table"])
     click.echo(f"report: {r['stage_dir']}/report.md")
 
@@ -155,11 +145,7 @@ def embed(inputs, config_file, **options):
 
     Writes OUT (.npy) and OUT.ids.txt; re-running skips files already embedded (also after a kill).
     """
-    cfg = run_stage(config.build, config.EmbedConfig, config_file, inputs=tuple(inputs), **options)
-    from edgeclr import runtime
-
-    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
-    r = run_stage(runtime.embed_files_to, cfg.model, cfg.inputs, cfg.out, cfg.batch_size, cfg.threads, cfg.on_error, cfg.precision, show)
+    r = run_stage(api.embed, config_file=config_file, inputs=tuple(inputs), **options)
     for e in r["errors"]:
         click.echo(f"skipped: {e}", err=True)
     click.echo(f"{r['out']}: {r['total']} x {r['dim']} embeddings ({r['new']} new, {r['skipped_done']} already done, "
@@ -174,10 +160,8 @@ def search(queries, config_file, **options):
 
     With --labels, also the weighted-kNN class of each query.
     """
-    cfg = run_stage(config.build, config.SearchConfig, config_file, queries=tuple(queries), **options)
-    from edgeclr import runtime
-
-    r = run_stage(runtime.search_main, cfg)
+    cfg = run_stage(config.build, config.SearchConfig, config_file, queries=tuple(queries), **options)  # for --json
+    r = run_stage(api.search, config_file=config_file, queries=tuple(queries), **options)
     for q in r:
         if cfg.json:
             click.echo(json.dumps(q))
@@ -197,12 +181,9 @@ def bench(models, config_file, **options):
     process; configurations are interleaved and compared as ratios to a baseline. ONNX and
     OpenVINO models need no torch.
     """
-    cfg = run_stage(config.build, config.BenchConfig, config_file, models=tuple(models), **options)
-    from edgeclr import bench as stage
-
-    r = run_stage(stage.main, cfg)
+    r = run_stage(api.bench, config_file=config_file, models=tuple(models), **options)
     click.echo(r["table"])
-    click.echo(f"written: {cfg.out}/bench.json, bench.md" + (", bench.png" if r.get("chart") else ""))
+    click.echo(f"written: {r['out']}/bench.json, bench.md" + (", bench.png" if r.get("chart") else ""))
 
 
 @cli.command("eval")
@@ -213,11 +194,8 @@ def eval_(target, config_file, **options):
 
     TARGET is a checkpoint file, a stage folder (runs/NAME/train) or a run folder (runs/NAME).
     """
-    cfg = run_stage(config.build, config.EvalConfig, config_file, target=target, **options)
-    from edgeclr import evaluate as stage
-
-    result = run_stage(stage.main, cfg)
-    if cfg.compare:
+    result = run_stage(api.evaluate, config_file=config_file, target=target, **options)
+    if "run" in result:  # --compare
         click.echo(f"{result['run']} on {result['data']}: {result['train_images']} labeled bank / {result['test_images']} test images")
         click.echo(result["table"])
         return
@@ -226,14 +204,11 @@ def eval_(target, config_file, **options):
     click.echo(result["table"])
 
 
-_PIPELINE_STAGES = ("train", "distill", "compress", "export", "eval", "bench", "report")
-
-
 @cli.command()
 @config_options(config.PipelineConfig, "the preset's")
-@click.option("--from", "from_stage", type=click.Choice(_PIPELINE_STAGES), default=None,
+@click.option("--from", "from_stage", type=click.Choice(stages.NAMES), default=None,
               help="re-run this stage and every later one (earlier ones must have finished)")
-@click.option("--until", type=click.Choice(_PIPELINE_STAGES), default=None, help="stop after this stage")
+@click.option("--until", type=click.Choice(stages.NAMES), default=None, help="stop after this stage")
 def pipeline(config_file, **options):
     """All stages in one command: train -> distill -> compress -> export -> eval -> bench -> report.
 
@@ -241,11 +216,9 @@ def pipeline(config_file, **options):
     Re-running skips finished stages whose options did not change and resumes an interrupted one;
     --config FILE takes top-level options and a section per stage (train:, distill:, ...).
     """
-    cfg = run_stage(config.build, config.PipelineConfig, config_file, **options)
-    from edgeclr import pipeline as stage
-
+    cfg = run_stage(config.build, config.PipelineConfig, config_file, **options)  # to name OUT when interrupted
     try:
-        r = run_stage(stage.main, cfg)
+        r = run_stage(api.pipeline, config_file=config_file, **options)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: re-run the same command to continue ({cfg.out}/pipeline.json records where it stopped)",
                    err=True)

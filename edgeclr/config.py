@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from edgeclr import stages
 from edgeclr.errors import ConfigError  # noqa: F401  (raised here; defined with the others)
 
 
@@ -439,7 +440,7 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
                 compress=dict(recover_epochs=5, calib_images=1000),
                 export=dict(formats="onnx,openvino"), eval=dict(), bench=dict(threads="1,4")),
 }
-PIPELINE_SECTIONS = ("train", "distill", "compress", "export", "eval", "bench")
+PIPELINE_SECTIONS = stages.SECTIONS
 
 
 def _section(help: str):
@@ -454,10 +455,8 @@ class PipelineConfig:
                       tuple(PIPELINE_PRESETS))
     data: str | None = opt(None, "dataset, as `edgeclr train --data`")
     out: str | None = opt(None, "run folder; the preset's is runs/PRESET")
-    from_stage: str | None = opt(None, "re-run this stage and every later one", ("train", "distill", "compress", "export",
-                                                                                 "eval", "bench", "report"), cli=False)
-    until: str | None = opt(None, "stop after this stage", ("train", "distill", "compress", "export", "eval", "bench", "report"),
-                            cli=False)
+    from_stage: str | None = opt(None, "re-run this stage and every later one", stages.NAMES, cli=False)
+    until: str | None = opt(None, "stop after this stage", stages.NAMES, cli=False)
     device: str | None = opt(None, "device for every torch stage: auto | cpu | cuda | cuda:N (the preset's, else auto)")
     threads: int | None = opt(None, "CPU threads for torch in every stage (0 = all cores; the preset's, else 0)")
     progress: bool | None = opt(None, "progress bars (default: when stderr is a terminal)")

@@ -354,6 +354,9 @@ def cut_tiles(image: np.ndarray, size: int, stride: int, min_foreground: float =
     return np.stack(tiles), np.asarray(corners, np.int64)
 
 
+_TILES_SAID: set[tuple] = set()
+
+
 def load_tiles(spec: str, tile_size: int, tile_stride: int, min_foreground: float, max_side: int) -> ArrayDataset:
     files: list[Path] = []
     for part in filter(None, spec.split(",")):
@@ -374,7 +377,9 @@ def load_tiles(spec: str, tile_size: int, tile_stride: int, min_foreground: floa
         if min(img.shape[:2]) < tile_size:
             raise DataError(f"tiles: {f} is {img.shape[1]}x{img.shape[0]}, smaller than the tile size {tile_size}")
         t, _ = cut_tiles(img, tile_size, tile_stride, min_foreground)
-        log.info("tiles: %s -> %d tiles of %d px", f, len(t), tile_size)
+        said = (str(f), len(t), tile_size)  # every stage opens the data again: say it once per process
+        log.log(logging.DEBUG if said in _TILES_SAID else logging.INFO, "tiles: %s -> %d tiles of %d px", *said)
+        _TILES_SAID.add(said)
         all_tiles.append(t)
     tiles = np.concatenate(all_tiles)
     if len(tiles) == 0:

@@ -1,6 +1,7 @@
 """Self-supervised distillation: `edgeclr distill`.
 
-    load_teacher -> build_student -> DistillTrainer (train.Trainer + adapter, queue, cache) -> train.fit -> main
+    loading.load_encoder(role="teacher") -> build_student -> DistillTrainer (engine.Trainer + adapter, queue,
+    cache) -> engine.fit -> BatchNorm re-estimation -> manifest
 
 The teacher (a `edgeclr train` checkpoint) is frozen in eval mode. Each step, one augmented view
 of every image goes through both networks; the student learns (a) to point its embedding where
@@ -15,7 +16,7 @@ augmented student views onto those targets: the teacher's cost is paid once, at 
 targets that do not follow the augmentation.
 
 Training facilities (optimiser, schedule, AMP, resume, atomic checkpoints, metrics, TensorBoard,
-kNN monitor, SIGTERM) are train.py's, reused rather than copied.
+kNN monitor, SIGTERM) are edgeclr.engine's, shared with `train`.
 """
 
 from __future__ import annotations
@@ -31,41 +32,19 @@ from torch import nn
 
 from edgeclr import checkpoint, config, data, faults
 from edgeclr.augment import view_generator
+from edgeclr.engine import Trainer, build_monitor, exit_for_signal, fit, prepare_stage_dir, resolve_device
+from edgeclr.heldout import HeldOut, agreement, embed, eval_inputs, recalibrate_bn
+from edgeclr.loading import load_data, load_encoder
 from edgeclr.losses import EmbeddingQueue, cosine_distill, relational_distill
-from edgeclr.models import Encoder, ModelSpec, count_params, create_model, model_from_checkpoint
+from edgeclr.models import Encoder, ModelSpec, count_params, create_model, describe
+from edgeclr.rundir import write_manifest
 from edgeclr.runtime import Preprocess
-from edgeclr.train import Trainer, build_monitor, describe, exit_for_signal, fit, prepare_stage_dir, resolve_device
 
 log = logging.getLogger("edgeclr.distill")
 
 
 # ----------------------------------------------------------------------------------------------
 # set-up
-
-
-def load_teacher(target: str | Path, device) -> tuple[Encoder, dict, Path]:
-    """(frozen teacher in eval mode, its checkpoint, its path) from a `edgeclr train` checkpoint/run.
-
-    Raises:
-        CheckpointError: not found, truncated, not a teacher (e.g. a distilled student), or weights
-            that do not fit the recorded model.
-    """
-    path = checkpoint.find(target, "train")
-    ckpt = checkpoint.load(path)
-    if ckpt["stage"] != "train":
-        raise checkpoint.CheckpointError(
-            f"--teacher {path} is a {ckpt['stage']} checkpoint ({describe(ckpt['spec'])}), not a SimCLR teacher: "
-            "pass the checkpoint or run folder written by `edgeclr train` (runs/NAME/train)")
-    try:
-        pp = Preprocess.from_dict(ckpt["preprocess"])
-        teacher = model_from_checkpoint(ckpt)
-    except (ValueError, TypeError, KeyError, RuntimeError) as e:
-        raise checkpoint.CheckpointError(f"--teacher {path}: its model or preprocessing cannot be rebuilt: {str(e)[:300]}") from e
-    if pp.channels != ckpt["spec"]["in_chans"]:
-        raise checkpoint.CheckpointError(f"--teacher {path}: preprocessing has {pp.channels} channels but the model "
-                                         f"takes {ckpt['spec']['in_chans']}")
-    teacher.requires_grad_(False)
-    return teacher.to(device).eval(), ckpt, path
 
 
 def build_student(cfg: config.DistillConfig, channels: int, teacher_dim: int) -> tuple[Encoder, nn.Module]:
@@ -87,8 +66,6 @@ def teacher_targets(teacher: Encoder, ds: data.Dataset, pp: Preprocess, device, 
                     batch_size: int = 512) -> torch.Tensor:
     """(N, D) teacher embeddings of every image's clean view, cached in cache_dir and reused while
     the teacher and the data are the same. Unreadable images get zeros (they are never trained on)."""
-    from edgeclr.evaluate import embed, eval_inputs
-
     key = {"teacher_sha256": teacher_sha, "data": ds.fingerprint(), "count": len(ds)}
     meta_f, arr_f = cache_dir / "teacher_cache.json", cache_dir / "teacher_cache.npy"
     if meta_f.exists() and arr_f.exists():
@@ -112,7 +89,7 @@ def teacher_targets(teacher: Encoder, ds: data.Dataset, pp: Preprocess, device, 
 
 
 class DistillTrainer(Trainer):
-    """train.Trainer with the teacher, the adapter, the relational queue and the optional cache."""
+    """engine.Trainer with the teacher, the adapter, the relational queue and the optional cache."""
 
     def __init__(self, cfg, student: Encoder, adapter: nn.Module, teacher: Encoder, ds, pp, device, stage_dir,
                  teacher_info: dict, targets: torch.Tensor | None = None):
@@ -175,29 +152,8 @@ class DistillTrainer(Trainer):
         return loss
 
 
-def recalibrate_bn(model: nn.Module, ds: data.Dataset, pp: Preprocess, device, n: int, seed: int = 0,
-                   batch_size: int = 256) -> int:
-    """Re-estimate every BatchNorm's running mean/variance on n clean training images (the
-    evaluation transform), as an exact average over them (momentum None); returns the images used.
-
-    A student trained on strongly augmented views keeps running statistics of those views; on a
-    short schedule, with a small-batch MobileNet, these can be far from the statistics of the images
-    it embeds at evaluation (kNN on 16-px digits: MobileNetV3-Small 50.7% -> 86.0%, its pruned
-    copy 37.3% -> 81.1%, measured; the ResNet teacher: 92.9% -> 92.7%, so teachers are left alone).
-    """
-    from edgeclr.evaluate import batchnorms, eval_inputs, recalibrate_bn_on
-
-    if n <= 0 or not batchnorms(model):  # no images to prepare
-        return 0
-    idx = np.sort(np.random.default_rng(seed).choice(len(ds), min(n, len(ds)), replace=False))
-    x, _ = eval_inputs(ds, pp, idx)
-    return recalibrate_bn_on(model, x, device, batch_size)
-
-
-def student_vs_teacher(student: Encoder, adapter: nn.Module, teacher: Encoder, monitor, device) -> dict:
+def student_vs_teacher(student: Encoder, adapter: nn.Module, teacher: Encoder, monitor: HeldOut, device) -> dict:
     """Retention and agreement on the monitor's held-out (test-split) images."""
-    from edgeclr.evaluate import agreement, embed
-
     was = student.training, adapter.training
     student.eval(), adapter.eval()
     try:
@@ -213,16 +169,13 @@ def student_vs_teacher(student: Encoder, adapter: nn.Module, teacher: Encoder, m
 
 def main(cfg: config.DistillConfig) -> dict:
     """`edgeclr distill`: train a student on the teacher's embeddings; write OUT/distill."""
-    from edgeclr.rundir import write_manifest
-    from edgeclr.train import load_data
-
     t0 = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if not cfg.teacher:
         raise config.ConfigError("--teacher is required: a checkpoint or run folder written by `edgeclr train`")
     device = resolve_device(cfg.device)
-    teacher, tck, tpath = load_teacher(cfg.teacher, device)
+    teacher, tck, tpath = load_encoder(cfg.teacher, device, role="teacher")
     tpp = Preprocess.from_dict(tck["preprocess"])
     cfg.resolve(tck.get("config") or {}, tpp.input_size)
     if cfg.out is None:  # runs/NAME/train/checkpoints/last.pt -> runs/NAME

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from edgeclr.errors import EdgeclrError
+
 log = logging.getLogger("edgeclr.distributed")
 
 
@@ -149,6 +151,14 @@ def strip_option(argv: list[str], name: str) -> list[str]:
             continue
         out.append(a)
     return out
+
+
+class WorkersFailed(EdgeclrError, RuntimeError):
+    """The processes a launch started ended with a non-zero exit code (they printed why)."""
+
+    def __init__(self, returncode: int):
+        super().__init__(f"the training processes exited with code {returncode}")
+        self.returncode = returncode
 
 
 def launch(nproc: int, argv: list[str]) -> int:

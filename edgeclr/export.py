@@ -1,9 +1,9 @@
 """Export: `edgeclr export` writes the encoder (no projection head) as a self-describing FP32 file.
 
-    load_model -> EmbeddingModel (embed + optional L2 norm) -> FORMATS[fmt].write -> parity_check -> main
+    load_model -> EmbeddingModel (embed + optional L2 norm) -> EXPORT_FORMATS[fmt].write -> parity check -> main
 
-`EXPORT_FORMATS` is the single source of truth for formats, suffixes and the options each
-allows. Every export is written under a temporary name, checked (onnx.checker, then its
+`edgeclr.formats.EXPORT_FORMATS` is the single source of truth for formats, their files, the
+options each allows and their writers (below). Every export is written under a temporary name, checked (onnx.checker, then its
 embeddings against torch's on real images of the run's data, through `edgeclr.runtime`, the code
 the device runs), and only then renamed into place: a failed check is an error and leaves nothing
 that looks finished.
@@ -16,11 +16,9 @@ graph and saved in FP32 (`compress_to_fp16=False`); IR is a pair, model.xml + mo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,31 +28,17 @@ from torch import nn
 
 import edgeclr
 from edgeclr import checkpoint, config, data
-from edgeclr.errors import ExportError  # noqa: F401  (raised here; defined with the others)
+from edgeclr.errors import ExportError
+from edgeclr.formats import EXPORT_FORMATS, ExportFormat
+from edgeclr.heldout import eval_inputs
+from edgeclr.loading import load_encoder, open_like_run
 from edgeclr.models import count_macs, count_params
-from edgeclr.rundir import STAGES, make_writable_dir
+from edgeclr.rundir import make_writable_dir, read_manifest, write_json_atomic, write_manifest
 from edgeclr.runtime import Embedder, ModelMeta, Preprocess
+from edgeclr.stages import MODEL_STAGES
 
 log = logging.getLogger("edgeclr.export")
 
-
-@dataclasses.dataclass(frozen=True)
-class ExportFormat:
-    name: str
-    suffix: str  # of the main file
-    companions: tuple[str, ...]  # other files the format consists of (OpenVINO's .bin)
-    options: frozenset[str]  # ExportConfig fields this format honours
-    needs: tuple[str, ...]  # Python packages
-    runtime: str  # what runs it: the parity check uses the same
-
-
-EXPORT_FORMATS: dict[str, ExportFormat] = {
-    "onnx": ExportFormat("onnx", ".onnx", (), frozenset({"opset", "dynamic_batch", "normalize", "input_size"}),
-                         ("onnx", "onnxruntime"), "onnxruntime"),
-    "openvino": ExportFormat("openvino", ".xml", (".bin",), frozenset({"opset", "dynamic_batch", "normalize", "input_size"}),
-                             ("onnx", "openvino"), "openvino"),
-    "torchscript": ExportFormat("torchscript", ".pt", (), frozenset({"normalize", "input_size"}), (), "torch"),
-}
 
 
 class EmbeddingModel(nn.Module):
@@ -71,14 +55,12 @@ class EmbeddingModel(nn.Module):
 
 def newest_checkpoint(target: str | Path) -> Path:
     """A checkpoint file, a stage folder's, or a run folder's most downstream stage's (compress, then distill, then train)."""
-    return checkpoint.find(target, tuple(reversed(STAGES)))
+    return checkpoint.find(target, tuple(reversed(MODEL_STAGES)))
 
 
 def load_model(target: str | Path) -> tuple[nn.Module, dict, Path]:
     """(encoder in eval mode on CPU, checkpoint, path) from any stage's checkpoint or a run folder
     (whose most downstream stage is taken)."""
-    from edgeclr.evaluate import load_encoder
-
     return load_encoder(newest_checkpoint(target), "cpu")
 
 
@@ -86,7 +68,7 @@ def load_model(target: str | Path) -> tuple[nn.Module, dict, Path]:
 # writers: (model, example input, dynamic batch, opset, metadata, path) -> written files
 
 
-def _write_onnx(model: nn.Module, x: torch.Tensor, dynamic: bool, opset: int, meta: ModelMeta, path: Path) -> list[Path]:
+def write_onnx(model: nn.Module, x: torch.Tensor, dynamic: bool, opset: int, meta: ModelMeta, path: Path) -> list[Path]:
     import onnx
 
     axes = {"images": {0: "batch"}, "embeddings": {0: "batch"}} if dynamic else None
@@ -100,12 +82,12 @@ def _write_onnx(model: nn.Module, x: torch.Tensor, dynamic: bool, opset: int, me
     return [path]
 
 
-def _write_openvino(model: nn.Module, x: torch.Tensor, dynamic: bool, opset: int, meta: ModelMeta, path: Path) -> list[Path]:
+def write_openvino(model: nn.Module, x: torch.Tensor, dynamic: bool, opset: int, meta: ModelMeta, path: Path) -> list[Path]:
     import openvino as ov
 
     onnx_path = path.with_suffix(".tmp.onnx")
     try:
-        _write_onnx(model, x, dynamic, opset, meta, onnx_path)
+        write_onnx(model, x, dynamic, opset, meta, onnx_path)
         ov_model = ov.convert_model(str(onnx_path))
     finally:
         onnx_path.unlink(missing_ok=True)
@@ -115,14 +97,11 @@ def _write_openvino(model: nn.Module, x: torch.Tensor, dynamic: bool, opset: int
     return [path, path.with_suffix(".bin")]
 
 
-def _write_torchscript(model: nn.Module, x: torch.Tensor, dynamic: bool, opset: int, meta: ModelMeta, path: Path) -> list[Path]:
+def write_torchscript(model: nn.Module, x: torch.Tensor, dynamic: bool, opset: int, meta: ModelMeta, path: Path) -> list[Path]:
     with torch.no_grad():
         traced = torch.jit.trace(model, (x,), check_trace=False)
     torch.jit.save(traced, str(path), _extra_files={"edgeclr.json": json.dumps(meta.to_dict())})
     return [path]
-
-
-WRITERS: dict[str, Callable] = {"onnx": _write_onnx, "openvino": _write_openvino, "torchscript": _write_torchscript}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,14 +110,10 @@ WRITERS: dict[str, Callable] = {"onnx": _write_onnx, "openvino": _write_openvino
 
 def parity_images(data_spec: str, pp: Preprocess, n: int, ckpt_cfg: dict) -> torch.Tensor:
     """Up to n real images of the run's data through the one preprocessing path: (n, C, S, S)."""
-    from edgeclr.evaluate import eval_inputs
-
-    kw = dict(base_size=pp.resize_size, tile_size=ckpt_cfg.get("tile_size", 64), tile_stride=ckpt_cfg.get("tile_stride", 64),
-              tile_min_foreground=ckpt_cfg.get("tile_min_foreground", 0.5))
     try:
-        ds = data.open_dataset(data_spec, "test", **kw)
+        ds = open_like_run(data_spec, "test", pp.resize_size, ckpt_cfg)
     except data.DataError:
-        ds = data.open_dataset(data_spec, "pretrain", **kw)
+        ds = open_like_run(data_spec, "pretrain", pp.resize_size, ckpt_cfg)
     idx = np.linspace(0, len(ds) - 1, min(n, len(ds))).astype(np.int64)
     x, _ = eval_inputs(ds, pp, np.unique(idx))
     return x
@@ -168,8 +143,6 @@ def compare(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
 
 def main(cfg: config.ExportConfig) -> dict:
     """`edgeclr export`: write, check and describe one exported model."""
-    from edgeclr.rundir import read_manifest, write_json_atomic, write_manifest
-
     t0 = time.time()
     fmt = EXPORT_FORMATS[cfg.format]
     missing = [m for m in fmt.needs if not _importable(m)]
@@ -201,7 +174,7 @@ def main(cfg: config.ExportConfig) -> dict:
     x = parity_images(data_spec, pp, cfg.check_images, ckpt.get("config") or {})
     example = x[:1]
     try:
-        written = WRITERS[fmt.name](model, example, meta.dynamic_batch, cfg.opset, meta, tmp)
+        written = fmt.write(model, example, meta.dynamic_batch, cfg.opset, meta, tmp)
         with torch.no_grad():
             ref = model(x).numpy()
         check = compare(ref, exported_embeddings(fmt, tmp, x))
@@ -223,7 +196,7 @@ def main(cfg: config.ExportConfig) -> dict:
     write_json_atomic(entries, side)
 
     artifacts = (read_manifest(out_dir).get("artifacts") or {})
-    artifacts[path.name] = {"format": fmt.name, "files": [str(f) for f in final], "bytes": sum(f.stat().st_size for f in final),
+    artifacts[path.name] = {"format": fmt.name, "files": [str(f) for f in final], "bytes": fmt.size_bytes(path),
                             "sha256": checkpoint.sha256(path), "parity": check, "parity_images": len(x)}
     write_manifest(out_dir, "export", inputs={"checkpoint": str(ckpt_path), "checkpoint_sha256": meta.checkpoint_sha256},
                    spec=ckpt["spec"], preprocess=pp.to_dict(), embed_dim=encoder.embed_dim, metrics={},

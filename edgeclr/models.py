@@ -20,6 +20,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from edgeclr.errors import ConfigError
+from edgeclr.runtime import Preprocess
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
@@ -135,7 +138,7 @@ def _mobilenet_v3_minimal(arch: str):
     """MobileNetV3 without squeeze-excitation, with ReLU instead of hard-swish and 3x3 depthwise
     kernels: the idea of timm's `*_minimal` variants. Its layers are ones INT8 runtimes run in
     8 bits (onnxruntime's quantiser leaves HardSwish/HardSigmoid and the SE branch in float, which
-    made INT8 MobileNetV3 slower than FP32: ../shared/FIELD-NOTES.md, INT8)."""
+    made INT8 MobileNetV3 slower than FP32: docs/compression.md)."""
 
     def build(spec: ModelSpec) -> tuple[nn.Module, int]:
         from torchvision.models import mobilenetv3 as mv3
@@ -170,11 +173,15 @@ def model_from_checkpoint(ckpt: dict) -> "Encoder":
     """
     model = create_model(ModelSpec.from_dict(ckpt["spec"]))
     if ckpt.get("pruning"):
-        from edgeclr.compress.prune import apply_pruning
-
         apply_pruning(model, ckpt["pruning"], ckpt["preprocess"])
     model.load_state_dict(ckpt["model"])
     return model
+
+
+def describe(spec: dict) -> str:
+    """A spec dict as one line: "resnet18 (in_chans=1, stem_stride=2, ...)"."""
+    extras = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "name" and v is not None)
+    return f"{spec['name']} ({extras})"
 
 
 def projection_head(in_dim: int, hidden: int, out: int, layers: int = 2) -> nn.Sequential:
@@ -261,3 +268,34 @@ def count_macs(model: nn.Module, shape: tuple[int, int, int]) -> int:
         for h in hooks:
             h.remove()
     return int(total)
+
+
+# ----------------------------------------------------------------------------------------------
+# pruning-plan replay: a pruned checkpoint holds weights + the channel plan, never a pickled module
+
+
+def torch_pruning():
+    """The torch-pruning module (the `compress` extra)."""
+    try:
+        import torch_pruning
+    except ImportError as e:
+        raise ConfigError("pruning needs torch-pruning: pip install 'edgeclr[compress]'") from e
+    return torch_pruning
+
+
+def example_input(model: Encoder, pp: Preprocess | dict) -> torch.Tensor:
+    """A zero batch of one image shaped like the model's input: (1, C, S, S)."""
+    pp = Preprocess.from_dict(pp) if isinstance(pp, dict) else pp
+    return torch.zeros(1, model.spec.in_chans, pp.input_size, pp.input_size)
+
+
+def apply_pruning(model: Encoder, plan: dict, pp: Preprocess | dict) -> Encoder:
+    """Replay a pruning plan (as saved in a checkpoint) on a freshly built model, in place."""
+    tp = torch_pruning()
+    try:
+        dg = tp.DependencyGraph().build_dependency(model.eval(), example_input(model, pp))
+        dg.load_pruning_history([tuple(h) for h in plan["history"]])
+    except (KeyError, IndexError, AttributeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"the pruning plan does not fit a {model.spec.name} (recorded with torchvision "
+                         f"{plan.get('torchvision')}, torch-pruning {plan.get('torch_pruning')}): {str(e)[:200]}") from e
+    return model

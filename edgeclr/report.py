@@ -118,14 +118,77 @@ def _versions() -> dict[str, str]:
     return v
 
 
+# ----------------------------------------------------------------------------------------------
+# markdown tables: every table a stage prints or a report shows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub markdown table: one header row, one row per list of cells."""
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
 def _fmt(v, f="{:.2f}") -> str:
-    return "" if v is None else f.format(v)
+    """A number as a cell: '' for a missing value (None or NaN)."""
+    return "" if v is None or (isinstance(v, float) and v != v) else f.format(v)
+
+
+def eval_table(rows: list[dict]) -> str:
+    """`edgeclr eval`: kNN and linear-probe accuracy of a model and its baselines."""
+    return markdown_table(["features", "dim", "knn_top1", "linear_top1"],
+                          [[str(r["features"]), str(r["dim"])] + [_fmt(r.get(c)) or "-" for c in ("knn_top1", "linear_top1")]
+                           for r in rows])
+
+
+def compare_table(rows: list[dict]) -> str:
+    """`edgeclr eval --compare`: the retention table of every stage and artifact of a run."""
+    header = ["model", "kNN %", "linear %", "retention", "kNN agreement", "top-10 overlap", "size MB", "MMACs", "ms (1 thread)",
+              "speed-up"]
+    return markdown_table(header, [[
+        r["model"], _fmt(r["knn_top1"]), _fmt(r["linear_top1"]), _fmt(r.get("retention"), "{:.3f}"),
+        _fmt(r.get("knn_agreement_with_teacher"), "{:.3f}"), _fmt(r.get("topk_overlap_with_teacher"), "{:.3f}"),
+        f"{r['size_bytes'] / 1e6:.2f}", _fmt(r["macs"] and r["macs"] / 1e6, "{:.1f}"), f"{r['latency_ms_1thread']:.3f}",
+        f"{r['speedup_vs_teacher']:.2f}x"] for r in rows])
+
+
+_COMPRESS_COLS = [("knn_top1", "kNN top-1 %", "{:.2f}"), ("retention", "retention", "{:.3f}"),
+                  ("knn_agreement", "kNN agreement", "{:.3f}"), ("cosine_mean", "cosine", "{:.4f}"), ("macs", "MACs (M)", None),
+                  ("params", "params (M)", None), ("bytes", "size (MB)", None),
+                  ("latency_ms_1thread", "latency 1 thread (ms)", "{:.3f}"), ("speedup_vs_fp32", "INT8 speed-up", "{:.2f}x")]
+
+
+def compress_table(report: dict) -> str:
+    """`edgeclr compress`: every artifact against the FP32 student (compress/report.json)."""
+    def cell(key, f, v):
+        return "" if v is None else f"{v / 1e6:.2f}" if key in ("macs", "params", "bytes") else f.format(v)
+
+    return markdown_table(["model"] + [c[1] for c in _COMPRESS_COLS],
+                          [[name] + [cell(k, f, r.get(k)) for k, _, f in _COMPRESS_COLS] for name, r in report.items()])
+
+
+def bench_table(result: dict) -> str:
+    """`edgeclr bench`: the machine line, then one row per configuration (bench/bench.json)."""
+    m = result["machine"]
+    head = (f"Machine: {m['cpu']} ({m['cores']} cores, {m['arch']}); baseline: {result['baseline']}; "
+            f"{result['rounds']} interleaved rounds x {result['runs_per_round']} runs after {result['warmup_s']} s warm-up; "
+            "matmul peak (FP32 GMAC/s): " + ", ".join(f"{t} thread(s) {p / 1e9:.1f}" for t, p in result["matmul_peak_macs_per_s"].items()))
+    header = ["model", "format", "ran as", "threads (set/seen)", "batch", "p50 ms", "p90 ms", "p99 ms", "runtime's own p50 ms", "img/s",
+              "peak RSS MB", "size MB", "MMACs", "efficiency", "speed-up vs baseline"]
+    rows = [[r["label"], r["format"], r["precision_ran"], f"{r['threads_setting']}/{r['threads_in_process']}", str(r["batch"]),
+             f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", _fmt(r.get("runtime_p50_ms"), "{:.3f}"),
+             f"{r['images_per_s']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{r['size_bytes'] / 1e6:.2f}",
+             f"{r['macs'] / 1e6:.1f}" if r.get("macs") else "", f"{r['efficiency']:.3f}" if r.get("efficiency") else "",
+             f"{r['speedup_vs_baseline']:.2f}x" if r.get("speedup_vs_baseline") else ""] for r in result["rows"]]
+    return head + "\n\n" + markdown_table(header, rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# the report
 
 
 def build_blocks(out: Path) -> list[tuple]:
     """The report as blocks: ("h", level, text) ("p", text) ("table", md) ("img", name, png, caption[, "half"]) ("code", text)."""
-    from edgeclr.evaluate import format_compare
-
     state = _load(out / "pipeline.json") or {}
     teacher_eval = _load(out / "train" / "eval.json")
     cmp = _load(out / "compare.json")
@@ -164,13 +227,11 @@ def build_blocks(out: Path) -> list[tuple]:
         blocks.append(("p", "Every stage and exported artifact on the same held-out images; retention = kNN accuracy / the "
                             "teacher's; agreement columns compare with the teacher's predictions and neighbours; latency at 1 "
                             "thread, batch 1; speed-up against the teacher in torch eager."))
-        blocks.append(("table", format_compare(rows)))
+        blocks.append(("table", compare_table(rows)))
         png = _speed_chart(rows)
         if png:
             blocks.append(("img", "latency_size.png", png, "Latency and size of every artifact"))
     if creport:
-        from edgeclr.compress import format_report
-
         blocks.append(("h", 2, "Compression"))
         man = read_manifest(out / "compress")
         pr = man.get("pruning") or {}
@@ -179,7 +240,7 @@ def build_blocks(out: Path) -> list[tuple]:
                                 f"({100 * pr['mac_ratio']:.0f}%), {pr['base_params'] / 1e6:.3f}M -> {pr['params'] / 1e6:.3f}M "
                                 f"parameters, in {pr['steps']} step(s) with {pr['recover_epochs']} recovery epoch(s) each. "
                                 "INT8 speed-up is against the same runtime's FP32 model."))
-        blocks.append(("table", format_report(creport)))
+        blocks.append(("table", compress_table(creport)))
     for metric, ylabel, title, name in (("loss", "loss", "Training losses", "losses.png"),
                                         ("knn_top1", "kNN top-1 %", "kNN accuracy over epochs (monitor split)", "knn.png")):
         png = _curves_chart(out, metric, ylabel, title)
@@ -192,10 +253,8 @@ def build_blocks(out: Path) -> list[tuple]:
             blocks.append(("img", f"tsne_{s}.png", p.read_bytes(), {"train": "teacher", "distill": "student",
                                                                    "compress": "final (pruned) student"}[s], "half"))
     if bench:
-        from edgeclr.bench import format_table
-
         blocks.append(("h", 2, "Benchmark"))
-        blocks.append(("table", format_table(bench)))
+        blocks.append(("table", bench_table(bench)))
         if (out / "bench" / "bench.png").exists():
             blocks.append(("img", "bench.png", (out / "bench" / "bench.png").read_bytes(), "p50 latency per configuration"))
 

@@ -1,4 +1,4 @@
-"""The run-folder contract shared by every stage (DESIGN.md, "Run directory").
+"""The run-folder contract shared by every stage (docs/architecture.md, "Run directory").
 
     runs/<name>/<stage>/config.yaml     resolved config
     runs/<name>/<stage>/manifest.json   stage, version, inputs (+ sha256), model spec, preprocessing,
@@ -21,10 +21,9 @@ from typing import Any
 
 import edgeclr
 from edgeclr.errors import OutputError  # noqa: F401  (raised here; defined with the others)
+from edgeclr.formats import RUNTIME_SUFFIXES
 
 METRICS_HEADER = ["time", "stage", "epoch", "step", "name", "value"]
-# stages in pipeline order, most downstream last: a run folder's deployable model is its last one
-STAGES = ("train", "distill", "compress")
 
 
 def make_writable_dir(path: str | Path, what: str = "output folder") -> Path:
@@ -100,7 +99,7 @@ def write_manifest(stage_dir: str | Path, stage: str, *, inputs: dict, spec: dic
     return path
 
 
-def exported_files(run_dir: str | Path, suffixes=(".onnx", ".xml")) -> list[Path]:
+def exported_files(run_dir: str | Path, suffixes=RUNTIME_SUFFIXES) -> list[Path]:
     """Exported models under a run folder, sorted; skips hidden files and folders (partial writes,
     OUT/.replaced/ of the pipeline)."""
     root = Path(run_dir)

@@ -1,8 +1,9 @@
 """SimCLR pretraining: `edgeclr train`.
 
-    load_data -> build_model -> build_optimizer / build_scheduler -> train_one_epoch ... -> main
+    loading.load_data -> build_model -> SimCLRTrainer (engine.Trainer + NT-Xent) -> engine.fit -> manifest
 
-A later stage (distillation) imports these functions instead of copying them.
+The training engine (optimiser, schedule, epoch loop, checkpoints, signals) is edgeclr.engine's,
+shared with distillation and compress's recovery.
 
 Resume is exact: the data order is a function of (seed, epoch) and every view's augmentation of
 (seed, epoch, step, view), so a run restarted from a checkpoint written after step s of epoch e
@@ -12,72 +13,22 @@ sees exactly the batches an uninterrupted run would have seen next.
 from __future__ import annotations
 
 import logging
-import math
 import os
-import signal
-import sys
 import time
-import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from edgeclr import checkpoint, config, data, faults
+from edgeclr import checkpoint, config, faults
 from edgeclr import distributed as dist_
-from edgeclr.augment import SimCLRAugment, get_preset, preset_for, view_generator
-from edgeclr.errors import NonFiniteLoss  # noqa: F401  (raised here; defined with the others)
+from edgeclr.augment import view_generator
+from edgeclr.engine import Trainer, build_monitor, exit_for_signal, fit, prepare_stage_dir, resolve_device
+from edgeclr.loading import load_data
 from edgeclr.losses import nt_xent
-from edgeclr.models import Encoder, ModelSpec, count_params, create_model
-from edgeclr.runtime import Preprocess
+from edgeclr.models import Encoder, ModelSpec, count_params, create_model, describe
+from edgeclr.rundir import write_manifest
 
 log = logging.getLogger("edgeclr.train")
-
-
-# ----------------------------------------------------------------------------------------------
-# set-up
-
-
-def resolve_device(name: str, d: dist_.Dist = dist_.SINGLE) -> torch.device:
-    """The torch device; under torchrun with CUDA, rank LOCAL_RANK's GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise config.ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if dev.type == "cuda" and d.enabled:
-        if d.local_rank >= torch.cuda.device_count():
-            raise config.ConfigError(f"rank {d.rank} has local rank {d.local_rank}, but this machine has "
-                                     f"{torch.cuda.device_count()} GPU(s): lower --nproc_per_node / --devices")
-        dev = torch.device("cuda", d.local_rank)
-    return dev
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA by default; off on CPU (CPU bf16 autocast was many times slower on the reference machine)."""
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-
-
-def open_pretrain(cfg) -> data.Dataset:
-    """The unlabeled training images of a TrainConfig (folders decoded at 1.25x the input size)."""
-    return data.open_dataset(cfg.data, "pretrain", base_size=round(cfg.input_size * 1.25), tile_size=cfg.tile_size,
-                             tile_stride=cfg.tile_stride, tile_min_foreground=cfg.tile_min_foreground, seed=cfg.seed)
-
-
-def load_data(cfg) -> tuple[data.Dataset, Preprocess]:
-    """The pretraining dataset and the preprocessing that travels with the model.
-
-    Folder images are decoded at 1.25x the input size for the random resized crop; tiles are
-    stored at that size too.
-    """
-    ds = open_pretrain(cfg)
-    mean, std = data.channel_stats(ds)
-    # arrays hold whole images at their native size: evaluate on the whole image resized to the input;
-    # folders hold photographs of any size: resize to input/0.875 and centre-crop, as ImageNet evaluation does
-    resize = cfg.input_size if isinstance(ds, data.ArrayDataset) else round(cfg.input_size / 0.875)
-    return ds, Preprocess(cfg.input_size, resize, mean, std, ds.channels)
 
 
 def build_model(cfg, channels: int) -> Encoder:
@@ -91,179 +42,9 @@ def build_model(cfg, channels: int) -> Encoder:
         raise config.ConfigError(str(e)) from e
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weights only: norms' scales and all biases (1-D tensors) are excluded."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+class SimCLRTrainer(Trainer):
+    """engine.Trainer with SimCLR's objective: NT-Xent over two augmented views of each image."""
 
-
-class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017) as used by SimCLR: layer-wise trust ratio eta*||w||/||g + wd*w||,
-    skipped for groups marked `lars_exclude` (norms and biases), then SGD momentum."""
-
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=False))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad.add(p, alpha=g["weight_decay"]) if g["weight_decay"] else p.grad.clone()
-                if not g["lars_exclude"]:
-                    wn, dn = p.norm(), d.norm()
-                    d.mul_(torch.where((wn > 0) & (dn > 0), g["eta"] * wn / dn, torch.ones_like(wn)))
-                buf = self.state[p].get("momentum_buffer")
-                if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = d.clone()
-                else:
-                    buf.mul_(g["momentum"]).add_(d)
-                p.add_(buf, alpha=-g["lr"])
-        return loss
-
-
-def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9):
-    groups = param_groups(model, weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
-    if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum)
-    if name == "adamw":
-        for g in groups:
-            g.pop("lars_exclude", None)
-        return torch.optim.AdamW(groups, lr=lr)
-    raise config.ConfigError(f"unknown optimizer {name!r}; valid: sgd, lars, adamw")
-
-
-def build_scheduler(opt, total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
-    """Linear warm-up to the peak, then cosine decay to min_ratio * peak, stepped per batch."""
-
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        p = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, f)
-
-
-# ----------------------------------------------------------------------------------------------
-# the loop
-
-
-class Trainer:
-    """State of one training run: model, optimiser, schedule, position, logging, checkpoints.
-
-    The stage's objective is a `loss_fn(images, indices) -> loss` (SimCLR here, distillation in
-    distill.py, which subclasses this to add its own state).
-    """
-
-    def __init__(self, cfg, stage: str, model: Encoder, ds: data.Dataset, pp: Preprocess, device: torch.device,
-                 stage_dir: Path, trainable: torch.nn.Module | None = None, dist: dist_.Dist = dist_.SINGLE):
-        self.cfg, self.stage, self.model, self.ds, self.pp = cfg, stage, model, ds, pp
-        self.device, self.dir, self.dist = device, stage_dir, dist
-        self.steps_per_epoch = data.steps_per_epoch(len(ds), cfg.batch_size, dist.world)
-        if self.steps_per_epoch == 0:
-            raise data.DataError(f"{ds.name}: {len(ds)} image(s) cannot make a batch of 2"
-                                 + (f" across {dist.world} processes" if dist.enabled else "") + "; NT-Xent needs >= 2 images")
-        self.total_steps = self.steps_per_epoch * cfg.epochs
-        self.epoch, self.step, self.global_step = 0, 0, 0
-        self.trainable = trainable if trainable is not None else model  # what the optimiser updates
-        self.opt = build_optimizer(self.trainable, cfg.optimizer, cfg.scaled_lr, cfg.weight_decay, cfg.momentum)
-        self.sched = build_scheduler(self.opt, self.total_steps, round(cfg.warmup_epochs * self.steps_per_epoch),
-                                     cfg.min_lr_ratio)
-        self.amp = amp_dtype(cfg.amp, device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
-        aug_cfg = replace(get_preset(cfg.augment or preset_for(ds.channels, cfg.input_size)), crop_scale=cfg.crop_scale)
-        if cfg.jitter is not None:
-            aug_cfg = replace(aug_cfg, jitter_strength=cfg.jitter)
-        if cfg.blur is not None:
-            aug_cfg = replace(aug_cfg, blur_p=cfg.blur)
-        self.augment = SimCLRAugment(aug_cfg, cfg.input_size, pp.mean, pp.std)
-        self.aug_cfg = aug_cfg
-        project = torch.compile(model.project) if cfg.compile else model.project
-        if dist.enabled:  # gradients averaged over ranks by DDP; negatives gathered in simclr_loss
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.ddp = DistributedDataParallel(_Projector(model, project), device_ids=[device.index] if device.type == "cuda" else None)
-            project = self.ddp
-        self.project = project
-        self.ckpt_path = stage_dir / "checkpoints" / "last.pt"
-        self.skipped: set[str] = set()
-        self.last_metrics: dict[str, float] = {}
-        self.step_metrics: dict[str, float] = {}  # loss parts etc. that a step_fn wants logged
-        self.stop_signal: int | None = None
-        self.nonfinite_run = 0  # --nonfinite skip: non-finite losses in a row, and in all
-        self.nonfinite_skipped = 0
-
-    # -- --nonfinite skip: what a forward pass changes besides the weights -------------------------
-    def step_state(self) -> dict:
-        """A copy of the state that a forward pass updates (BatchNorm running statistics), so that a
-        skipped step leaves no trace of its (non-finite) batch; DistillTrainer adds its queue."""
-        seen, bufs = set(), []
-        for m in (self.model, self.trainable):
-            for b in m.buffers():
-                if id(b) not in seen:
-                    seen.add(id(b))
-                    bufs.append((b, b.detach().clone()))
-        return {"buffers": bufs}
-
-    def restore_step_state(self, state: dict) -> None:
-        with torch.no_grad():
-            for b, saved in state["buffers"]:
-                b.copy_(saved)
-
-    # -- checkpoints --------------------------------------------------------------------------
-    def state(self) -> dict:
-        return {
-            "format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, "stage": self.stage,
-            "edgeclr_version": __import__("edgeclr").__version__,
-            "model": self.model.state_dict(), "spec": self.model.spec.to_dict(), "preprocess": self.pp.to_dict(),
-            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "epoch": self.epoch, "step": self.step, "global_step": self.global_step,
-            "steps_per_epoch": self.steps_per_epoch, "rng": checkpoint.rng_state(),
-            "config": config.to_dict(self.cfg), "metrics": dict(self.last_metrics),
-            "augment": self.aug_cfg.to_dict(), "skipped_files": sorted(self.skipped),
-            "nonfinite_skipped": self.nonfinite_skipped,
-        }
-
-    def save(self) -> Path:
-        """Write the checkpoint (rank 0 only: the weights are the same on every rank)."""
-        if self.dist.is_main:
-            checkpoint.save(self.state(), self.ckpt_path)
-        return self.ckpt_path
-
-    def restore(self, ckpt: dict, path: Path) -> None:
-        if ckpt["spec"] != self.model.spec.to_dict():
-            raise checkpoint.CheckpointError(
-                f"cannot resume from {path}: it holds a {describe(ckpt['spec'])}, but this run builds a "
-                f"{describe(self.model.spec.to_dict())}. Resume with the same --model/--width/--stem-stride/"
-                "--head-* options (and data channels), or start a new run with another --out.")
-        if ckpt["stage"] != self.stage:
-            raise checkpoint.CheckpointError(f"cannot resume {self.stage} from {path}: it is a {ckpt['stage']} checkpoint")
-        self.model.load_state_dict(ckpt["model"])
-        self.opt.load_state_dict(ckpt["optimizer"])
-        self.sched.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(ckpt["scaler"])
-        checkpoint.set_rng_state(ckpt.get("rng") or {})
-        if ckpt.get("steps_per_epoch") not in (None, self.steps_per_epoch):
-            warnings.warn(f"{path} was written with {ckpt['steps_per_epoch']} steps per epoch, this run has "
-                          f"{self.steps_per_epoch} (different data or batch size): the data order will not "
-                          "match an uninterrupted run")
-        self.epoch, self.step, self.global_step = ckpt["epoch"], ckpt["step"], ckpt["global_step"]
-        self.skipped = set(ckpt.get("skipped_files") or [])
-        self.nonfinite_skipped = int(ckpt.get("nonfinite_skipped") or 0)
-        self.last_metrics = dict(ckpt.get("metrics") or {})
-
-    # -- one step ---------------------------------------------------------------------------
     def simclr_loss(self, x: torch.Tensor, indices=None) -> torch.Tensor:
         """x: (B, C, H, W) uint8 -> NT-Xent over its two augmented views."""
         cfg = self.cfg
@@ -281,248 +62,6 @@ class Trainer:
             return nt_xent(z1, z2, cfg.temperature, gather=dist_.gather_with_grad, rank=rank)
         return nt_xent(z1, z2, cfg.temperature)
 
-    def optimise(self, loss: torch.Tensor) -> float | None:
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        gnorm = None
-        if self.cfg.grad_clip:
-            self.scaler.unscale_(self.opt)
-            gnorm = float(torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), self.cfg.grad_clip))
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.sched.step()
-        return gnorm
-
-
-class _Projector(torch.nn.Module):
-    """model.project as a module's forward (what DistributedDataParallel wraps)."""
-
-    def __init__(self, model: Encoder, project):
-        super().__init__()
-        self.model, self._project = model, project
-
-    def forward(self, x):
-        return self._project(x)
-
-
-def exit_for_signal(signum: int | None, distributed: bool = False) -> None:
-    """After a stage stopped on a signal and wrote its checkpoint: SIGINT -> KeyboardInterrupt
-    (exit 130), SIGTERM -> exit 143 (128 + signal, what a scheduler expects of a preempted job)."""
-    if signum is None:
-        return
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    if distributed:  # torchrun sends SIGTERM again to the ranks still running once one has exited:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # this one is leaving with its checkpoint written
-    raise SystemExit(128 + signum)
-
-
-def describe(spec: dict) -> str:
-    extras = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "name" and v is not None)
-    return f"{spec['name']} ({extras})"
-
-
-def check_finite(loss: torch.Tensor, trainer: Trainer) -> None:
-    if not torch.isfinite(loss).all():
-        last = trainer.ckpt_path if trainer.ckpt_path.exists() else None
-        raise NonFiniteLoss(
-            f"the loss became {loss.item()}"
-            + (f" on one of the {trainer.dist.world} processes" if trainer.dist.enabled else "")
-            + f" at epoch {trainer.epoch}, step {trainer.step} (global step "
-            f"{trainer.global_step}); training stopped without writing a checkpoint. "
-            + (f"The last good checkpoint {last} is kept; " if last else "")
-            + f"lower --lr (now {trainer.cfg.lr}), raise --temperature (now {trainer.cfg.temperature}), "
-              "set --grad-clip, or use --amp off, then --resume (--nonfinite skip drops such steps instead).")
-
-
-MAX_SKIPPED_IN_A_ROW = 10
-
-
-def skip_nonfinite(loss: torch.Tensor, tr: Trainer) -> None:
-    """A non-finite loss: NonFiniteLoss (check_finite), unless --nonfinite skip, which counts the
-    step as skipped (no backward, no update, the optimiser's state untouched) until
-    MAX_SKIPPED_IN_A_ROW in a row."""
-    give_up = tr.cfg.nonfinite == "skip" and tr.nonfinite_run + 1 >= MAX_SKIPPED_IN_A_ROW
-    if give_up:
-        log.error("%d non-finite losses in a row: stopping", MAX_SKIPPED_IN_A_ROW)
-    if tr.cfg.nonfinite != "skip" or give_up:
-        check_finite(loss, tr)
-    tr.nonfinite_run += 1
-    tr.nonfinite_skipped += 1
-    log.warning("the loss became %s at epoch %d, step %d (global step %d): step skipped (--nonfinite skip; %d so far)",
-                loss.item(), tr.epoch, tr.step, tr.global_step, tr.nonfinite_skipped)
-
-
-def train_one_epoch(tr: Trainer, loss_fn, metrics, progress=None, deadline: float | None = None) -> bool:
-    """Run the rest of epoch tr.epoch from tr.step. Returns False when stopped early (time or signal)."""
-    cfg, d = tr.cfg, tr.dist
-    tr.model.train()
-    t_last, n_last = time.perf_counter(), 0
-    loss = gnorm = None
-    for step, x, bad, idx in data.iterate_batches(tr.ds, cfg.batch_size, cfg.seed, tr.epoch, tr.step, cfg.num_workers,
-                                                  d.rank, d.world):
-        tr.step = step
-        new_bad = [b for b in bad if b not in tr.skipped]
-        for b in new_bad:
-            warnings.warn(f"skipped unreadable image {b}")
-        tr.skipped.update(bad)
-        if d.enabled and isinstance(tr.ds, data.FolderDataset):  # unreadable files: every rank trains on
-            keep = -int(dist_.sync_flags(d, tr.device, -len(x))[0])  # as many images as the emptiest shard
-            x, idx = x[:keep], idx[:keep]
-        if len(x) * d.world >= 2 and len(x) >= 1:  # a batch left with < 2 readable images is skipped
-            before = tr.step_state() if cfg.nonfinite == "skip" else None
-            loss = faults.poison_loss(loss_fn(x.to(tr.device, non_blocking=True), idx), tr.stage, tr.global_step, d.rank)
-            finite = bool(torch.isfinite(loss).all())
-            if d.enabled and dist_.sync_flags(d, tr.device, float(not finite))[0] and finite:
-                loss, finite = loss.new_tensor(float("nan")), False  # another rank's is not: all stop (or skip) together
-            if finite:
-                tr.nonfinite_run = 0
-                gnorm = tr.optimise(loss)
-                n_last += len(x) * d.world
-            else:  # before the update: a NaN never reaches the weights
-                skip_nonfinite(loss, tr)  # stops the run, unless --nonfinite skip
-                # skipped: no backward, no update; the statistics of the bad batch are undone and the
-                tr.restore_step_state(before)  # schedule moves on, so that steps keep their learning rates
-                tr.sched.step()
-                loss = None
-        tr.step, tr.global_step = step + 1, tr.global_step + 1
-        if progress is not None:
-            progress.update(1)
-        if loss is not None and (tr.global_step % cfg.log_every == 0 or tr.step == tr.steps_per_epoch):
-            dt = time.perf_counter() - t_last
-            m = {"loss": dist_.all_mean(loss.item(), d, tr.device), "lr": tr.opt.param_groups[0]["lr"], "images_per_s": n_last / max(dt, 1e-9),
-                 "skipped_images": len(tr.skipped), **tr.step_metrics}
-            if tr.nonfinite_skipped:
-                m["skipped_nonfinite_steps"] = tr.nonfinite_skipped
-            if gnorm is not None:
-                m["grad_norm"] = gnorm
-            tr.last_metrics.update(m)
-            metrics(m, tr.epoch, tr.global_step)
-            if progress is not None:
-                progress.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
-            t_last, n_last = time.perf_counter(), 0
-        stop = tr.stop_signal is not None or (deadline is not None and time.time() > deadline)
-        if d.enabled:  # a signal on any rank, or rank 0's clock, stops every rank at the same step
-            sig, late = dist_.sync_flags(d, tr.device, float(tr.stop_signal or 0),
-                                         float(d.is_main and deadline is not None and time.time() > deadline))
-            tr.stop_signal = int(sig) or None
-            stop = tr.stop_signal is not None or bool(late)
-        if stop or (cfg.ckpt_every and tr.global_step % cfg.ckpt_every == 0 and tr.step < tr.steps_per_epoch):
-            tr.save()
-        faults.maybe_kill(tr.stage, tr.global_step, d.rank)
-        if stop:
-            return False
-    tr.epoch, tr.step = tr.epoch + 1, 0
-    return True
-
-
-def prepare_stage_dir(stage_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None for a new run); refuses to overwrite a run's checkpoint
-    and to start in a folder it cannot write."""
-    from edgeclr.rundir import make_writable_dir
-
-    ckpt_file = stage_dir / "checkpoints" / "last.pt"
-    if resume:
-        resume_from = checkpoint.find(stage_dir) if stage_dir.exists() else None
-        if resume_from is None:
-            raise checkpoint.CheckpointError(f"--resume: no checkpoint in {stage_dir}; drop --resume to start a new run")
-        make_writable_dir(stage_dir)
-        return resume_from
-    if ckpt_file.exists() or checkpoint.previous_path(ckpt_file).exists():
-        raise config.ConfigError(f"{stage_dir} already holds a checkpoint: pass --resume to continue it, or "
-                                 "choose another --out (nothing was overwritten)")
-    make_writable_dir(stage_dir)
-    return None
-
-
-def build_monitor(cfg, pp: Preprocess):
-    """A kNN monitor on the dataset's labeled train/test splits, or None when it has no labels."""
-    from edgeclr.evaluate import KnnMonitor
-
-    if not cfg.knn_every:
-        return None
-    try:
-        kw = dict(base_size=pp.resize_size, tile_size=cfg.tile_size, tile_stride=cfg.tile_stride,
-                  tile_min_foreground=cfg.tile_min_foreground, seed=cfg.seed)
-        bank, query = data.open_dataset(cfg.data, "train", **kw), data.open_dataset(cfg.data, "test", **kw)
-        if data.has_labels(bank) and data.has_labels(query):
-            # students are scored as they will be used: BatchNorm re-estimated on clean images (distill)
-            return KnnMonitor(bank, query, pp, cfg.knn_k, cfg.knn_t, cfg.knn_max_bank, cfg.seed,
-                              bn_recalibrate=bool(getattr(cfg, "bn_recalibrate", 0)))
-    except data.DataError as e:
-        log.info("no kNN monitor: %s", e)
-    return None
-
-
-def fit(tr: Trainer, loss_fn, monitor=None, deadline: float | None = None) -> tuple[bool, float]:
-    """The epoch loop shared by every training stage: metrics.csv + TensorBoard, progress bar,
-    kNN monitor of tr.model, a checkpoint at every epoch end, SIGTERM or SIGINT -> checkpoint
-    after the current step and stop (a second SIGINT interrupts at once). Under torchrun only
-    rank 0 logs, shows progress, monitors and writes; a signal on any rank stops all of them.
-
-    Returns (completed the schedule, training seconds).
-    """
-    from edgeclr.rundir import MetricsLog
-
-    cfg, main = tr.cfg, tr.dist.is_main
-    metrics = MetricsLog(tr.dir / "metrics.csv", tr.stage) if main else None
-    tb = None
-    if cfg.tensorboard and main:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            tb = SummaryWriter(str(tr.dir / "tb"))
-        except ImportError:
-            log.info("tensorboard is not installed: metrics go to metrics.csv only")
-
-    def log_metrics(m, epoch, step):
-        if metrics is None:
-            return
-        metrics.log(m, epoch, step)
-        if tb is not None:
-            for k, v in m.items():
-                tb.add_scalar(f"{tr.stage}/{k}", v, step)
-
-    show = main and (cfg.progress if cfg.progress is not None else sys.stderr.isatty())
-    progress = None
-    if show:
-        from tqdm import tqdm
-
-        progress = tqdm(total=tr.total_steps, initial=tr.global_step, desc=tr.stage, unit="step", dynamic_ncols=True)
-
-    def on_signal(signum, frame):
-        if signum == signal.SIGINT and tr.stop_signal == signal.SIGINT:
-            raise KeyboardInterrupt  # pressed twice: stop now, the last checkpoint stays
-        if signum == signal.SIGINT and main:
-            log.warning("interrupted: stopping after this step and writing a checkpoint (press Ctrl-C again to stop now)")
-        tr.stop_signal = signum
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    completed = True
-    t0 = time.time()
-    try:
-        while tr.epoch < cfg.epochs:
-            if not train_one_epoch(tr, loss_fn, log_metrics, progress, deadline):
-                completed = False
-                break
-            done_epochs = tr.epoch
-            if monitor is not None and main and (done_epochs % cfg.knn_every == 0 or done_epochs == cfg.epochs):
-                acc = monitor(tr.model, tr.device)
-                tr.last_metrics["knn_top1"] = acc
-                log_metrics({"knn_top1": acc}, done_epochs, tr.global_step)
-                log.info("epoch %d: kNN %.2f%%", done_epochs, acc)
-            tr.save()
-    finally:
-        for s_, h in old_handlers.items():
-            signal.signal(s_, h)
-        if progress is not None:
-            progress.close()
-        if metrics is not None:
-            metrics.close()
-        if tb is not None:
-            tb.close()
-    return completed, time.time() - t0
-
 
 def main(cfg: config.TrainConfig) -> dict:
     """`edgeclr train`: pretrain, checkpoint, monitor, and write the run folder.
@@ -538,8 +77,6 @@ def main(cfg: config.TrainConfig) -> dict:
 
 
 def _main(cfg: config.TrainConfig, d: dist_.Dist) -> dict:
-    from edgeclr.rundir import write_manifest
-
     t0 = time.time()
     if d.enabled and not d.is_main:
         logging.getLogger("edgeclr").setLevel(logging.WARNING)  # rank 0 speaks for the run
@@ -565,7 +102,7 @@ def _main(cfg: config.TrainConfig, d: dist_.Dist) -> dict:
         model = model.to(memory_format=torch.channels_last)
     if resume_from is not None:  # weights before DDP wraps the model, so every rank starts from them
         ckpt, resume_from = checkpoint.load_for_resume(resume_from, map_location=device)
-    tr = Trainer(cfg, "train", model, ds, pp, device, stage_dir, dist=d)
+    tr = SimCLRTrainer(cfg, "train", model, ds, pp, device, stage_dir, dist=d)
     if resume_from is not None:
         tr.restore(ckpt, resume_from)
         log.info("resumed from %s at epoch %d step %d", resume_from, tr.epoch, tr.step)

@@ -25,8 +25,10 @@ import torch.distributed as dist
 from edgeclr import config, data
 from edgeclr import distributed as dist_
 from edgeclr.augment import view_generator
+from edgeclr.loading import load_data
 from edgeclr.losses import nt_xent
-from edgeclr.train import Trainer, build_model, load_data
+from edgeclr.train import SimCLRTrainer as Trainer
+from edgeclr.train import build_model
 
 
 def naive_gather(x: torch.Tensor) -> torch.Tensor:

@@ -63,11 +63,11 @@ def test_bf16_is_reported_when_asked(exported, tmp_path):
 def test_an_int8_openvino_model_reports_the_layers_that_ran_in_8_bits(exported, tmp_path):
     import numpy as np
 
-    from edgeclr import compress
+    from edgeclr.compress import quantize
 
     i8 = tmp_path / "int8.xml"
     calib = np.random.default_rng(0).normal(size=(16, 1, 16, 16)).astype(np.float32)
-    compress.quantize_openvino(exported / "run" / "export" / "model.xml", i8, calib, [])
+    quantize.quantize_openvino(exported / "run" / "export" / "model.xml", i8, calib, [])
     run(["bench", str(exported / "run" / "export" / "model.xml"), str(i8), *FAST, "--out", str(tmp_path / "b")])
     rows = {x["format"]: x for x in json.loads((tmp_path / "b" / "bench.json").read_text())["rows"]}
     assert rows["openvino"]["precision_ran"] == "f32"  # the hint pinned for FP32; the INT8 IR's layers ran in 8 bits

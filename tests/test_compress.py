@@ -7,8 +7,9 @@ import pytest
 import torch
 from helpers import TINY, run
 
-from edgeclr import compress, config
-from edgeclr.evaluate import load_encoder
+from edgeclr import config
+from edgeclr.compress import prune, quantize
+from edgeclr.loading import load_encoder
 from edgeclr.models import ModelSpec, create_model, model_from_checkpoint
 from edgeclr.runtime import Embedder
 
@@ -32,10 +33,10 @@ def test_pruning_keeps_the_embedding_width_and_cuts_macs_as_asked(name):
     width = 16 if name.startswith("resnet") else None
     m = create_model(ModelSpec(name, in_chans=1, stem_stride=1, width=width, embed_dim=32, head_layers=0)).eval()
     x = torch.zeros(1, 1, 16, 16)
-    macs0, _ = compress.count_macs(m, x)
-    ratio = compress.ratio_for_macs(m, x, 0.5 * macs0, False)
-    compress.prune_step(m, x, ratio, False)
-    macs1, _ = compress.count_macs(m, x)
+    macs0, _ = prune.count_macs(m, x)
+    ratio = prune.ratio_for_macs(m, x, 0.5 * macs0, False)
+    prune.prune_step(m, x, ratio, False)
+    macs1, _ = prune.count_macs(m, x)
     assert m(torch.randn(2, 1, 16, 16)).shape == (2, 32)
     assert macs1 / macs0 == pytest.approx(0.5, abs=0.05)
     widths = [c.out_channels for c in m.modules() if isinstance(c, torch.nn.Conv2d)]
@@ -45,35 +46,34 @@ def test_pruning_keeps_the_embedding_width_and_cuts_macs_as_asked(name):
 def test_a_step_that_overshoots_its_goal_says_so_in_channels():
     """A width-16 ResNet loses at least 8 of a layer's 16 channels: a step asked for 90% of the MACs
     lands far below, at a bisected ratio that printed as "channel ratio 0.000" (nothing pruned, it read)."""
-    from edgeclr.compress import prune
 
     m = create_model(ModelSpec("resnet18", in_chans=1, stem_stride=2, width=16, embed_dim=32, head_layers=0)).eval()
     x = torch.zeros(1, 1, 28, 28)
-    macs0 = compress.count_macs(m, x)[0]
+    macs0 = prune.count_macs(m, x)[0]
     before = prune.conv_channels(m)
-    ratio = compress.ratio_for_macs(m, x, 0.9 * macs0, False)
-    compress.prune_step(m, x, ratio, False)
+    ratio = prune.ratio_for_macs(m, x, 0.9 * macs0, False)
+    prune.prune_step(m, x, ratio, False)
     msg = prune.step_summary(m, x, ratio, before, macs0, 0.9 * macs0)
     removed = before - prune.conv_channels(m)
     assert 0 < ratio < 0.01 and removed > 0 and f"{removed} of {before} conv channels removed" in msg
     assert "below this step's goal" in msg and "multiples of 8" in msg
-    assert "below" not in prune.step_summary(m, x, ratio, before, macs0, compress.count_macs(m, x)[0])
+    assert "below" not in prune.step_summary(m, x, ratio, before, macs0, prune.count_macs(m, x)[0])
 
 
 def test_channel_ratio_shrinks_parameters_quadratically():
     m = create_model(ModelSpec("mobilenet_v2", in_chans=1, stem_stride=1, embed_dim=32, head_layers=0)).eval()
     x = torch.zeros(1, 1, 16, 16)
-    p0 = compress.count_macs(m, x)[1]
-    compress.prune_step(m, x, 0.5, False)
-    assert compress.count_macs(m, x)[1] / p0 == pytest.approx(0.25, abs=0.08)  # ~ (1 - 0.5)^2
+    p0 = prune.count_macs(m, x)[1]
+    prune.prune_step(m, x, 0.5, False)
+    assert prune.count_macs(m, x)[1] / p0 == pytest.approx(0.25, abs=0.08)  # ~ (1 - 0.5)^2
 
 
 def test_pruned_model_saves_without_pickle_and_reloads_exactly():
     spec = ModelSpec("mobilenet_v3_small", in_chans=1, stem_stride=1, embed_dim=32, head_layers=0)
     m = create_model(spec).eval()
     x = torch.zeros(1, 1, 16, 16)
-    hist = compress.prune_step(m, x, 0.3, False)
-    hist += compress.prune_step(m, x, 0.2, False)  # two steps replay in order
+    hist = prune.prune_step(m, x, 0.3, False)
+    hist += prune.prune_step(m, x, 0.2, False)  # two steps replay in order
     pp = {"input_size": 16, "resize_size": 16, "mean": [0.5], "std": [0.25], "channels": 1}
     ck = {"spec": spec.to_dict(), "preprocess": pp, "model": m.state_dict(), "pruning": json.loads(json.dumps({"history": hist}))}
     m2 = model_from_checkpoint(ck).eval()
@@ -96,15 +96,15 @@ def test_float_scope_names_every_squeeze_excitation_node_of_the_exported_graph(t
     em = export.EmbeddingModel(m, True).eval()
     pp = Preprocess(input_size=32, resize_size=32, mean=(0.5,), std=(0.5,), channels=1)
     f = tmp_path / "m.onnx"
-    export._write_onnx(em, torch.zeros(1, 1, 32, 32), True, 17, ModelMeta(preprocess=pp, embedding_dim=16, normalized=True), f)
+    export.write_onnx(em, torch.zeros(1, 1, 32, 32), True, 17, ModelMeta(preprocess=pp, embedding_dim=16, normalized=True), f)
     g = onnx.load(str(f)).graph
     for mod in (em, m):
-        se = compress.float_scope(f, mod)["squeeze_excitation"]
+        se = quantize.float_scope(f, mod)["squeeze_excitation"]
         convs = [n.name for n in g.node if n.op_type == "Conv" and n.name in se]
         assert len(convs) == 18 and all(("/fc1/" in n) or ("/fc2/" in n) for n in convs)
         assert len({n.rsplit("/", 2)[0] for n in convs}) == sum(isinstance(x, SqueezeExcitation) for x in m.modules()) == 9
         assert {n.op_type for n in g.node if n.name in se} == {"GlobalAveragePool", "Conv", "Relu", "HardSigmoid", "Mul"}
-    assert compress.float_scope(f, create_model(ModelSpec("mobilenet_v3_small_minimal", in_chans=1)))["squeeze_excitation"] == []
+    assert quantize.float_scope(f, create_model(ModelSpec("mobilenet_v3_small_minimal", in_chans=1)))["squeeze_excitation"] == []
 
 
 def test_the_stem_pooling_stays_float_with_the_first_conv(tmp_path):
@@ -121,16 +121,16 @@ def test_the_stem_pooling_stays_float_with_the_first_conv(tmp_path):
     em = export.EmbeddingModel(m, True).eval()
     pp = Preprocess(input_size=32, resize_size=32, mean=(0.5,), std=(0.5,), channels=1)
     meta, x = ModelMeta(preprocess=pp, embedding_dim=16, normalized=True), torch.zeros(1, 1, 32, 32)
-    export._write_onnx(em, x, True, 17, meta, tmp_path / "m.onnx")
-    export._write_openvino(em, x, True, 17, meta, tmp_path / "m.xml")
-    scope = compress.float_scope(tmp_path / "m.onnx", em)
+    export.write_onnx(em, x, True, 17, meta, tmp_path / "m.onnx")
+    export.write_openvino(em, x, True, 17, meta, tmp_path / "m.xml")
+    scope = quantize.float_scope(tmp_path / "m.onnx", em)
     assert scope["first_conv"] == ["/backbone/conv1/Conv", "/backbone/relu/Relu", "/backbone/maxpool/MaxPool"]
     mobilenet = create_model(ModelSpec("mobilenet_v2", in_chans=1, embed_dim=16, head_layers=0)).eval()
-    export._write_onnx(export.EmbeddingModel(mobilenet, True).eval(), x, True, 17, meta, tmp_path / "mb.onnx")
-    assert [n.rsplit("/", 1)[1] for n in compress.float_scope(tmp_path / "mb.onnx", mobilenet)["first_conv"]] == ["Conv", "Clip"]
+    export.write_onnx(export.EmbeddingModel(mobilenet, True).eval(), x, True, 17, meta, tmp_path / "mb.onnx")
+    assert [n.rsplit("/", 1)[1] for n in quantize.float_scope(tmp_path / "mb.onnx", mobilenet)["first_conv"]] == ["Conv", "Clip"]
 
     calib = np.random.default_rng(0).standard_normal((16, 1, 32, 32)).astype(np.float32)
-    compress.quantize_openvino(tmp_path / "m.xml", tmp_path / "int8.xml", calib, sorted(n for v in scope.values() for n in v))
+    quantize.quantize_openvino(tmp_path / "m.xml", tmp_path / "int8.xml", calib, sorted(n for v in scope.values() for n in v))
     ops = ov.Core().compile_model(str(tmp_path / "int8.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).get_runtime_model().get_ordered_ops()
     prec = {op.get_friendly_name(): op.get_rt_info()["runtimePrecision"].astype(str) for op in ops
             if "runtimePrecision" in op.get_rt_info()}
@@ -184,7 +184,7 @@ def test_compress_end_to_end(student):
     assert pruned["macs"] == rep["pruned"]["macs"]
     # a run folder that now holds a compressed model still names its distilled student (compressing
     # RUN again with another --out must not prune the pruned model a second time)
-    assert compress.load_student(student, "cpu")[2].parent.parent.name == "distill"
+    assert load_encoder(student, "cpu", role="student")[2].parent.parent.name == "distill"
 
 
 def test_max_drop_refuses_and_overwrites_nothing(student, tmp_path):

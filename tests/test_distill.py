@@ -8,7 +8,9 @@ from helpers import TINY, run
 from PIL import Image
 
 from edgeclr import checkpoint, config, data, distill
+from edgeclr.loading import load_encoder
 from edgeclr.losses import EmbeddingQueue, cosine_distill, relational_distill
+from edgeclr.runtime import Preprocess
 
 # a tiny student: MobileNetV3-Small on the teacher's 8x8 digits, 2 epochs of 22 steps
 STUDENT = ["--model", "mobilenet_v3_small", "--epochs", "2", "--batch-size", "64", "--knn-every", "0",
@@ -86,12 +88,12 @@ def test_distill_writes_a_linked_student_and_leaves_the_teacher_unchanged(teache
 
 
 def test_frozen_teacher_weights_and_bn_statistics_do_not_move(teacher, tmp_path):
-    t, tck, _ = distill.load_teacher(teacher, "cpu")
+    t, tck, _ = load_encoder(teacher, "cpu", role="teacher")
     before = {k: v.clone() for k, v in t.state_dict().items()}
     cfg = config.DistillConfig(teacher=str(teacher), model="mobilenet_v3_small", batch_size=32, threads=1)
     cfg.resolve(tck["config"], 8)
     ds = data.open_dataset("digits", "pretrain")
-    pp = distill.Preprocess.from_dict(tck["preprocess"])
+    pp = Preprocess.from_dict(tck["preprocess"])
     s, a = distill.build_student(cfg, 1, t.embed_dim)
     tr = distill.DistillTrainer(cfg, s, a, t, ds, pp, torch.device("cpu"), tmp_path, {"sha256": "x", "path": "x"})
     s0 = {k: v.clone() for k, v in s.state_dict().items()}
@@ -135,11 +137,11 @@ def test_cache_teacher_targets_are_the_teachers_clean_view_embeddings(teacher, t
     out = tmp_path / "c"
     run(["distill", "--teacher", str(teacher), *STUDENT, "--epochs", "1", "--cache-teacher", "--out", str(out)])
     cached = np.load(out / "distill/teacher_cache.npy")
-    t, tck, _ = distill.load_teacher(teacher, "cpu")
+    t, tck, _ = load_encoder(teacher, "cpu", role="teacher")
     ds = data.open_dataset("digits", "pretrain")
-    from edgeclr.evaluate import eval_inputs
+    from edgeclr.heldout import eval_inputs
 
-    x, _ = eval_inputs(ds, distill.Preprocess.from_dict(tck["preprocess"]), [0, 5, 99])
+    x, _ = eval_inputs(ds, Preprocess.from_dict(tck["preprocess"]), [0, 5, 99])
     with torch.no_grad():
         assert np.allclose(cached[[0, 5, 99]], t.embed(x).numpy(), atol=1e-5)
     mtime = (out / "distill/teacher_cache.npy").stat().st_mtime_ns
@@ -169,7 +171,7 @@ def test_wrong_teachers_are_clear_errors(teacher, tmp_path):
 
 
 def test_a_resnet_student_takes_width_and_last_stride_and_a_mobilenet_refuses_them(teacher):
-    _, tck, _ = distill.load_teacher(teacher, "cpu")
+    _, tck, _ = load_encoder(teacher, "cpu", role="teacher")
     cfg = config.DistillConfig(teacher=str(teacher), model="resnet18", width=8, last_stride=1).resolve(tck["config"], 8)
     s, _ = distill.build_student(cfg, 1, 64)
     assert (s.spec.width, s.spec.last_stride, s.spec.stem_stride, s.spec.head_layers) == (8, 1, 1, 0)
@@ -181,7 +183,7 @@ def test_a_resnet_student_takes_width_and_last_stride_and_a_mobilenet_refuses_th
 
 
 def test_bn_recalibration_sets_the_clean_image_statistics_and_is_recorded(teacher, tmp_path):
-    from edgeclr.evaluate import eval_inputs, load_encoder
+    from edgeclr.heldout import eval_inputs
     from edgeclr.runtime import Preprocess
 
     out = tmp_path / "run"
@@ -227,16 +229,15 @@ def test_the_monitor_scores_a_student_with_clean_image_statistics_and_leaves_its
     re-estimated). It now scores a copy re-estimated on clean images, as the final student is."""
     import copy
 
-    from edgeclr.evaluate import KnnMonitor, load_encoder, recalibrate_bn_on
-    from edgeclr.runtime import Preprocess
+    from edgeclr.heldout import HeldOut, recalibrate_bn_on
 
     out = tmp_path / "run"
     run(["distill", "--teacher", str(teacher), *STUDENT, "--out", str(out), "--bn-recalibrate", "0"])
     student, ck, _ = load_encoder(out / "distill", "cpu")
     pp = Preprocess.from_dict(ck["preprocess"])
     bank, query = data.open_dataset("digits", "train"), data.open_dataset("digits", "test")
-    plain = KnnMonitor(bank, query, pp, 20, 0.07, 1000)
-    recal = KnnMonitor(bank, query, pp, 20, 0.07, 1000, bn_recalibrate=True)
+    plain = HeldOut.from_datasets(bank, query, pp, 0, 1000, 200, k=20, t=0.07)
+    recal = HeldOut.from_datasets(bank, query, pp, 0, 1000, 200, k=20, t=0.07, bn_recalibrate=True)
     with torch.no_grad():  # statistics far from any real image's
         for m in student.modules():
             if isinstance(m, torch.nn.BatchNorm2d):

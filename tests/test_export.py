@@ -79,7 +79,8 @@ def _touch(p):
 
 def test_exported_model_on_files_equals_torch_on_eval_inputs(tmp_path):
     """The device path (file -> runtime preprocessing -> onnxruntime) equals torch evaluation."""
-    from edgeclr.evaluate import eval_inputs, load_encoder
+    from edgeclr.heldout import eval_inputs
+    from edgeclr.loading import load_encoder
 
     ck = make_checkpoint(tmp_path / "run" / "train" / "checkpoints" / "last.pt", "mobilenet_v3_small")
     run(["export", str(tmp_path / "run"), "--check-images", "4"])

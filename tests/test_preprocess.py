@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgeclr import data, evaluate
+from edgeclr import data, heldout
 from edgeclr.runtime import Preprocess, load_image, preprocess
 
 
@@ -21,7 +21,7 @@ def test_eval_inputs_equal_runtime_and_torchvision(tmp_path, channels):
     pp = Preprocess(24, 27, (0.4,) * channels, (0.2,) * channels, channels)
     ds = data.open_dataset(str(tmp_path), "pretrain")
     ds.channels = channels
-    x, kept = evaluate.eval_inputs(ds, pp)
+    x, kept = heldout.eval_inputs(ds, pp)
     ref = T.Compose([T.Resize(27), T.CenterCrop(24), T.ToTensor(), T.Normalize(pp.mean, pp.std)])
     for i, row in zip(kept, x):
         rt = preprocess(load_image(ds.paths[i], channels), pp)

@@ -10,6 +10,7 @@ import torch
 from helpers import TINY, run
 
 from edgeclr import checkpoint, config, train
+from edgeclr.errors import NonFiniteLoss
 
 
 def spawn(args):
@@ -91,7 +92,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     out = tmp_path / "run"
     cfg = config.TrainConfig(data="digits", width=8, stem_stride=1, input_size=8, batch_size=64, epochs=2,
                              knn_every=0, tensorboard=False, threads=1, out=str(out), ckpt_every=3)
-    with pytest.raises(train.NonFiniteLoss, match=r"loss became nan at epoch 0, step 7.*last good checkpoint .*--lr"):
+    with pytest.raises(NonFiniteLoss, match=r"loss became nan at epoch 0, step 7.*last good checkpoint .*--lr"):
         train.main(cfg)
     ck = checkpoint.load(out / "train/checkpoints/last.pt")
     assert ck["global_step"] == 6

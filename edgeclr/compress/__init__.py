@@ -1,8 +1,9 @@
 """Compression: `edgeclr compress` = structural pruning with recovery, then INT8 that is really faster.
 
-    load_student -> [prune.prune_step -> recover (distill.DistillTrainer, train.fit)] x steps
-      -> export FP32 (export.main) -> quantize.quantize_onnx / quantize_openvino (real calibration images)
-      -> retention report against the FP32 student and the teacher -> one manifest
+    check_output -> Scorecard.start (held-out scores of the student and teacher)
+      -> prune_or_resume: [prune.prune_step -> recover (distill.DistillTrainer, engine.fit)] x steps
+      -> export_and_quantize: export FP32 (export.main) -> quantize_onnx / quantize_openvino (real calibration images)
+      -> measure_latency -> write_results: report.json, report.md, one manifest
 
 prune.py holds the pruning and the plan replay, quantize.py the INT8 tool chains; this file chains
 them and evaluates every artifact.
@@ -16,7 +17,7 @@ checkpoint holds weights + that plan and `apply_pruning` replays it on a freshly
 (no pickled modules; outputs identical). After each step the student recovers by distillation
 from the teacher with a fresh optimiser.
 
-INT8 (../shared/FIELD-NOTES.md, INT8):
+INT8 (docs/compression.md):
 - onnxruntime: `quant_pre_process`, then static QDQ with per-channel weights, calibrated on real
   images preprocessed exactly as the runtime does. Activations u8 on x86 (U8S8), s8 on ARM (S8S8).
   Left in float and reported: the first convolution (one input channel, accuracy-sensitive, cheap),
@@ -30,7 +31,6 @@ accuracy falls more than the budget below the FP32 student's (nothing is overwri
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import os
@@ -42,61 +42,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeclr import checkpoint, config, data
-from edgeclr.compress.prune import WORK, apply_pruning, count_macs, example_input, prune_and_recover, prune_step, ratio_for_macs  # noqa: F401
-from edgeclr.compress.quantize import calibration_inputs, float_scope, quantize_onnx, quantize_openvino  # noqa: F401
-from edgeclr.errors import CompressError  # noqa: F401  (raised here; defined with the others)
-from edgeclr.models import Encoder, model_from_checkpoint
+from edgeclr import checkpoint, config, export
+from edgeclr.compress.prune import WORK, count_macs, prune_and_recover
+from edgeclr.compress.quantize import calibration_inputs, float_scope, quantize_onnx, quantize_openvino
+from edgeclr.engine import resolve_device
+from edgeclr.errors import CompressError
+from edgeclr.formats import format_of
+from edgeclr.heldout import HeldOut, public
+from edgeclr.loading import load_encoder
+from edgeclr.models import Encoder, example_input, model_from_checkpoint
+from edgeclr.report import compress_table
+from edgeclr.rundir import make_writable_dir, write_json_atomic, write_manifest
 from edgeclr.runtime import Embedder, ModelMeta, Preprocess, median_latency_ms
 
 log = logging.getLogger("edgeclr.compress")
-
-
-# ----------------------------------------------------------------------------------------------
-# evaluation of every artifact on held-out images
-
-
-@dataclasses.dataclass
-class HeldOut:
-    """Labeled bank (train split) and queries (test split), preprocessed once."""
-
-    bank_x: np.ndarray
-    bank_y: np.ndarray
-    query_x: np.ndarray
-    query_y: np.ndarray
-
-    @classmethod
-    def load(cls, spec: str, pp: Preprocess, max_bank: int, seed: int, ckpt_cfg: dict) -> HeldOut | None:
-        from edgeclr.evaluate import eval_inputs
-
-        kw = dict(base_size=pp.resize_size, tile_size=ckpt_cfg.get("tile_size", 64), tile_stride=ckpt_cfg.get("tile_stride", 64),
-                  tile_min_foreground=ckpt_cfg.get("tile_min_foreground", 0.5), seed=seed)
-        bank, query = data.open_dataset(spec, "train", **kw), data.open_dataset(spec, "test", **kw)
-        if not (data.has_labels(bank) and data.has_labels(query)):
-            return None
-        rng = np.random.default_rng(seed)
-        bi = np.sort(rng.choice(len(bank), max_bank, replace=False)) if len(bank) > max_bank else None
-        qi = np.sort(rng.choice(len(query), max_bank, replace=False)) if len(query) > max_bank else None
-        bx, bk = eval_inputs(bank, pp, bi)
-        qx, qk = eval_inputs(query, pp, qi)
-        return cls(bx.numpy(), bank.labels[bk], qx.numpy(), query.labels[qk])
-
-    def score(self, embed_fn, ref: dict | None = None) -> dict:
-        """kNN accuracy of embed_fn's embeddings; against `ref` (another score's output): cosine
-        agreement of the embeddings and agreement of the kNN predictions."""
-        from edgeclr.evaluate import knn_predict
-
-        b, q = torch.from_numpy(embed_fn(self.bank_x)), torch.from_numpy(embed_fn(self.query_x))
-        pred = knn_predict(b, torch.as_tensor(self.bank_y), q, num_classes=int(max(self.bank_y.max(), self.query_y.max())) + 1)
-        out = {"knn_top1": 100.0 * float((pred.numpy() == self.query_y).mean()), "_pred": pred.numpy(), "_q": q.numpy()}
-        if ref is not None:
-            a = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            r = torch.from_numpy(ref["_q"])
-            r = r / r.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            cos = (a * r).sum(1)
-            out.update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
-                       knn_agreement=float((pred.numpy() == ref["_pred"]).mean()))
-        return out
 
 
 def latency_ms(path: Path, x: np.ndarray, threads: int = 1, runs: int = 50, warmup: int = 5) -> float:
@@ -105,54 +64,79 @@ def latency_ms(path: Path, x: np.ndarray, threads: int = 1, runs: int = 50, warm
     return median_latency_ms(lambda a: emb.embed_arrays(a, batch_size=1), x[:1], runs, warmup)
 
 
-def _runtime_embed(path: Path):
-    """(N, C, S, S) arrays -> embeddings, through edgeclr.runtime (what the device runs), all cores."""
+def runtime_embed(path: Path):
+    """(N, C, S, S) tensor -> embeddings through edgeclr.runtime (what the device runs), all cores."""
     emb = Embedder.load(path, threads=0, precision="f32")
-    return lambda a: emb.embed_arrays(a, 256)
+    return lambda x: torch.from_numpy(emb.embed_arrays(x.numpy(), 256))
 
 
-def _files(path: Path) -> list[Path]:
-    return [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
+@dataclasses.dataclass
+class Scorecard:
+    """Every artifact scored on the same held-out images against the FP32 student (`base`); the
+    report rows, and the --max-drop budget."""
 
+    cfg: config.CompressConfig
+    held: HeldOut | None
+    device: torch.device
+    base: dict | None = None
+    report: dict = dataclasses.field(default_factory=dict)
 
-def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in _files(path))
+    @classmethod
+    def start(cls, cfg, student: Encoder, sck: dict, pp: Preprocess, data_spec: str, device) -> Scorecard:
+        """The scorer on the student's data, with the FP32 student's and the teacher's rows."""
+        held = HeldOut.open(data_spec, pp, sck.get("config") or {}, cfg.seed, cfg.eval_images, cfg.eval_images)
+        if held is None:
+            log.warning("%s has no labels: the report gives embedding agreement only, and --max-drop cannot be checked", data_spec)
+        card = cls(cfg, held, device)
+        card.base = card.score_torch(student) if held else None
+        tpath = card.teacher_path(sck)
+        if held and tpath and Path(tpath).exists():
+            teacher = load_encoder(tpath, device, role="teacher")[0]
+            card.report["teacher"] = card.row(card.score_torch(teacher, card.base), teacher, pp)
+        card.report["student"] = card.row(card.base, student, pp) if card.base else {}
+        return card
+
+    def teacher_path(self, sck: dict) -> str | None:
+        return self.cfg.teacher or (sck.get("teacher") or {}).get("path")
+
+    def score_torch(self, model: Encoder, ref: dict | None = None) -> dict:
+        return self.held.score(model.embed, ref, 512, self.device)
+
+    def score_file(self, path: Path) -> dict:
+        return self.held.score(runtime_embed(path), self.base, 256)
+
+    @staticmethod
+    def row(scores: dict | None, model: nn.Module | None, pp: Preprocess | None) -> dict:
+        out = public(scores or {})
+        if model is not None:
+            out["macs"], out["params"] = count_macs(model, example_input(model, pp))
+        return out
+
+    def check_budget(self, name: str, r: dict) -> None:
+        """CompressError when `r`'s kNN accuracy is more than --max-drop below the FP32 student's."""
+        if self.base is None or self.cfg.max_drop is None:
+            return
+        drop = self.base["knn_top1"] - r["knn_top1"]
+        if drop > self.cfg.max_drop:
+            raise CompressError(f"{name}: kNN accuracy {r['knn_top1']:.2f}% is {drop:.2f} points below the FP32 student's "
+                                f"{self.base['knn_top1']:.2f}%, over --max-drop {self.cfg.max_drop}; it was not written (nothing "
+                                "overwritten). Prune less (--prune-ratio/--target-macs), recover longer (--recover-epochs), "
+                                "or use more --calib-images")
+
+    def add_retention(self) -> None:
+        if self.base is not None:
+            for key, r in self.report.items():
+                if "knn_top1" in r and key != "teacher":
+                    r["retention"] = r["knn_top1"] / self.base["knn_top1"]
 
 
 # ----------------------------------------------------------------------------------------------
+# the steps
 
 
-def load_student(target: str | Path, device) -> tuple[Encoder, dict, Path]:
-    """(student, checkpoint, path) from a distill (or compress) checkpoint, stage folder or run folder.
-
-    A run folder gives its distilled student, also once it holds a compressed one: `compress RUN
-    --out ELSEWHERE` compresses the same student again, never the pruned model a second time.
-    """
-    path = checkpoint.find(target, ("distill", "compress"))
-    ckpt = checkpoint.load(path)
-    if ckpt["stage"] not in ("distill", "compress"):
-        raise checkpoint.CheckpointError(
-            f"{path} is a {ckpt['stage']} checkpoint: compress takes a distilled student (`edgeclr distill`), "
-            "e.g. runs/NAME or runs/NAME/distill")
-    try:
-        model = model_from_checkpoint(ckpt)
-    except (ValueError, RuntimeError, KeyError) as e:
-        raise checkpoint.CheckpointError(f"{path}: its model cannot be rebuilt: {str(e)[:300]}") from e
-    return model.to(device), ckpt, path
-
-
-def main(cfg: config.CompressConfig) -> dict:
-    """`edgeclr compress`: prune -> recover -> export FP32 -> INT8 -> report; OUT/compress."""
-    from edgeclr import export
-    from edgeclr.distill import load_teacher
-    from edgeclr.rundir import write_json_atomic, write_manifest
-    from edgeclr.train import resolve_device
-
-    t0 = time.time()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    student, sck, spath = load_student(cfg.student, device)
+def check_output(cfg: config.CompressConfig, spath: Path) -> tuple[Path, bool, Path | None]:
+    """(stage folder, pruning already finished, pruning checkpoint to resume); refuses to overwrite a
+    finished or interrupted compress run, before any work."""
     if cfg.out is None:
         cfg.out = str(checkpoint.run_dir_of(spath))
     stage_dir = Path(cfg.out) / "compress"
@@ -171,137 +155,122 @@ def main(cfg: config.CompressConfig) -> dict:
     if cfg.pruning and not cfg.resume and (ck_dir / WORK).exists():
         raise config.ConfigError(f"{ck_dir / WORK} is an interrupted compress run: pass --resume to continue it, "
                                  "or choose another --out (nothing was overwritten)")
-    from edgeclr.rundir import make_writable_dir
-
     make_writable_dir(stage_dir)
-    pp = Preprocess.from_dict(sck["preprocess"])
-    scfg = sck.get("config") or {}
-    data_spec = cfg.data or scfg.get("data")
-    fp32_student = copy.deepcopy(student).eval()
+    return stage_dir, pruned_done, resume_from
 
-    report: dict[str, dict] = {}
-    held = HeldOut.load(data_spec, pp, cfg.eval_images, cfg.seed, scfg)
-    if held is None:
-        log.warning("%s has no labels: the report gives embedding agreement only, and --max-drop cannot be checked", data_spec)
 
-    def torch_embed(m):
-        def fn(a):
-            with torch.no_grad():
-                return torch.cat([m.embed(torch.from_numpy(a[i:i + 512]).to(device)).float().cpu()
-                                  for i in range(0, len(a), 512)]).numpy()
-        return fn
-
-    base = held.score(torch_embed(fp32_student)) if held else None
-    tpath = cfg.teacher or (sck.get("teacher") or {}).get("path")
-    if held and tpath and Path(tpath).exists():
-        teacher = load_teacher(tpath, device)[0]
-        report["teacher"] = _public(held.score(torch_embed(teacher), base), teacher, example_input(teacher, pp))
-    report["student"] = _public(base, fp32_student, example_input(fp32_student, pp)) if base else {}
-
-    def check_budget(name: str, r: dict):
-        if base is None or cfg.max_drop is None:
-            return
-        drop = base["knn_top1"] - r["knn_top1"]
-        if drop > cfg.max_drop:
-            raise CompressError(f"{name}: kNN accuracy {r['knn_top1']:.2f}% is {drop:.2f} points below the FP32 student's "
-                                f"{base['knn_top1']:.2f}%, over --max-drop {cfg.max_drop}; it was not written (nothing "
-                                "overwritten). Prune less (--prune-ratio/--target-macs), recover longer (--recover-epochs), "
-                                "or use more --calib-images")
-
-    # 1. prune + recover
-    model, model_ckpt, plan = student, spath, None
+def prune_or_resume(cfg, card: Scorecard, student: Encoder, sck: dict, spath: Path, pp: Preprocess, stage_dir: Path,
+                    pruned_done: bool, resume_from: Path | None) -> tuple[Encoder, dict | None, Path]:
+    """(model to export, pruning plan or None, its checkpoint): pruned and recovered, re-loaded when
+    pruning finished before an interruption, or the student itself when there is nothing to prune."""
+    ck_dir, device = stage_dir / "checkpoints", card.device
     if pruned_done:  # the pruned model passed its checks before the interruption: export it again
         model_ckpt = ck_dir / "last.pt"
         ck = checkpoint.load(model_ckpt, map_location=device)
         model, plan = model_from_checkpoint(ck).to(device).eval(), dict(ck["pruning"])
         x = example_input(model, pp).to(device)
-        (plan["macs"], plan["params"]), (base_macs, base_params) = count_macs(model, x), count_macs(fp32_student, x)
+        (plan["macs"], plan["params"]), (base_macs, base_params) = count_macs(model, x), count_macs(student, x)
         plan.update(mac_ratio=plan["macs"] / base_macs, param_ratio=plan["params"] / base_params)
-        if held:
-            report["pruned"] = _public(held.score(torch_embed(model), base), model, example_input(model, pp))
+        if card.held:
+            card.report["pruned"] = card.row(card.score_torch(model, card.base), model, pp)
         shutil.rmtree(stage_dir / "models", ignore_errors=True)  # a partial export, rewritten from the checkpoint
         log.info("resumed: pruning had finished (%s); exporting it again", model_ckpt)
-    elif cfg.pruning:
-        model, plan, model_ckpt = prune_and_recover(cfg, student, sck, spath, device, stage_dir, resume_from)
-        if held:
-            r = held.score(torch_embed(model), base)
-            report["pruned"] = _public(r, model, example_input(model, pp))
-            try:
-                check_budget("the pruned student", r)
-            except CompressError as e:
-                rejected = model_ckpt.with_name("rejected.pt")
-                os.replace(model_ckpt, rejected)
-                raise CompressError(f"{e} (kept for inspection as {rejected})") from None
-        final_ckpt = model_ckpt.with_name("last.pt")
-        os.replace(model_ckpt, final_ckpt)
-        model_ckpt = final_ckpt
-        log.info("pruned: %.2fM -> %.2fM MACs (%.2fx fewer)", plan["base_macs"] / 1e6, plan["macs"] / 1e6, 1 / plan["mac_ratio"])
+        return model, plan, model_ckpt
+    if not cfg.pruning:
+        return student, None, spath
+    model, plan, model_ckpt = prune_and_recover(cfg, student, sck, spath, device, stage_dir, resume_from)
+    if card.held:
+        r = card.score_torch(model, card.base)
+        card.report["pruned"] = card.row(r, model, pp)
+        try:
+            card.check_budget("the pruned student", r)
+        except CompressError as e:
+            rejected = model_ckpt.with_name("rejected.pt")
+            os.replace(model_ckpt, rejected)
+            raise CompressError(f"{e} (kept for inspection as {rejected})") from None
+    final_ckpt = model_ckpt.with_name("last.pt")
+    os.replace(model_ckpt, final_ckpt)
+    log.info("pruned: %.2fM -> %.2fM MACs (%.2fx fewer)", plan["base_macs"] / 1e6, plan["macs"] / 1e6, 1 / plan["mac_ratio"])
+    return model, plan, final_ckpt
 
-    # 2. export FP32, then 3. INT8; each artifact lands in a hidden name until it passes
-    models_dir = stage_dir / "models"
+
+def int8_scope(model: Encoder, fp32_path: Path, models_dir: Path, calib: np.ndarray, pp: Preprocess) -> dict[str, list[str]]:
+    """ONNX node names left in float, by reason (quantize.float_scope), read from the FP32 ONNX export
+    (or, for OpenVINO, from an ONNX export of the same model: OpenVINO keeps the node names)."""
+    onnx_fp32 = fp32_path if fp32_path.suffix == ".onnx" else models_dir / ".scope.onnx"
+    if onnx_fp32 != fp32_path:
+        export.write_onnx(export.EmbeddingModel(model, True).eval(), torch.from_numpy(calib[:1]), True, 17,
+                          ModelMeta(preprocess=pp, embedding_dim=model.embed_dim, normalized=True), onnx_fp32)
+    try:
+        return float_scope(onnx_fp32, export.EmbeddingModel(model, True))
+    finally:
+        if onnx_fp32 != fp32_path:
+            onnx_fp32.unlink()
+
+
+def quantize_one(cfg, card: Scorecard, fmt: str, fp32_path: Path, calib: np.ndarray, scope: dict) -> dict:
+    """INT8 of one FP32 export, written as models/int8.* only once it carries its metadata and is
+    within --max-drop; returns its artifact entry."""
+    models_dir = fp32_path.parent
+    exclude = sorted({n for v in scope.values() for n in v})
+    final = models_dir / f"int8{fp32_path.suffix}"
+    tmp = models_dir / f".int8.partial{fp32_path.suffix}"
+    try:
+        qinfo = (quantize_onnx(fp32_path, tmp, calib, cfg.target, exclude) if fmt == "onnx"
+                 else quantize_openvino(fp32_path, tmp, calib, exclude))
+        qinfo["float_scope"] = scope
+        if Embedder.load(tmp, threads=0, precision="f32").meta.precision != "int8":
+            raise CompressError(f"{tmp}: the quantised model does not carry its metadata")
+        if card.held:
+            r = card.score_file(tmp)
+            card.check_budget(f"the {fmt} INT8 model", r)
+            card.report[f"{fmt}-int8"] = card.row(r, None, None)
+        for f in format_of(tmp).files(tmp):
+            f.replace(final.with_suffix(f.suffix))
+    finally:
+        for f in models_dir.glob(".int8.partial*"):
+            f.unlink()
+    return {"path": str(final), "bytes": format_of(final).size_bytes(final), "quantization": qinfo}
+
+
+def export_and_quantize(cfg, card: Scorecard, model: Encoder, model_ckpt: Path, pp: Preprocess, data_spec: str,
+                        scfg: dict, models_dir: Path) -> tuple[dict[str, dict], np.ndarray | None]:
+    """FP32 export per format, then its INT8 model; (artifacts, calibration images or None)."""
     artifacts: dict[str, dict] = {}
-    formats = [f for f in cfg.formats.split(",") if f]
     calib = None
-    for fmt in formats:
-        ecfg = config.ExportConfig(target=str(model_ckpt), format=fmt, out=str(models_dir), name="fp32", data=data_spec)
-        e = export.main(ecfg)
+    for fmt in [f for f in cfg.formats.split(",") if f]:
+        e = export.main(config.ExportConfig(target=str(model_ckpt), format=fmt, out=str(models_dir), name="fp32", data=data_spec))
         fp32_path = Path(e["path"])
-        artifacts[f"{fmt}-fp32"] = {"path": str(fp32_path), "bytes": _size(fp32_path), "parity": e["parity"]}
-        if held:
-            r = held.score(_runtime_embed(fp32_path), base)
-            report[f"{fmt}-fp32"] = _public(r, None, None)
+        artifacts[f"{fmt}-fp32"] = {"path": str(fp32_path), "bytes": format_of(fp32_path).size_bytes(fp32_path),
+                                    "parity": e["parity"]}
+        if card.held:
+            card.report[f"{fmt}-fp32"] = card.row(card.score_file(fp32_path), None, None)
         if not cfg.int8:
             continue
         if calib is None:
             calib = calibration_inputs(cfg.calib_data or data_spec, pp, cfg.calib_images, cfg.seed, scfg)
-        onnx_fp32 = models_dir / "fp32.onnx" if fmt == "onnx" else None
-        if onnx_fp32 is None:  # node names: from an ONNX export of the same model (OpenVINO keeps them)
-            onnx_fp32 = models_dir / ".scope.onnx"
-            export._write_onnx(export.EmbeddingModel(model, True).eval(), torch.from_numpy(calib[:1]), True, 17,
-                               ModelMeta(preprocess=pp, embedding_dim=model.embed_dim, normalized=True), onnx_fp32)
-        scope = float_scope(onnx_fp32, export.EmbeddingModel(model, True)) if cfg.auto_exclude else {}
-        if onnx_fp32.name == ".scope.onnx":
-            onnx_fp32.unlink()
-        exclude = sorted({n for v in scope.values() for n in v})
-        final = models_dir / f"int8{fp32_path.suffix}"
-        tmp = models_dir / f".int8.partial{fp32_path.suffix}"
-        try:
-            if fmt == "onnx":
-                qinfo = quantize_onnx(fp32_path, tmp, calib, cfg.target, exclude)
-            else:
-                qinfo = quantize_openvino(fp32_path, tmp, calib, exclude)
-            qinfo["float_scope"] = scope
-            ok = Embedder.load(tmp, threads=0, precision="f32").meta.precision == "int8"
-            if not ok:
-                raise CompressError(f"{tmp}: the quantised model does not carry its metadata")
-            if held:
-                r = held.score(_runtime_embed(tmp), base)
-                check_budget(f"the {fmt} INT8 model", r)
-                report[f"{fmt}-int8"] = _public(r, None, None)
-            for f in _files(tmp):
-                f.replace(final.with_suffix(f.suffix))
-        finally:
-            for f in models_dir.glob(".int8.partial*"):
-                f.unlink()
-        artifacts[f"{fmt}-int8"] = {"path": str(final), "bytes": _size(final), "quantization": qinfo}
+        scope = int8_scope(model, fp32_path, models_dir, calib, pp) if cfg.auto_exclude else {}
+        artifacts[f"{fmt}-int8"] = quantize_one(cfg, card, fmt, fp32_path, calib, scope)
+    return artifacts, calib
 
-    # 4. latency at 1 thread (batch 1), each runtime against its own FP32 model, and sizes
-    x_lat = (calib if calib is not None else held.query_x if held else
-             export.parity_images(data_spec, pp, 2, scfg).numpy())
+
+def measure_latency(cfg, report: dict, artifacts: dict[str, dict], x: np.ndarray) -> None:
+    """1-thread batch-1 latency of every artifact, and each INT8 model's speed-up over its own FP32 one."""
     for key, a in artifacts.items():
-        a["latency_ms_1thread"] = latency_ms(Path(a["path"]), x_lat, threads=1, runs=cfg.latency_runs)
+        a["latency_ms_1thread"] = latency_ms(Path(a["path"]), x, threads=1, runs=cfg.latency_runs)
         report.setdefault(key, {}).update(bytes=a["bytes"], latency_ms_1thread=a["latency_ms_1thread"])
-    for fmt in formats:
+    for fmt in [f for f in cfg.formats.split(",") if f]:
         if f"{fmt}-int8" in artifacts:
-            sp = artifacts[f"{fmt}-fp32"]["latency_ms_1thread"] / artifacts[f"{fmt}-int8"]["latency_ms_1thread"]
-            report[f"{fmt}-int8"]["speedup_vs_fp32"] = sp
-    if base is not None:
-        for key, r in report.items():
-            if "knn_top1" in r and key != "teacher":
-                r["retention"] = r["knn_top1"] / base["knn_top1"]
+            report[f"{fmt}-int8"]["speedup_vs_fp32"] = (artifacts[f"{fmt}-fp32"]["latency_ms_1thread"]
+                                                        / artifacts[f"{fmt}-int8"]["latency_ms_1thread"])
 
+
+def write_results(stage_dir: Path, card: Scorecard, artifacts: dict, model: Encoder, plan: dict | None, model_ckpt: Path,
+                  spath: Path, sck: dict, pp: Preprocess, data_spec: str, t0: float) -> None:
+    report = card.report
+    tpath = card.teacher_path(sck)
     write_json_atomic(report, stage_dir / "report.json")
-    (stage_dir / "report.md").write_text(format_report(report) + "\n")
+    (stage_dir / "report.md").write_text(compress_table(report) + "\n")
     write_manifest(stage_dir, "compress",
                    inputs={"student": str(spath), "student_sha256": checkpoint.sha256(spath), "data": data_spec,
                            "teacher": str(tpath) if tpath else None},
@@ -311,32 +280,25 @@ def main(cfg: config.CompressConfig) -> dict:
                    artifacts={**({"checkpoint": str(model_ckpt), "checkpoint_sha256": checkpoint.sha256(model_ckpt)} if plan else {}),
                               **artifacts},
                    extra={"pruning": {k: v for k, v in (plan or {}).items() if k != "history"}})
-    return {"stage_dir": str(stage_dir), "report": report, "table": format_report(report), "artifacts": artifacts}
 
 
-def _public(r: dict | None, model: nn.Module | None, x: torch.Tensor | None) -> dict:
-    out = {k: v for k, v in (r or {}).items() if not k.startswith("_")}
-    if model is not None:
-        out["macs"], out["params"] = count_macs(model, x)
-    return out
-
-
-def format_report(report: dict) -> str:
-    cols = [("knn_top1", "kNN top-1 %", "{:.2f}"), ("retention", "retention", "{:.3f}"), ("knn_agreement", "kNN agreement", "{:.3f}"),
-            ("cosine_mean", "cosine", "{:.4f}"), ("macs", "MACs (M)", None), ("params", "params (M)", None),
-            ("bytes", "size (MB)", None), ("latency_ms_1thread", "latency 1 thread (ms)", "{:.3f}"),
-            ("speedup_vs_fp32", "INT8 speed-up", "{:.2f}x")]
-    lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, r in report.items():
-        cells = []
-        for key, _, f in cols:
-            v = r.get(key)
-            if v is None:
-                cells.append("")
-            elif key in ("macs", "params", "bytes"):
-                cells.append(f"{v / 1e6:.2f}")
-            else:
-                cells.append(f.format(v))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
+def main(cfg: config.CompressConfig) -> dict:
+    """`edgeclr compress`: prune -> recover -> export FP32 -> INT8 -> report; OUT/compress."""
+    t0 = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    student, sck, spath = load_encoder(cfg.student, device, role="student")
+    stage_dir, pruned_done, resume_from = check_output(cfg, spath)
+    pp = Preprocess.from_dict(sck["preprocess"])
+    scfg = sck.get("config") or {}
+    data_spec = cfg.data or scfg.get("data")
+    card = Scorecard.start(cfg, student, sck, pp, data_spec, device)
+    model, plan, model_ckpt = prune_or_resume(cfg, card, student, sck, spath, pp, stage_dir, pruned_done, resume_from)
+    artifacts, calib = export_and_quantize(cfg, card, model, model_ckpt, pp, data_spec, scfg, stage_dir / "models")
+    x_lat = (calib if calib is not None else card.held.query_x.numpy() if card.held else
+             export.parity_images(data_spec, pp, 2, scfg).numpy())
+    measure_latency(cfg, card.report, artifacts, x_lat)
+    card.add_retention()
+    write_results(stage_dir, card, artifacts, model, plan, model_ckpt, spath, sck, pp, data_spec, t0)
+    return {"stage_dir": str(stage_dir), "report": card.report, "table": compress_table(card.report), "artifacts": artifacts}

@@ -5,7 +5,7 @@
 Channels are removed consistently through residuals and squeeze-excitation blocks, widths stay
 multiples of 8, and the layer that writes the embedding keeps its width. Each call builds a fresh
 pruner on the current weights; the histories of successive calls replay in order on a freshly
-built model (../shared/FIELD-NOTES.md, torch-pruning).
+built model (docs/compression.md).
 """
 
 from __future__ import annotations
@@ -19,24 +19,16 @@ import torch
 from torch import nn
 
 from edgeclr import checkpoint, config, models
-from edgeclr.models import Encoder, count_params, model_from_checkpoint
+from edgeclr.distill import DistillTrainer
+from edgeclr.engine import exit_for_signal, fit
+from edgeclr.errors import CompressError
+from edgeclr.heldout import recalibrate_bn
+from edgeclr.loading import load_data, load_encoder
+from edgeclr.models import Encoder, count_params, example_input, model_from_checkpoint, torch_pruning
 from edgeclr.runtime import Preprocess
 
 log = logging.getLogger("edgeclr.compress")
 WORK = "prune.pt"  # the checkpoint of a pruning run in progress (resumable; not yet a stage result)
-
-
-def _tp():
-    try:
-        import torch_pruning
-    except ImportError as e:
-        raise config.ConfigError("pruning needs torch-pruning: pip install 'edgeclr[compress]'") from e
-    return torch_pruning
-
-
-def example_input(model: Encoder, pp: Preprocess | dict) -> torch.Tensor:
-    pp = Preprocess.from_dict(pp) if isinstance(pp, dict) else pp
-    return torch.zeros(1, model.spec.in_chans, pp.input_size, pp.input_size)
 
 
 def protected_layers(model: Encoder) -> list[nn.Module]:
@@ -57,7 +49,7 @@ def count_macs(model: Encoder, x: torch.Tensor) -> tuple[int, int]:
 
 
 def _pruner(model: Encoder, x: torch.Tensor, ratio: float, global_pruning: bool):
-    tp = _tp()
+    tp = torch_pruning()
     return tp.pruner.BasePruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=ratio,
                                 iterative_steps=1, ignored_layers=protected_layers(model), round_to=8,
                                 global_pruning=global_pruning)
@@ -109,49 +101,30 @@ def prune_step(model: Encoder, x: torch.Tensor, ratio: float, global_pruning: bo
     return [list(h) for h in pruner.pruning_history()]
 
 
-def apply_pruning(model: Encoder, plan: dict, pp: Preprocess | dict) -> Encoder:
-    """Replay a pruning plan (as saved in a checkpoint) on a freshly built model, in place."""
-    tp = _tp()
-    try:
-        dg = tp.DependencyGraph().build_dependency(model.eval(), example_input(model, pp))
-        dg.load_pruning_history([tuple(h) for h in plan["history"]])
-    except (KeyError, IndexError, AttributeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"the pruning plan does not fit a {model.spec.name} (recorded with torchvision "
-                         f"{plan.get('torchvision')}, torch-pruning {plan.get('torch_pruning')}): {str(e)[:200]}") from e
-    return model
-
-
 def pruning_plan(history: list, steps_done: int, info: dict) -> dict:
     import torchvision
 
-    return {"history": history, "steps_done": steps_done, "torch_pruning": _tp().__version__,
+    return {"history": history, "steps_done": steps_done, "torch_pruning": torch_pruning().__version__,
             "torchvision": torchvision.__version__, **info}
 
 
-def prune_and_recover(cfg, student, sck, spath, device, stage_dir, resume_from) -> tuple[Encoder, dict, Path]:
-    """Prune in cfg.prune_steps steps, recovering by distillation after each; (model, plan, checkpoint)."""
-    from edgeclr.distill import DistillTrainer, load_teacher, recalibrate_bn
-    from edgeclr.train import exit_for_signal, fit, load_data
+class PruneTrainer(DistillTrainer):
+    """The recovery after a pruning step: distillation whose checkpoint carries the pruning plan so far."""
 
-    cfg_start = time.time()
-    tpath = cfg.teacher or (sck.get("teacher") or {}).get("path")
-    if not tpath:
-        raise config.ConfigError(f"{spath} does not record its teacher: pass --teacher (the `edgeclr train` run)")
-    teacher, tck, tpath = load_teacher(tpath, device)
-    pp = Preprocess.from_dict(sck["preprocess"])
-    x = example_input(student, pp).to(device)
-    base_macs, base_params = count_macs(student, x)
-    target = cfg.target_macs * base_macs if cfg.target_macs is not None else None
+    def __init__(self, *args, history: list, info: dict, prune_step: int, ckpt_path: Path, **kw):
+        super().__init__(*args, **kw)
+        self.history, self.info, self.prune_step = history, info, prune_step
+        self.stage, self.ckpt_path = "compress", ckpt_path
 
-    plan = dict(sck.get("pruning") or {"history": []})
-    history, first_step = list(plan.get("history", [])), 0
-    resumed = None
-    if resume_from is not None:
-        resumed, resume_from = checkpoint.load_for_resume(resume_from, map_location=device)
-        student = model_from_checkpoint(resumed).to(device)
-        history = list(resumed["pruning"]["history"])
-        first_step = resumed["pruning"]["steps_done"] - 1
+    def state(self):
+        st = super().state()
+        st["pruning"] = pruning_plan(self.history, self.prune_step, self.info)
+        return st
 
+
+def recovery_config(cfg, sck: dict, tpath: Path, tck: dict, pp: Preprocess) -> config.DistillConfig:
+    """The distillation config of the recovery: the student's own, with compress's epochs, lr,
+    seed and device, and the teacher's data unless --data is given."""
     fields = config.DistillConfig.__dataclass_fields__
     dcfg = config.DistillConfig(**{k: v for k, v in (sck.get("config") or {}).items() if k in fields})
     dcfg.teacher, dcfg.out, dcfg.resume = str(tpath), cfg.out, False
@@ -162,57 +135,77 @@ def prune_and_recover(cfg, student, sck, spath, device, stage_dir, resume_from) 
         setattr(dcfg, k, getattr(cfg, k))
     if cfg.data:
         dcfg.data = cfg.data
-    dcfg.resolve(tck.get("config") or {}, pp.input_size)
+    return dcfg.resolve(tck.get("config") or {}, pp.input_size)
+
+
+def step_ratio(cfg, student: Encoder, x: torch.Tensor, k: int, base_macs: float) -> tuple[float, float | None]:
+    """(channel ratio, MAC goal or None) of pruning step k: with a MAC target, step k reaches (k+1)/steps
+    of the way to it; with a channel ratio, the schedule is relative to the unpruned widths."""
+    if cfg.target_macs is not None:
+        goal = base_macs - (base_macs - cfg.target_macs * base_macs) * (k + 1) / cfg.prune_steps
+        cur = count_macs(student, x)[0]
+        return (ratio_for_macs(student, x, goal, cfg.global_pruning) if cur > goal * 1.01 else 0.0), goal
+    done, want = cfg.prune_ratio * k / cfg.prune_steps, cfg.prune_ratio * (k + 1) / cfg.prune_steps
+    return 1 - (1 - want) / (1 - done), None
+
+
+def recover(cfg, tr: PruneTrainer, k: int, deadline: float | None) -> None:
+    """Distil the pruned student from the teacher (cfg.recover_epochs), then re-estimate its BatchNorm."""
+    if cfg.recover_epochs:
+        completed, _ = fit(tr, tr.distill_loss, None, deadline)
+        exit_for_signal(tr.stop_signal)
+        if not completed:
+            raise CompressError(f"--max-minutes {cfg.max_minutes} ran out during the recovery after pruning step {k + 1}/"
+                                f"{cfg.prune_steps}; its checkpoint is {tr.ckpt_path}: run the same command with --resume")
+    else:
+        tr.save()
+    if tr.cfg.bn_recalibrate:  # the recovered student's statistics, on clean images (see heldout.recalibrate_bn)
+        recalibrate_bn(tr.model, tr.ds, tr.pp, tr.device, tr.cfg.bn_recalibrate, cfg.seed)
+        tr.save()
+
+
+def prune_and_recover(cfg, student, sck, spath, device, stage_dir, resume_from) -> tuple[Encoder, dict, Path]:
+    """Prune in cfg.prune_steps steps, recovering by distillation after each; (model, plan, checkpoint)."""
+    deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes else None
+    tpath = cfg.teacher or (sck.get("teacher") or {}).get("path")
+    if not tpath:
+        raise config.ConfigError(f"{spath} does not record its teacher: pass --teacher (the `edgeclr train` run)")
+    teacher, tck, tpath = load_encoder(tpath, device, role="teacher")
+    pp = Preprocess.from_dict(sck["preprocess"])
+    x = example_input(student, pp).to(device)
+    base_macs, base_params = count_macs(student, x)
+
+    history, first_step, resumed = list((sck.get("pruning") or {}).get("history", [])), 0, None
+    if resume_from is not None:
+        resumed, resume_from = checkpoint.load_for_resume(resume_from, map_location=device)
+        student = model_from_checkpoint(resumed).to(device)
+        history = list(resumed["pruning"]["history"])
+        first_step = resumed["pruning"]["steps_done"] - 1
+
+    dcfg = recovery_config(cfg, sck, tpath, tck, pp)
     ds, _ = load_data(dcfg)
     teacher_info = {"path": str(Path(tpath).resolve()), "sha256": checkpoint.sha256(tpath), "spec": tck["spec"],
                     "embed_dim": teacher.embed_dim}
     info = {"base_macs": base_macs, "base_params": base_params, "steps": cfg.prune_steps, "prune_ratio": cfg.prune_ratio,
             "target_macs": cfg.target_macs, "global_pruning": cfg.global_pruning, "recover_epochs": cfg.recover_epochs}
     ckpt_path = stage_dir / "checkpoints" / WORK  # becomes last.pt once the pruned model passes its checks
-
-    class PruneTrainer(DistillTrainer):
-        def state(self):
-            st = super().state()
-            st["pruning"] = pruning_plan(history, self.prune_step, info)
-            return st
-
     for k in range(first_step, cfg.prune_steps):
         if resumed is None or k > first_step:
-            cur = count_macs(student, x)[0]
-            if target is not None:  # step k reaches 1/steps of the way to the MAC target
-                goal = base_macs - (base_macs - target) * (k + 1) / cfg.prune_steps
-                ratio = ratio_for_macs(student, x, goal, cfg.global_pruning) if cur > goal * 1.01 else 0.0
-            else:  # channel ratio schedule relative to the unpruned widths
-                done, want = cfg.prune_ratio * k / cfg.prune_steps, cfg.prune_ratio * (k + 1) / cfg.prune_steps
-                ratio = 1 - (1 - want) / (1 - done)
+            ratio, goal = step_ratio(cfg, student, x, k, base_macs)
             channels = conv_channels(student)
             if ratio > 0:
                 history += prune_step(student, x, ratio, cfg.global_pruning)
-            log.info("prune step %d/%d: %s", k + 1, cfg.prune_steps,
-                     step_summary(student, x, ratio, channels, base_macs, goal if target is not None else None))
+            log.info("prune step %d/%d: %s", k + 1, cfg.prune_steps, step_summary(student, x, ratio, channels, base_macs, goal))
         if dcfg.channels_last:  # pruning replaces the parameters: restore the layout the trainer's views use
             student = student.to(memory_format=torch.channels_last)
         adapter = nn.Identity() if student.embed_dim == teacher.embed_dim else nn.Linear(student.embed_dim, teacher.embed_dim)
-        tr = PruneTrainer(dcfg, student, adapter, teacher, ds, pp, device, stage_dir, teacher_info)
-        tr.stage, tr.ckpt_path, tr.prune_step = "compress", ckpt_path, k + 1
+        tr = PruneTrainer(dcfg, student, adapter, teacher, ds, pp, device, stage_dir, teacher_info,
+                          history=history, info=info, prune_step=k + 1, ckpt_path=ckpt_path)
         if resumed is not None and k == first_step:
             tr.restore(resumed, resume_from)
             if "adapter" in resumed and not isinstance(adapter, nn.Identity):
                 adapter.load_state_dict(resumed["adapter"])
-        if cfg.recover_epochs:
-            deadline = cfg_start + cfg.max_minutes * 60 if cfg.max_minutes else None
-            completed, _ = fit(tr, tr.distill_loss, None, deadline)
-            exit_for_signal(tr.stop_signal)
-            if not completed:
-                from edgeclr.compress import CompressError
-
-                raise CompressError(f"--max-minutes {cfg.max_minutes} ran out during the recovery after pruning step {k + 1}/"
-                                    f"{cfg.prune_steps}; its checkpoint is {ckpt_path}: run the same command with --resume")
-        else:
-            tr.save()
-        if dcfg.bn_recalibrate:  # the recovered student's statistics, on clean images (see distill.recalibrate_bn)
-            recalibrate_bn(student, ds, pp, device, dcfg.bn_recalibrate, cfg.seed)
-            tr.save()
+        recover(cfg, tr, k, deadline)
     macs, params = count_macs(student, x)
     info.update(macs=macs, params=params, mac_ratio=macs / base_macs, param_ratio=params / base_params)
     return student.eval(), pruning_plan(history, cfg.prune_steps, info), ckpt_path

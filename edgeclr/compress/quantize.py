@@ -4,7 +4,7 @@
 
 onnxruntime: `quant_pre_process`, static QDQ, per-channel weights, u8 activations on x86 and s8 on
 ARM. OpenVINO: NNCF `quantize` (performance preset, fast bias correction). Both leave the first
-conv, the embedding layer and squeeze-excitation branches in float (../shared/FIELD-NOTES.md, INT8).
+conv, the embedding layer and squeeze-excitation branches in float (docs/compression.md).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgeclr import config, data
+from edgeclr.heldout import eval_inputs
+from edgeclr.loading import open_like_run
 from edgeclr.models import Encoder
 from edgeclr.runtime import Preprocess
 
@@ -30,11 +32,7 @@ def calibration_inputs(spec: str, pp: Preprocess, n: int, seed: int, ckpt_cfg: d
     Raises:
         DataError: fewer than n readable images.
     """
-    from edgeclr.evaluate import eval_inputs
-
-    kw = dict(base_size=pp.resize_size, tile_size=ckpt_cfg.get("tile_size", 64), tile_stride=ckpt_cfg.get("tile_stride", 64),
-              tile_min_foreground=ckpt_cfg.get("tile_min_foreground", 0.5))
-    ds = data.open_dataset(spec, "pretrain", **kw)
+    ds = open_like_run(spec, "pretrain", pp.resize_size, ckpt_cfg)
     pick = np.sort(np.random.default_rng(seed).choice(len(ds), min(len(ds), n), replace=False))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")

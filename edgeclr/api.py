@@ -1,0 +1,164 @@
+"""The Python API: one function per command, the same function the command line calls.
+
+    from edgeclr import api
+    api.train(data="digits", out="runs/x")          # edgeclr train --data digits --out runs/x
+    api.distill(teacher="runs/x")                   # edgeclr distill --teacher runs/x
+    api.compress(student="runs/x")                  # edgeclr compress runs/x
+    api.export(target="runs/x", format="onnx")      # edgeclr export runs/x --format onnx
+    api.evaluate(target="runs/x")                   # edgeclr eval runs/x
+    api.bench(models=["runs/x"])                    # edgeclr bench runs/x
+    api.pipeline(out="runs/demo")                   # edgeclr pipeline --out runs/demo
+    api.embed(inputs=["imgs/"], model="m.onnx", out="emb.npy")
+    api.search(queries=["q.png"], gallery="emb.npy", model="m.onnx")
+
+Keyword arguments are the command's options with dashes as underscores (`input_size=96` for
+`--input-size 96`), plus `config_file=` (YAML or TOML; the arguments override it). Each function
+returns the dict the command prints from. Errors the user can fix are `edgeclr.errors.EdgeclrError`
+subclasses. Importing this module does not import torch; a stage imports it when it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+import tempfile
+from pathlib import Path
+
+from edgeclr import config, stages
+
+__all__ = ["train", "distill", "compress", "export", "evaluate", "bench", "pipeline", "embed", "search"]
+
+
+def _with_options(cls):
+    """Give the function a keyword signature and a docstring listing cls's options, so help(api.train)
+    and an editor show what the command line's --help shows."""
+
+    def deco(fn):
+        params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default if f.default is not dataclasses.MISSING
+                                    else None) for f in dataclasses.fields(cls)]
+        params.append(inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, default=None))
+        fn.__signature__ = inspect.Signature(params, return_annotation=dict)
+        lines = [f"    {f.name}: {f.metadata.get('help') or '(see the command line)'}" for f in dataclasses.fields(cls)
+                 if f.metadata.get("help") is not None]
+        fn.__doc__ = (fn.__doc__ or "") + "\n\nOptions (None = the preset's or the upstream stage's):\n" + "\n".join(lines) + \
+            "\n    config_file: YAML or TOML file of options; the arguments above override it\n"
+        return fn
+
+    return deco
+
+
+def _run(name: str, cls, config_file, options) -> dict:
+    cfg = config.build(cls, config_file, **options)
+    return stages.get(name).function()(cfg)
+
+
+@_with_options(config.TrainConfig)
+def train(config_file=None, **options) -> dict:
+    """SimCLR pretraining of the teacher; writes OUT/train. `devices=N` (N > 1) runs N processes under
+    torchrun and returns rank 0's manifest figures.
+
+    Returns {"stage_dir", "checkpoint", "completed", "knn_top1", "loss", ...}."""
+    cfg = config.build(config.TrainConfig, config_file, **options)
+    from edgeclr import distributed
+
+    if cfg.devices > 1 and not distributed.launched_by_torchrun():
+        return _launch(cfg)
+    from edgeclr import train as stage
+
+    return stage.main(cfg)
+
+
+def _launch(cfg: config.TrainConfig) -> dict:
+    """Run `edgeclr train` in cfg.devices processes (torchrun) with this resolved config."""
+    import json
+
+    from edgeclr import distributed
+
+    with tempfile.TemporaryDirectory(prefix="edgeclr-launch-") as tmp:
+        f = Path(tmp) / "train.yaml"
+        config.save_yaml(dataclasses.replace(cfg, devices=1), f)
+        rc = distributed.launch(cfg.devices, ["train", "--config", str(f)])
+    if rc:
+        raise distributed.WorkersFailed(rc)
+    manifest = json.loads((Path(cfg.out) / "train" / "manifest.json").read_text())
+    return {"stage_dir": str(Path(cfg.out) / "train"), "checkpoint": manifest["artifacts"]["checkpoint"],
+            "completed": manifest.get("completed"), "launched": cfg.devices, **manifest["metrics"]}
+
+
+@_with_options(config.DistillConfig)
+def distill(config_file=None, **options) -> dict:
+    """Distil a teacher (`teacher=` a train checkpoint or run folder) into a small student; writes OUT/distill.
+
+    Returns {"stage_dir", "checkpoint", "completed", "knn_top1", "teacher_knn_top1", "retention", ...}."""
+    return _run("distill", config.DistillConfig, config_file, options)
+
+
+@_with_options(config.CompressConfig)
+def compress(config_file=None, **options) -> dict:
+    """Prune a distilled student (`student=`) with recovery, export it FP32 and INT8; writes OUT/compress.
+
+    Returns {"stage_dir", "report", "table", "artifacts"}."""
+    return _run("compress", config.CompressConfig, config_file, options)
+
+
+@_with_options(config.ExportConfig)
+def export(config_file=None, **options) -> dict:
+    """Export an encoder (`target=` a checkpoint, stage or run folder) as a self-describing, parity-checked file.
+
+    Returns {"path", "files", "parity", "parity_images", "meta"}."""
+    return _run("export", config.ExportConfig, config_file, options)
+
+
+@_with_options(config.EvalConfig)
+def evaluate(config_file=None, **options) -> dict:
+    """kNN and linear-probe accuracy of `target=` with baselines; `compare=True` on a run folder gives
+    the retention table of every stage and artifact (`edgeclr eval`).
+
+    Returns {"rows", "table", ...}."""
+    return _run("eval", config.EvalConfig, config_file, options)
+
+
+@_with_options(config.BenchConfig)
+def bench(config_file=None, **options) -> dict:
+    """Latency, throughput, memory and size of `models=` (exported files, checkpoints, run folders).
+
+    Returns {"rows", "table", "machine", ...}; writes OUT/bench.{json,md,png}."""
+    return _run("bench", config.BenchConfig, config_file, options)
+
+
+@_with_options(config.PipelineConfig)
+def pipeline(config_file=None, **options) -> dict:
+    """Every stage in order (train -> distill -> compress -> export -> eval -> bench -> report), skipping
+    finished ones; `from_stage=` / `until=` as the command's --from / --until.
+
+    Returns {"out", "stages", "report"}."""
+    cfg = config.build(config.PipelineConfig, config_file, **options)
+    from edgeclr import pipeline as stage
+
+    return stage.main(cfg)
+
+
+@_with_options(config.EmbedConfig)
+def embed(config_file=None, **options) -> dict:
+    """Embed image files and folders (`inputs=`) with an exported `model=` into `out=` (.npy + .ids.txt);
+    torch-free; re-running skips what is done.
+
+    Returns {"out", "ids", "total", "new", "skipped_done", "dim", "errors"}."""
+    cfg = config.build(config.EmbedConfig, config_file, **options)
+    from edgeclr import runtime
+
+    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    return runtime.embed_files_to(cfg.model, cfg.inputs, cfg.out, cfg.batch_size, cfg.threads, cfg.on_error, cfg.precision, show)
+
+
+@_with_options(config.SearchConfig)
+def search(config_file=None, **options) -> list[dict]:
+    """Top-k gallery neighbours of query images (`queries=`, with `model=`) or `query_embeddings=`; torch-free.
+
+    Returns one dict per query: {"query", "neighbours": [{"id", "score"[, "label"]}], ["class"]}."""
+    cfg = config.build(config.SearchConfig, config_file, **options)
+    from edgeclr import runtime
+
+    return runtime.search_main(cfg)
+
