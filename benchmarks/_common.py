@@ -117,11 +117,11 @@ def export_set(model, pp, folder, name: str, calib, runtimes=("onnx", "openvino"
                      params=count_params(model))
     x = torch.from_numpy(calib[:1])
     onnx = folder / f"{name}-fp32.onnx"  # written for every runtime: the float scope is read from it
-    export._write_onnx(em, x, True, 17, meta, onnx)
+    export.write_onnx(em, x, True, 17, meta, onnx)
     out = {"onnx": onnx} if "onnx" in runtimes else {}
     if "openvino" in runtimes:
         out["openvino"] = onnx.with_suffix(".xml")
-        export._write_openvino(em, x, True, 17, meta, out["openvino"])
+        export.write_openvino(em, x, True, 17, meta, out["openvino"])
     if int8:
         if exclude is None:
             exclude = sorted({n for v in compress.float_scope(onnx, em).values() for n in v})

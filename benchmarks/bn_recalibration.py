@@ -1,5 +1,5 @@
 """kNN accuracy of checkpoints before and after re-estimating their BatchNorm statistics on clean
-training images (edgeclr.distill.recalibrate_bn, which `edgeclr distill` and `compress` now run).
+training images (edgeclr.heldout.recalibrate_bn, which `edgeclr distill` and `compress` now run).
 
     python benchmarks/bn_recalibration.py RUN/distill RUN/compress RUN/train ...
 
@@ -24,8 +24,8 @@ HERE = Path(__file__).parent
 
 def main():
     from edgeclr import data
-    from edgeclr.distill import recalibrate_bn
-    from edgeclr.evaluate import embed, eval_inputs, knn_accuracy, load_encoder
+    from edgeclr.heldout import embed, eval_inputs, knn_accuracy, recalibrate_bn
+    from edgeclr.loading import load_encoder
     from edgeclr.runtime import Preprocess
 
     rows = []

@@ -53,6 +53,7 @@ def main():
     a = ap.parse_args()
 
     from edgeclr import compress
+    from edgeclr.loading import load_encoder
     from edgeclr.runtime import Embedder
 
     exe = [sys.executable, "-m", "edgeclr"]
@@ -75,7 +76,7 @@ def main():
     calib = compress.calibration_inputs("fashion-mnist", pp, 300, 0, {})
     q = man["artifacts"]["onnx-int8"]["quantization"]
     exclude = sorted({n for v in q["float_scope"].values() for n in v})
-    students = {k: compress.load_student(t, "cpu")[0].eval() for k, t in (("student", Path(a.student) / "distill"), ("pruned", out / "compress"))}
+    students = {k: load_encoder(t, "cpu", role="student")[0] for k, t in (("student", Path(a.student) / "distill"), ("pruned", out / "compress"))}
     files = {}
     if "onnx" in rts:
         compress.quantize_onnx(big / "pruned.onnx", big / "pruned-int8.onnx", calib, "x86" if q["activations"] == "QUInt8" else "arm", exclude)

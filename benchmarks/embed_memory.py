@@ -73,7 +73,7 @@ def one(mode: str, model: str, folder: str, batch: int) -> None:
         import numpy as np
         import torch
 
-        from edgeclr.evaluate import load_encoder
+        from edgeclr.loading import load_encoder
         from edgeclr.runtime import Preprocess, list_inputs, load_image, preprocess
 
         torch.set_num_threads(1)

@@ -82,7 +82,7 @@ def main():
           f"{result['parameters'] / 1e6:.2f}M parameters.", "",
           "Test accuracy on the 10,000 test images (bank: the 60,000 training images with their labels):", "",
           ev.get("table") or "", ""]
-    from edgeclr.evaluate import format_table
+    from edgeclr.report import eval_table as format_table
 
     md[-2] = format_table(ev["rows"])
     md += [f"Target: kNN >= 86.5% (raw pixels + 2), aim 89%. Met: {result['meets_target']}.", ""]

@@ -54,16 +54,17 @@ def main():
     import numpy as np
     import torch
 
-    from edgeclr import config, data, train
+    from edgeclr import config, data, engine, loading, train
+    from edgeclr.runtime import Preprocess
 
-    device = train.resolve_device(a.device)
+    device = engine.resolve_device(a.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out = Path(tempfile.mkdtemp())
     n = a.batch_size * 2
     rng = np.random.default_rng(0)
     ds = data.ArrayDataset("uint8 noise", rng.integers(0, 256, (n, round(a.input_size * 1.25), round(a.input_size * 1.25), 3),
                                                       dtype=np.uint8))
-    pp = train.Preprocess(a.input_size, round(a.input_size * 1.25), (0.5,) * 3, (0.25,) * 3, 3)
+    pp = Preprocess(a.input_size, round(a.input_size * 1.25), (0.5,) * 3, (0.25,) * 3, 3)
     x_gpu = torch.from_numpy(ds.images[:a.batch_size]).permute(0, 3, 1, 2).contiguous().to(device)
 
     trainers = {}
@@ -77,7 +78,7 @@ def main():
         model = train.build_model(cfg, 3).to(device)
         if cl:
             model = model.to(memory_format=torch.channels_last)
-        trainers[name] = train.Trainer(cfg, "train", model, ds, pp, device, out / name)
+        trainers[name] = train.SimCLRTrainer(cfg, "train", model, ds, pp, device, out / name)
 
     def block(tr, steps):
         tr.model.train()
@@ -102,10 +103,10 @@ def main():
         cfg = config.TrainConfig(data=a.data, out=str(out / "loader"), model=a.model, stem_stride=2, input_size=a.input_size,
                                  batch_size=a.batch_size, epochs=1, optimizer="lars", lr=0.3, amp="bf16", channels_last=True,
                                  device=a.device, num_workers=a.num_workers, knn_every=0, tensorboard=False)
-        real, rpp = train.load_data(cfg)
+        real, rpp = loading.load_data(cfg)
         torch.manual_seed(0)
         model = train.build_model(cfg, real.channels).to(device).to(memory_format=torch.channels_last)
-        tr = train.Trainer(cfg, "train", model, real, rpp, device, out / "loader")
+        tr = train.SimCLRTrainer(cfg, "train", model, real, rpp, device, out / "loader")
         wait = steps = 0.0
         t_all = time.perf_counter()
         t_ask = time.perf_counter()

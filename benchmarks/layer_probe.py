@@ -15,7 +15,8 @@ import sys
 import torch
 
 from edgeclr import data
-from edgeclr.evaluate import embed, eval_inputs, knn_accuracy, load_encoder
+from edgeclr.heldout import embed, eval_inputs, knn_accuracy
+from edgeclr.loading import load_encoder
 from edgeclr.runtime import Preprocess
 
 

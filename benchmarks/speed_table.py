@@ -45,6 +45,7 @@ def export_at(size: int, student: Path, comp: Path, folder: Path, data: str, cal
     import torch
 
     from edgeclr import compress
+    from edgeclr.loading import load_encoder
     from edgeclr.runtime import Preprocess
 
     man = json.loads((comp / "compress" / "manifest.json").read_text())
@@ -58,7 +59,7 @@ def export_at(size: int, student: Path, comp: Path, folder: Path, data: str, cal
         if all(f.exists() for f in made):  # a re-run (e.g. after an interrupted bench) reuses the exports
             files += made
             continue
-        model, ck, _ = compress.load_student(src, "cpu")
+        model, ck, _ = load_encoder(src, "cpu", role="student")
         model.eval()
         if stem != 1:  # the same weights with the first conv at stride 2: the stem edgeclr builds for
             # inputs >= 64 px (MobileNet: stride 2; ResNet: 4 = conv 2 x maxpool 2)

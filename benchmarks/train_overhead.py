@@ -44,23 +44,23 @@ def main():
     import numpy as np
     import torch
 
-    from edgeclr import config, data, train
+    from edgeclr import config, data, engine, loading, train
     from edgeclr.losses import nt_xent
 
     out = tempfile.mkdtemp()
     cfg = config.TrainConfig(data=a.data, out=out, width=a.width, stem_stride=a.stem_stride, input_size=a.input_size,
                              batch_size=a.batch_size, epochs=1000, knn_every=0, tensorboard=False, device=a.device)
-    device = train.resolve_device(cfg.device)
-    full, pp = train.load_data(cfg)
+    device = engine.resolve_device(cfg.device)
+    full, pp = loading.load_data(cfg)
     n = a.steps * a.batch_size
     ds = data.ArrayDataset(full.name, np.ascontiguousarray(full.images[:n]))  # one epoch = one block
     torch.manual_seed(0)
     model = train.build_model(cfg, ds.channels).to(device).to(memory_format=torch.channels_last)
-    tr = train.Trainer(cfg, "train", model, ds, pp, device, Path(out) / "train")
+    tr = train.SimCLRTrainer(cfg, "train", model, ds, pp, device, Path(out) / "train")
     metrics_log = [].append
 
     def edgeclr_block():
-        train.train_one_epoch(tr, tr.simclr_loss, lambda m, e, s: metrics_log(m))
+        engine.train_one_epoch(tr, tr.simclr_loss, lambda m, e, s: metrics_log(m))
 
     from edgeclr.augment import view_generator
 

@@ -291,7 +291,7 @@ def worker(spec: str) -> None:
                     own.append(run.last_latency_ms / 1000)
             # once per chunk, not per call: nothing but the clock runs between timed calls, as in
             # benchmark_app's loop (listing /proc/self/task after each call changed a 0.5-ms model's
-            # next inference by a median 0.98-1.43x over two runs: results/bench_between_calls.md); the runtime's
+            # next inference by a median 0.98-1.43x over two runs: results/bench_between_calls/latest.md); the runtime's
             # threads live as long as its compiled model, so the count is the same
             threads_seen = max(threads_seen, _threads_running())
             print(json.dumps({"times": ts, "runtime_times": own}), flush=True)

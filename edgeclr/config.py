@@ -149,7 +149,7 @@ class TrainConfig:
 
 
 # Distillation defaults for fields that are not taken from the teacher's training config.
-# lr 4e-3: on Fashion-MNIST (benchmarks/results/distill_fashion_mnist*.md) and digits it beat 2e-3 by 1-3.5 kNN points.
+# lr 4e-3: on Fashion-MNIST (benchmarks/results/distill_fashion_mnist/) and digits it beat 2e-3 by 1-3.5 kNN points.
 DISTILL_DEFAULTS: dict[str, Any] = dict(optimizer="adamw", lr=4e-3, weight_decay=1e-4)
 # Taken from the teacher's training config when left at None: same data, schedule and views.
 FROM_TEACHER = ("data", "epochs", "batch_size", "augment", "crop_scale", "jitter", "blur", "tile_size", "tile_stride",
@@ -416,7 +416,7 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(data="digits",
                  train=dict(knn_every=5),  # the digits preset of `edgeclr train` (DATA_PRESETS)
                  # milder crops than the teacher's (0.4): 90.89 vs 89.78 kNN on digits at lr 4e-3 (30 epochs);
-                 # 60 epochs: 92.44 (benchmarks/results/demo_preset_sweep.md)
+                 # 60 epochs: 92.44 (benchmarks/results/demo_preset_sweep/latest.md)
                  distill=dict(epochs=60, knn_every=20, crop_scale=(0.7, 1.0)),
                  # 75% of the MACs, 20 recovery epochs: INT8 92.00 (halving them cost ~2 points that 10-20
                  # recovery epochs did not win back; the Fashion-MNIST benchmark prunes to 50%)
@@ -427,7 +427,7 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
     # the CPU benchmark (benchmarks/fashion_mnist_teacher.py's teacher recipe, about an hour to train);
     # its student is a ResNet-18 at base width 16 (half the teacher's MACs: layer4 strided): on this
     # AVX2 CPU its pruned OpenVINO INT8 model runs >= 1.5x its FP32 one where MobileNetV3-Small's
-    # ran 1.1-1.4x (benchmarks/results/compress_fashion_mnist-resnet18-w16.md)
+    # ran 1.1-1.4x (benchmarks/results/compress_fashion_mnist/resnet18-w16.md)
     "fashion-mnist": dict(data="fashion-mnist", train=dict(),
                           distill=dict(model="resnet18", width=16, stem_stride=2, epochs=8, crop_scale=(0.5, 1.0)),
                           compress=dict(eval_images=10000),

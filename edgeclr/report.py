@@ -187,60 +187,62 @@ def bench_table(result: dict) -> str:
 # the report
 
 
-def build_blocks(out: Path) -> list[tuple]:
-    """The report as blocks: ("h", level, text) ("p", text) ("table", md) ("img", name, png, caption[, "half"]) ("code", text)."""
-    state = _load(out / "pipeline.json") or {}
-    teacher_eval = _load(out / "train" / "eval.json")
-    cmp = _load(out / "compare.json")
-    creport = _load(out / "compress" / "report.json")
-    bench = _load(out / "bench" / "bench.json")
-    blocks: list[tuple] = [("h", 1, f"edgeclr run report: {out.name}")]
-    data = state.get("data") or ((read_manifest(out / "train").get("inputs") or {}).get("data") or {}).get("name")
-    blocks.append(("p", f"Dataset: {data}. Preset: {state.get('preset', '-')}. Built from the files in `{out}`."))
-
-    # headline
-    rows = cmp["rows"] if cmp else []
+def _headline(out: Path, teacher_eval: dict | None, rows: list[dict]) -> list[tuple]:
     by = {r["model"]: r for r in rows}
     teacher = by.get("teacher")
     final = next((by[k] for k in ("compress/models/int8.onnx", "compress/models/int8.xml") if k in by), None)
     t_onnx = by.get("export/teacher.onnx")
-    if teacher_eval and final and teacher:
-        base = {r["key"]: r for r in teacher_eval["rows"]}
-        msg = (f"Teacher kNN {teacher['knn_top1']:.2f}% (raw pixels {_fmt(base.get('pixels', {}).get('knn_top1'))}%, random-init "
-               f"network {_fmt(base.get('random', {}).get('knn_top1'))}%). Deployable INT8 student `{final['model']}`: kNN "
-               f"{final['knn_top1']:.2f}% ({final['knn_top1'] - teacher['knn_top1']:+.2f} points vs the teacher), "
-               f"{final['size_bytes'] / 1e6:.2f} MB, {final['latency_ms_1thread']:.3f} ms at 1 thread: "
-               f"{final['speedup_vs_teacher']:.1f}x faster than the teacher in torch")
-        if t_onnx and final["model"].endswith(".onnx"):
-            msg += f", {t_onnx['latency_ms_1thread'] / final['latency_ms_1thread']:.1f}x faster than the teacher in onnxruntime"
-        blocks.append(("hl", msg + "."))
+    if not (teacher_eval and final and teacher):
+        return []
+    base = {r["key"]: r for r in teacher_eval["rows"]}
+    msg = (f"Teacher kNN {teacher['knn_top1']:.2f}% (raw pixels {_fmt(base.get('pixels', {}).get('knn_top1'))}%, random-init "
+           f"network {_fmt(base.get('random', {}).get('knn_top1'))}%). Deployable INT8 student `{final['model']}`: kNN "
+           f"{final['knn_top1']:.2f}% ({final['knn_top1'] - teacher['knn_top1']:+.2f} points vs the teacher), "
+           f"{final['size_bytes'] / 1e6:.2f} MB, {final['latency_ms_1thread']:.3f} ms at 1 thread: "
+           f"{final['speedup_vs_teacher']:.1f}x faster than the teacher in torch")
+    if t_onnx and final["model"].endswith(".onnx"):
+        msg += f", {t_onnx['latency_ms_1thread'] / final['latency_ms_1thread']:.1f}x faster than the teacher in onnxruntime"
+    return [("hl", msg + ".")]
 
-    if teacher_eval:
-        blocks.append(("h", 2, "Teacher against the baselines"))
-        blocks.append(("p", f"Weighted kNN (k={teacher_eval['knn_k']}, T={teacher_eval['knn_t']}) and linear probe on "
-                            f"{teacher_eval['train_images']} labeled bank / {teacher_eval['test_images']} test images."))
-        t = ["| features | dim | kNN top-1 % | linear probe % |", "|---|---|---|---|"]
-        t += [f"| {r['features']} | {r['dim']} | {r['knn_top1']:.2f} | {_fmt(r['linear_top1'])} |" for r in teacher_eval["rows"]]
-        blocks.append(("table", "\n".join(t)))
-    if cmp:
-        blocks.append(("h", 2, "Retention across stages"))
-        blocks.append(("p", "Every stage and exported artifact on the same held-out images; retention = kNN accuracy / the "
-                            "teacher's; agreement columns compare with the teacher's predictions and neighbours; latency at 1 "
-                            "thread, batch 1; speed-up against the teacher in torch eager."))
-        blocks.append(("table", compare_table(rows)))
-        png = _speed_chart(rows)
-        if png:
-            blocks.append(("img", "latency_size.png", png, "Latency and size of every artifact"))
-    if creport:
-        blocks.append(("h", 2, "Compression"))
-        man = read_manifest(out / "compress")
-        pr = man.get("pruning") or {}
-        if pr.get("base_macs"):
-            blocks.append(("p", f"Pruning: {pr['base_macs'] / 1e6:.2f}M -> {pr['macs'] / 1e6:.2f}M MACs "
-                                f"({100 * pr['mac_ratio']:.0f}%), {pr['base_params'] / 1e6:.3f}M -> {pr['params'] / 1e6:.3f}M "
-                                f"parameters, in {pr['steps']} step(s) with {pr['recover_epochs']} recovery epoch(s) each. "
-                                "INT8 speed-up is against the same runtime's FP32 model."))
-        blocks.append(("table", compress_table(creport)))
+
+def _teacher_section(teacher_eval: dict | None) -> list[tuple]:
+    if not teacher_eval:
+        return []
+    return [("h", 2, "Teacher against the baselines"),
+            ("p", f"Weighted kNN (k={teacher_eval['knn_k']}, T={teacher_eval['knn_t']}) and linear probe on "
+                  f"{teacher_eval['train_images']} labeled bank / {teacher_eval['test_images']} test images."),
+            ("table", markdown_table(["features", "dim", "kNN top-1 %", "linear probe %"],
+                                     [[r["features"], str(r["dim"]), f"{r['knn_top1']:.2f}", _fmt(r["linear_top1"])]
+                                      for r in teacher_eval["rows"]]))]
+
+
+def _retention_section(rows: list[dict]) -> list[tuple]:
+    if not rows:
+        return []
+    blocks = [("h", 2, "Retention across stages"),
+              ("p", "Every stage and exported artifact on the same held-out images; retention = kNN accuracy / the "
+                    "teacher's; agreement columns compare with the teacher's predictions and neighbours; latency at 1 "
+                    "thread, batch 1; speed-up against the teacher in torch eager."),
+              ("table", compare_table(rows))]
+    png = _speed_chart(rows)
+    return blocks + ([("img", "latency_size.png", png, "Latency and size of every artifact")] if png else [])
+
+
+def _compression_section(out: Path, creport: dict | None) -> list[tuple]:
+    if not creport:
+        return []
+    blocks = [("h", 2, "Compression")]
+    pr = read_manifest(out / "compress").get("pruning") or {}
+    if pr.get("base_macs"):
+        blocks.append(("p", f"Pruning: {pr['base_macs'] / 1e6:.2f}M -> {pr['macs'] / 1e6:.2f}M MACs "
+                            f"({100 * pr['mac_ratio']:.0f}%), {pr['base_params'] / 1e6:.3f}M -> {pr['params'] / 1e6:.3f}M "
+                            f"parameters, in {pr['steps']} step(s) with {pr['recover_epochs']} recovery epoch(s) each. "
+                            "INT8 speed-up is against the same runtime's FP32 model."))
+    return blocks + [("table", compress_table(creport))]
+
+
+def _curves_and_embeddings(out: Path) -> list[tuple]:
+    blocks = []
     for metric, ylabel, title, name in (("loss", "loss", "Training losses", "losses.png"),
                                         ("knn_top1", "kNN top-1 %", "kNN accuracy over epochs (monitor split)", "knn.png")):
         png = _curves_chart(out, metric, ylabel, title)
@@ -252,33 +254,54 @@ def build_blocks(out: Path) -> list[tuple]:
         for s, p in tsnes[:2]:
             blocks.append(("img", f"tsne_{s}.png", p.read_bytes(), {"train": "teacher", "distill": "student",
                                                                    "compress": "final (pruned) student"}[s], "half"))
-    if bench:
-        blocks.append(("h", 2, "Benchmark"))
-        blocks.append(("table", bench_table(bench)))
-        if (out / "bench" / "bench.png").exists():
-            blocks.append(("img", "bench.png", (out / "bench" / "bench.png").read_bytes(), "p50 latency per configuration"))
+    return blocks
 
-    blocks.append(("h", 2, "Deployable files"))
+
+def _bench_section(out: Path, bench: dict | None) -> list[tuple]:
+    if not bench:
+        return []
+    blocks = [("h", 2, "Benchmark"), ("table", bench_table(bench))]
+    if (out / "bench" / "bench.png").exists():
+        blocks.append(("img", "bench.png", (out / "bench" / "bench.png").read_bytes(), "p50 latency per configuration"))
+    return blocks
+
+
+def _deployable_section(out: Path) -> list[tuple]:
     arts = (read_manifest(out / "compress").get("artifacts") or {})
-    t = ["| artifact | file | size MB | 1-thread latency ms |", "|---|---|---|---|"]
-    for k, a in arts.items():
-        if isinstance(a, dict) and "path" in a:
-            t.append(f"| {k} | `{a['path']}` | {a['bytes'] / 1e6:.2f} | {_fmt(a.get('latency_ms_1thread'), '{:.3f}')} |")
-    blocks.append(("table", "\n".join(t)) if len(t) > 2 else ("p", "No compressed artifacts yet."))
-    blocks.append(("p", "On the device (no torch): `pip install 'edgeclr[runtime]'`, then "
-                        "`edgeclr embed images/ --model int8.onnx --out emb.npy` and `edgeclr search`."))
+    rows = [[k, f"`{a['path']}`", f"{a['bytes'] / 1e6:.2f}", _fmt(a.get("latency_ms_1thread"), "{:.3f}")]
+            for k, a in arts.items() if isinstance(a, dict) and "path" in a]
+    return [("h", 2, "Deployable files"),
+            ("table", markdown_table(["artifact", "file", "size MB", "1-thread latency ms"], rows)) if rows
+            else ("p", "No compressed artifacts yet."),
+            ("p", "On the device (no torch): `pip install 'edgeclr[runtime]'`, then "
+                  "`edgeclr embed images/ --model int8.onnx --out emb.npy` and `edgeclr search`.")]
 
-    blocks.append(("h", 2, "Stages, commands and versions"))
+
+def _provenance_section(out: Path, state: dict) -> list[tuple]:
+    blocks = [("h", 2, "Stages, commands and versions")]
     st = state.get("stages") or {}
     if st:
-        t = ["| stage | status | seconds | key |", "|---|---|---|---|"]
-        t += [f"| {n} | {s.get('status')}{' (resumed)' if s.get('resumed') else ''} | {_fmt(s.get('seconds'), '{:.0f}')} | "
-              f"`{s.get('key')}` |" for n, s in st.items()]
-        blocks.append(("table", "\n".join(t)))
+        blocks.append(("table", markdown_table(["stage", "status", "seconds", "key"], [
+            [n, f"{s.get('status')}{' (resumed)' if s.get('resumed') else ''}", _fmt(s.get("seconds"), "{:.0f}"), f"`{s.get('key')}`"]
+            for n, s in st.items()])))
     cmds = [r.get("command") for r in state.get("runs", []) if r.get("command")]
     blocks.append(("code", "\n".join(cmds[-3:] + [f"# reproduce: edgeclr pipeline --config {out / 'pipeline.yaml'}"])))
     blocks.append(("code", "\n".join(f"{k}: {v}" for k, v in _versions().items())))
     return blocks
+
+
+def build_blocks(out: Path) -> list[tuple]:
+    """The report as blocks: ("h", level, text) ("p", text) ("table", md) ("img", name, png, caption[, "half"]) ("code", text)."""
+    state = _load(out / "pipeline.json") or {}
+    teacher_eval = _load(out / "train" / "eval.json")
+    cmp = _load(out / "compare.json")
+    rows = cmp["rows"] if cmp else []
+    data = state.get("data") or ((read_manifest(out / "train").get("inputs") or {}).get("data") or {}).get("name")
+    return [("h", 1, f"edgeclr run report: {out.name}"),
+            ("p", f"Dataset: {data}. Preset: {state.get('preset', '-')}. Built from the files in `{out}`."),
+            *_headline(out, teacher_eval, rows), *_teacher_section(teacher_eval), *_retention_section(rows),
+            *_compression_section(out, _load(out / "compress" / "report.json")), *_curves_and_embeddings(out),
+            *_bench_section(out, _load(out / "bench" / "bench.json")), *_deployable_section(out), *_provenance_section(out, state)]
 
 
 def _md_table_to_html(md: str) -> str:

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from edgeclr import checkpoint, config, export
-from edgeclr.compress.prune import WORK, count_macs, prune_and_recover
+from edgeclr.compress.prune import WORK, count_macs, prune_and_recover, prune_step, ratio_for_macs
 from edgeclr.compress.quantize import calibration_inputs, float_scope, quantize_onnx, quantize_openvino
 from edgeclr.engine import resolve_device
 from edgeclr.errors import CompressError
@@ -56,6 +56,9 @@ from edgeclr.rundir import make_writable_dir, write_json_atomic, write_manifest
 from edgeclr.runtime import Embedder, ModelMeta, Preprocess, median_latency_ms
 
 log = logging.getLogger("edgeclr.compress")
+# the package's face: the pruning and INT8 steps a script composes (benchmarks/ do)
+__all__ = ["main", "count_macs", "prune_step", "ratio_for_macs", "prune_and_recover", "calibration_inputs", "float_scope",
+           "quantize_onnx", "quantize_openvino"]
 
 
 def latency_ms(path: Path, x: np.ndarray, threads: int = 1, runs: int = 50, warmup: int = 5) -> float:

@@ -78,7 +78,7 @@ def float_scope(onnx_path: Path, model: Encoder) -> dict[str, list[str]]:
     The stem's tail stays float with it: quantised, a ResNet stem's MaxPool ran on 8-channel u8
     maps at full resolution 4x slower than in f32 (OpenVINO CPU, AVX2) after an f32->u8 reorder of
     the 4x larger map; kept float, the pruned ResNet-18 w16 student's INT8 IR went from 1.57x to
-    1.73x its FP32 IR at 224 px (benchmarks/results/compress_fashion_mnist-resnet18-w16.md).
+    1.73x its FP32 IR at 224 px (benchmarks/results/compress_fashion_mnist/resnet18-w16.md).
     """
     import onnx
     from torchvision.ops.misc import SqueezeExcitation

@@ -1,0 +1,28 @@
+"""The export-format table owns each format's files: the size of an IR is its .xml and its .bin."""
+
+import pytest
+
+from edgeclr.formats import EXPORT_FORMATS, RUNTIME_SUFFIXES, format_of
+
+
+def test_files_and_size_follow_the_table(tmp_path):
+    (tmp_path / "m.xml").write_bytes(b"x" * 10)
+    (tmp_path / "m.bin").write_bytes(b"x" * 90)
+    (tmp_path / "m.onnx").write_bytes(b"x" * 7)
+    assert format_of(tmp_path / "m.xml").files(tmp_path / "m.xml") == [tmp_path / "m.xml", tmp_path / "m.bin"]
+    assert format_of(tmp_path / "m.xml").size_bytes(tmp_path / "m.xml") == 100
+    assert format_of(tmp_path / "m.onnx").size_bytes(tmp_path / "m.onnx") == 7
+    assert RUNTIME_SUFFIXES == (".onnx", ".xml")
+
+
+def test_an_unknown_suffix_names_the_known_ones():
+    with pytest.raises(KeyError, match=r"\.onnx, \.xml, \.pt"):
+        format_of("model.tflite")
+
+
+def test_every_writer_exists():
+    from edgeclr import export
+
+    for f in EXPORT_FORMATS.values():
+        module, _, fn = f.writer.partition(":")
+        assert module == "edgeclr.export" and callable(getattr(export, fn))

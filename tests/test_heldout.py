@@ -1,0 +1,66 @@
+"""The held-out kNN scorer every stage uses, against a slow reference of the protocol."""
+
+import numpy as np
+import pytest
+import torch
+
+from edgeclr import data
+from edgeclr.heldout import HeldOut, agreement, knn_predict
+from edgeclr.runtime import Preprocess
+
+
+def reference_knn(bank, bank_y, query, k, t):
+    """One query at a time: cosine similarities, the k nearest vote with exp(sim / T)."""
+    b = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    out = []
+    for q in query:
+        sim = b @ (q / np.linalg.norm(q))
+        nn = np.argsort(-sim)[:k]
+        votes = np.zeros(bank_y.max() + 1)
+        for i in nn:
+            votes[bank_y[i]] += np.exp(sim[i] / t)
+        out.append(votes.argmax())
+    return np.array(out)
+
+
+def test_knn_matches_the_reference():
+    rng = np.random.default_rng(0)
+    bank, query = rng.normal(size=(200, 16)), rng.normal(size=(50, 16))
+    bank_y = rng.integers(0, 5, 200)
+    got = knn_predict(torch.tensor(bank), torch.tensor(bank_y), torch.tensor(query), 7, 0.1, 5, chunk=16).numpy()
+    assert (got == reference_knn(bank, bank_y, query, 7, 0.1)).all()
+
+
+def held(n_bank=300, n_query=100, **kw):
+    bank, query = data.open_dataset("digits", "train"), data.open_dataset("digits", "test")
+    return HeldOut.from_datasets(bank, query, Preprocess(8, 8, (0.3,), (0.3,), 1), 0, n_bank, n_query, **kw)
+
+
+def test_pixels_score_far_above_chance_and_a_score_agrees_with_itself():
+    h = held()
+    assert h.bank_x.shape == (300, 1, 8, 8) and len(h.query_y) == 100 and h.classes
+    pixels = h.score(lambda x: x.flatten(1))
+    assert pixels["knn_top1"] > 80
+    again = h.score(lambda x: x.flatten(1), ref=pixels)
+    assert again["knn_agreement"] == 1.0 and again["cosine_min"] == pytest.approx(1.0)
+    noise = h.score(lambda x: torch.randn(len(x), 8, generator=torch.Generator().manual_seed(len(x))), ref=pixels)
+    assert noise["knn_top1"] < 40 and noise["knn_agreement"] < 0.5
+
+
+def test_the_sample_is_seeded_and_the_bank_drawn_first():
+    a, b = held(), held()
+    assert torch.equal(a.bank_x, b.bank_x) and torch.equal(a.query_y, b.query_y)
+
+
+def test_agreement_of_an_embedding_with_itself_and_with_noise():
+    x = torch.randn(64, 12)
+    assert agreement(x, x)["topk_overlap"] == 1.0
+    assert agreement(x, torch.randn(64, 12))["topk_overlap"] < 0.5
+
+
+def test_an_unlabeled_folder_has_no_scorer(tmp_path):
+    from PIL import Image
+
+    for i in range(4):
+        Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    assert HeldOut.open(str(tmp_path), Preprocess(8, 9, (0.5,), (0.2,), 1), {}) is None

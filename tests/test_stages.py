@@ -1,0 +1,37 @@
+"""The stage table is the one list of stages: the CLI, the config, the pipeline and the run folder agree with it."""
+
+import dataclasses
+
+from click.testing import CliRunner
+
+from edgeclr import config, pipeline, stages
+from edgeclr.cli import cli
+
+
+def test_every_stage_names_a_config_class_and_a_function_that_exist():
+    for s in stages.STAGES:
+        assert callable(s.function()), s.name
+        if s.config:
+            assert dataclasses.is_dataclass(s.config_class()), s.name
+        assert s.outputs, s.name
+    assert stages.NAMES == ("train", "distill", "compress", "export", "eval", "bench", "report")
+    assert stages.MODEL_STAGES == ("train", "distill", "compress")
+
+
+def test_the_cli_config_and_pipeline_derive_their_stage_lists_from_the_table():
+    out = CliRunner().invoke(cli, ["pipeline", "--help"], terminal_width=200).output
+    assert "[train|distill|compress|export|eval|bench|report]" in out.replace("\n", "")
+    fields = {f.name: f for f in dataclasses.fields(config.PipelineConfig)}
+    assert fields["from_stage"].metadata["choices"] == stages.NAMES == fields["until"].metadata["choices"]
+    assert config.PIPELINE_SECTIONS == stages.SECTIONS
+    assert all(s in fields for s in stages.SECTIONS)  # a section of options per configurable stage
+    assert pipeline.STAGES == stages.NAMES and set(pipeline.RUNNERS) == set(stages.NAMES)
+
+
+def test_get_names_the_valid_stages_for_an_unknown_one():
+    try:
+        stages.get("prune")
+    except KeyError as e:
+        assert "train, distill" in str(e)
+    else:
+        raise AssertionError("no error")
