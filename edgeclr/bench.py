@@ -72,7 +72,7 @@ def classify(path: Path) -> str | None:
     """The format of one exported file (by suffix and its own precision metadata), or None."""
     if path.suffix not in (".onnx", ".xml"):
         return None
-    from edgeclr.runtime import _read_sidecar
+    from edgeclr.runtime import read_sidecar as _read_sidecar
 
     prec = None
     try:

@@ -151,12 +151,12 @@ def test_embed_killed_midway_resumes_without_redoing(model, gallery, tmp_path):
 def test_a_run_cut_between_its_two_writes_resumes_with_every_row_beside_its_own_id(model, gallery, tmp_path, cut):
     """The progress files of a killed `embed` (rows, then ids, per batch): the next run cuts both back
     to what they hold in full before it appends (a stale row once shifted every later row by one)."""
-    from edgeclr.runtime import _Partial, embed_files_to, list_inputs
+    from edgeclr.runtime import PartialEmbeddings, embed_files_to, list_inputs
 
     out = tmp_path / "emb.npy"
     e = Embedder.load(model)
     files = [str(f) for f in list_inputs([gallery])][:6]
-    part = _Partial(out, e.dim)
+    part = PartialEmbeddings(out, e.dim)
     part.append(e.embed(files[:2]), files[:2])
     stale = e.embed(files[2:3])
     if cut == "row written, id not":
