@@ -76,7 +76,7 @@ def classify(path: Path) -> str | None:
     """The format of one exported file (by suffix and its own precision metadata), or None."""
     if path.suffix not in (".onnx", ".xml"):
         return None
-    from edgeclr.runtime import _read_sidecar
+    from edgeclr.runtime import read_sidecar
 
     prec = None
     try:
@@ -101,7 +101,7 @@ def classify(path: Path) -> str | None:
     except Exception as e:  # a file the runtime cannot read
         raise BenchError(f"{path} is not a model the runtime can read ({type(e).__name__}: {str(e)[:200]}); "
                          "pass files written by `edgeclr export` / `edgeclr compress`") from e
-    prec = prec or _read_sidecar(path).get("precision")
+    prec = prec or read_sidecar(path).get("precision")
     int8 = prec is not None and "int8" in prec
     return ("onnx" if path.suffix == ".onnx" else "openvino") + ("-int8" if int8 else "")
 

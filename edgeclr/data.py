@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from edgeclr.errors import DataError  # noqa: F401  (raised here; defined with the others)
-from edgeclr.runtime import GRAY_MODES, IMAGE_SUFFIXES, ImageError, list_images, load_image, resize_center_crop
+from edgeclr.runtime import GRAY_MODES, IMAGE_SUFFIXES, ImageError, list_images, list_inputs, load_image, resize_center_crop
 
 if TYPE_CHECKING:
     import torch
@@ -358,17 +358,10 @@ _TILES_SAID: set[tuple] = set()
 
 
 def load_tiles(spec: str, tile_size: int, tile_stride: int, min_foreground: float, max_side: int) -> ArrayDataset:
-    files: list[Path] = []
-    for part in filter(None, spec.split(",")):
-        p = Path(part).expanduser()
-        if p.is_dir():
-            files += list_images(p)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DataError(f"tiles: {p} does not exist. Give an image file, a comma-separated list, or a folder.")
-    if not files:
-        raise DataError(f"tiles: no image files in {spec}")
+    try:
+        files = list_inputs([Path(part).expanduser() for part in filter(None, spec.split(","))])
+    except ImageError as e:  # a path that does not exist, or no image files
+        raise DataError(f"tiles: {e} (give an image file, a comma-separated list, or a folder)") from e
     if tile_size < 8 or tile_stride < 1:
         raise DataError(f"tiles: tile size {tile_size} / stride {tile_stride} too small")
     all_tiles = []

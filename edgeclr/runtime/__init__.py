@@ -1,0 +1,38 @@
+"""The device side of edgeclr, torch-free: numpy and PIL at import, onnxruntime / openvino only
+inside the functions that need them.
+
+    images         image files -> decoded PIL images (load_image, list_inputs)
+    preprocessing  the one preprocessing path (Preprocess, preprocess), shared with evaluation
+    embedder       exported models: ModelMeta, the onnxruntime / OpenVINO backends, Embedder
+    index          Index: cosine nearest-neighbour search and kNN classification
+    commands       `edgeclr embed` and `edgeclr search` (embed_files_to, search_main)
+
+    emb = Embedder.load("model.onnx")             # or model.xml; preprocessing read from the file
+    vectors = emb.embed(["a.jpg", "b.png"])        # (N, D) float32
+    index = Index(vectors, ids=["a", "b"])
+    scores, idx = index.search(emb.embed(["query.jpg"]), k=5)
+"""
+
+from edgeclr.errors import ImageError, ModelError
+from edgeclr.runtime.commands import PartialEmbeddings, embed_files_to, ids_path, labels_for, read_embeddings, search_main
+from edgeclr.runtime.embedder import Embedder, ModelMeta, median_latency_ms, openvino_core, read_sidecar
+from edgeclr.runtime.images import (
+    GRAY_MODES,
+    IMAGE_SUFFIXES,
+    MAX_ASPECT,
+    check_aspect,
+    list_images,
+    list_inputs,
+    load_image,
+    to_mode,
+)
+from edgeclr.runtime.index import INDEX_BACKENDS, Index, l2_normalize
+from edgeclr.runtime.preprocessing import Preprocess, preprocess, preprocess_batch, resize_center_crop
+
+__all__ = [
+    "GRAY_MODES", "IMAGE_SUFFIXES", "INDEX_BACKENDS", "MAX_ASPECT",
+    "Embedder", "ImageError", "Index", "ModelError", "ModelMeta", "PartialEmbeddings", "Preprocess",
+    "check_aspect", "embed_files_to", "ids_path", "l2_normalize", "labels_for", "list_images", "list_inputs", "load_image",
+    "median_latency_ms", "openvino_core", "preprocess", "preprocess_batch", "read_embeddings", "read_sidecar",
+    "resize_center_crop", "search_main", "to_mode",
+]

@@ -1,0 +1,165 @@
+"""`edgeclr embed` and `edgeclr search`: file-level work on top of `Embedder` and `Index`
+(resumable embedding into OUT.npy + OUT.ids.txt, gallery labels, queries)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgeclr.errors import ImageError, ModelError
+from edgeclr.runtime.embedder import Embedder
+from edgeclr.runtime.images import list_inputs
+from edgeclr.runtime.index import Index
+
+
+def ids_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".ids.txt")
+
+
+def read_embeddings(path: str | Path) -> tuple[np.ndarray, list[str]]:
+    """(N, D) embeddings and their ids from `edgeclr embed`'s OUT.npy + OUT.ids.txt."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"embeddings file {path} does not exist")
+    emb = np.load(path, allow_pickle=False)
+    ids = ids_path(path).read_text().splitlines() if ids_path(path).exists() else [str(i) for i in range(len(emb))]
+    if len(ids) != len(emb):
+        raise ModelError(f"{path} holds {len(emb)} embeddings but {ids_path(path)} {len(ids)} ids")
+    return emb, ids
+
+
+class PartialEmbeddings:
+    """Append-only progress of an embedding run: OUT.partial.f32 (rows of D float32) + OUT.partial.ids.txt."""
+
+    def __init__(self, out: Path, dim: int):
+        self.rows_f, self.ids_f, self.dim = out.with_name(out.stem + ".partial.f32"), out.with_name(out.stem + ".partial.ids.txt"), dim
+
+    def read(self) -> tuple[np.ndarray, list[str]]:
+        """The rows and ids both files hold in full. A kill between (or during) the two writes of
+        append() leaves one file longer, or a row or line cut short: both files are cut back to
+        the common part, so the rows appended next line up with their ids."""
+        if not self.rows_f.exists():
+            self.ids_f.unlink(missing_ok=True)
+            return np.zeros((0, self.dim), np.float32), []
+        rows = np.fromfile(self.rows_f, np.float32)
+        text = self.ids_f.read_bytes() if self.ids_f.exists() else b""
+        lines = text.split(b"\n")[:-1]  # complete lines only: the text after the last newline was cut
+        n = min(len(rows) // self.dim, len(lines))
+        keep = sum(len(x) + 1 for x in lines[:n])
+        if self.rows_f.stat().st_size != n * self.dim * 4:
+            os.truncate(self.rows_f, n * self.dim * 4)
+        if len(text) != keep:  # only when the file exists: a missing one reads as b"" and keeps 0
+            os.truncate(self.ids_f, keep)
+        return rows[: n * self.dim].reshape(n, self.dim), [x.decode("utf-8") for x in lines[:n]]
+
+    def append(self, emb: np.ndarray, ids: list[str]) -> None:
+        with open(self.rows_f, "ab") as f:
+            f.write(np.ascontiguousarray(emb, np.float32).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        with open(self.ids_f, "a", encoding="utf-8") as f:
+            f.write("".join(i + "\n" for i in ids))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def clear(self) -> None:
+        self.rows_f.unlink(missing_ok=True)
+        self.ids_f.unlink(missing_ok=True)
+
+
+def embed_files_to(model: str | Path, inputs: Sequence[str | Path], out: str | Path, batch_size: int = 32, threads: int = 0,
+                   on_error: str = "skip", precision: str = "f32", progress: bool = False) -> dict:
+    """Embed image files into OUT (.npy, (N, D) float32) + OUT.ids.txt (one path per row).
+
+    Resumable: ids already in OUT or in the progress files of an interrupted run are skipped,
+    and new rows are appended, so re-running on a grown folder embeds only the new files.
+    """
+    out = Path(out)
+    if out.suffix != ".npy":
+        raise ImageError(f"--out {out}: embeddings are written as .npy")
+    emb = Embedder.load(model, threads=threads, precision=precision)
+    files = list_inputs(inputs)
+    done_emb, done_ids = read_embeddings(out) if out.exists() else (np.zeros((0, emb.dim), np.float32), [])
+    if done_emb.shape[1] != emb.dim:
+        raise ModelError(f"{out} holds {done_emb.shape[1]}-d embeddings, {model} makes {emb.dim}-d: use another --out")
+    part = PartialEmbeddings(out, emb.dim)
+    part_emb, part_ids = part.read()
+    done = set(done_ids) | set(part_ids)
+    todo = [f for f in files if str(f) not in done]
+    errors: list[str] = []
+    bar = None
+    if progress and todo:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), unit="img", desc="embed")
+        except ImportError:
+            bar = None
+    for ids, vectors, errs in emb.embed_files(todo, batch_size, on_error):
+        part.append(vectors, ids)
+        errors += errs
+        if bar is not None:
+            bar.update(len(ids) + len(errs))
+    if bar is not None:
+        bar.close()
+    part_emb, part_ids = part.read()
+    all_ids = done_ids + part_ids
+    tmp = out.with_name(f".{out.name}.tmp.npy")
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(all_ids), emb.dim))
+    arr[: len(done_ids)], arr[len(done_ids):] = done_emb, part_emb
+    arr.flush()
+    del arr
+    ids_tmp = ids_path(out).with_name(f".{ids_path(out).name}.tmp")
+    ids_tmp.write_text("".join(i + "\n" for i in all_ids))
+    tmp.replace(out)
+    ids_tmp.replace(ids_path(out))
+    part.clear()
+    return {"out": str(out), "ids": str(ids_path(out)), "total": len(all_ids), "new": len(part_ids), "skipped_done": len(files) - len(todo),
+            "errors": errors, "dim": emb.dim, "model": str(model)}
+
+
+def labels_for(ids: Sequence[str], spec: str | None) -> list[str] | None:
+    """Gallery labels: None; "folder" (each id's parent folder name); or a text file, one per line."""
+    if not spec:
+        return None
+    if spec == "folder":
+        return [Path(i).parent.name for i in ids]
+    p = Path(spec)
+    if not p.is_file():
+        raise ModelError(f"--labels {spec}: give 'folder' or a text file with one label per gallery row")
+    labels = p.read_text().splitlines()
+    if len(labels) != len(ids):
+        raise ModelError(f"--labels {spec} has {len(labels)} lines for {len(ids)} gallery rows")
+    return labels
+
+
+def search_main(cfg) -> list[dict]:
+    """`edgeclr search`: a list of {query, neighbours: [{id, score, label?}], class?} per query."""
+    g = Path(cfg.gallery)
+    if g.suffix == ".npz":
+        index = Index.load(g, cfg.backend)
+        if cfg.labels:
+            index = Index(index.emb, index.ids, labels_for(index.ids.tolist(), cfg.labels), cfg.backend)
+    else:
+        emb, ids = read_embeddings(g)
+        index = Index(emb, ids, labels_for(ids, cfg.labels), cfg.backend)
+    if cfg.save_index:
+        index.save(cfg.save_index)
+    if cfg.query_embeddings:
+        q, qids = read_embeddings(cfg.query_embeddings)
+    else:
+        embedder = Embedder.load(cfg.model, threads=cfg.threads)
+        files = list_inputs(cfg.queries)
+        q, qids = embedder.embed(files), [str(f) for f in files]
+    scores, idx = index.search(q, cfg.k)
+    classes = index.classify(q, cfg.knn_k, cfg.knn_t) if index.labels is not None else None
+    out = []
+    for i, qid in enumerate(qids):
+        nb = [{"id": str(index.ids[j]), "score": round(float(s), 6), **({"label": str(index.labels[j])} if index.labels is not None else {})}
+              for s, j in zip(scores[i], idx[i])]
+        out.append({"query": qid, "neighbours": nb, **({"class": str(classes[i])} if classes is not None else {})})
+    return out

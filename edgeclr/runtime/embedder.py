@@ -1,0 +1,266 @@
+"""Exported models: `ModelMeta` (what a file says about itself), the onnxruntime and OpenVINO
+backends, and `Embedder` (images -> embeddings). onnxruntime / openvino are imported inside the
+functions that need them."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from edgeclr.errors import ImageError, ModelError
+from edgeclr.runtime.images import load_image
+from edgeclr.runtime.preprocessing import Preprocess, preprocess, preprocess_batch
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelMeta:
+    """What an exported model says about itself (ONNX metadata_props / OpenVINO rt_info / metadata.json)."""
+
+    preprocess: Preprocess
+    embedding_dim: int
+    normalized: bool  # the model L2-normalises its output
+    input_name: str = "images"
+    output_name: str = "embeddings"
+    dynamic_batch: bool = True
+    precision: str = "fp32"  # fp32 | int8
+    source_stage: str = ""  # train | distill | compress
+    checkpoint_sha256: str = ""
+    edgeclr_version: str = ""
+    model_spec: dict | None = None
+    macs: int | None = None  # multiply-accumulates of one image at input_size (Conv2d + Linear)
+    params: int | None = None
+
+    def to_props(self) -> dict[str, str]:
+        """Flat string map (every value JSON-encoded), the form both file formats store."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "preprocess"}
+        d.update(self.preprocess.to_dict())
+        d["channel_order"] = "L" if self.preprocess.channels == 1 else "RGB"
+        return {k: json.dumps(v) for k, v in d.items()}
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], source: str = "the model") -> ModelMeta:
+        try:
+            pp_keys = [f.name for f in dataclasses.fields(Preprocess)]
+            known = set(pp_keys) | {f.name for f in dataclasses.fields(cls)}
+            d = {k: json.loads(v) for k, v in props.items() if k in known}  # tools add their own keys (quantisers)
+            pp = Preprocess.from_dict({k: d[k] for k in pp_keys if k in d})
+            names = {f.name for f in dataclasses.fields(cls)}
+            return cls(preprocess=pp, **{k: v for k, v in d.items() if k in names and k != "preprocess"})
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelError(f"{source} carries no usable edgeclr metadata ({type(e).__name__}: {e}); "
+                             "export it with `edgeclr export`, which writes input size, mean, std and layout into the file") from e
+
+    def to_dict(self) -> dict:
+        return {k: json.loads(v) for k, v in self.to_props().items()}
+
+
+class _OnnxBackend:
+    def __init__(self, path: Path, threads: int):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.props = dict(self.session.get_modelmeta().custom_metadata_map)
+        inp = self.session.get_inputs()[0]
+        self.input_name, self.batch = inp.name, inp.shape[0] if isinstance(inp.shape[0], int) else None
+        self.input_shape = [d if isinstance(d, int) else None for d in inp.shape]
+        self.output_shape = [d if isinstance(d, int) else None for d in self.session.get_outputs()[0].shape]
+        self.precision = "f32"
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0]
+
+
+def median_latency_ms(fn, x: np.ndarray, runs: int, warmup: int = 3) -> float:
+    """Median wall time of fn(x) in ms over `runs` calls, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn(x)
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn(x)
+        ts.append(time.perf_counter() - t)
+    return 1000 * float(np.median(ts))
+
+
+@functools.lru_cache(maxsize=1)
+def openvino_core():
+    """One OpenVINO Core per process (OpenVINO's advice: each Core holds its own plugins and threads)."""
+    import openvino as ov
+
+    return ov.Core()
+
+
+class _OpenVinoBackend:
+    def __init__(self, path: Path, threads: int, precision: str):
+        core = openvino_core()
+        model = core.read_model(str(path))
+        keys = [f.name for f in dataclasses.fields(ModelMeta)] + [f.name for f in dataclasses.fields(Preprocess)]
+        self.props = {k: model.get_rt_info(["model_info", k]).astype(str) for k in keys if model.has_rt_info(["model_info", k])}
+        config = {}
+        if precision != "default":  # this CPU would otherwise run an "FP32" model in bf16
+            config["INFERENCE_PRECISION_HINT"] = precision
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        shape = model.inputs[0].get_partial_shape()
+        self.batch = shape[0].get_length() if shape[0].is_static else None
+        self.input_shape = [d.get_length() if d.is_static else None for d in shape]
+        self.output_shape = [d.get_length() if d.is_static else None for d in model.outputs[0].get_partial_shape()]
+        # A dynamic-batch model runs each batch size it meets as its own static-shape compilation:
+        # OpenVINO's CPU plugin pays shape inference and reallocation on every call of a dynamic
+        # model, ~0.4-1.3 ms here (benchmarks/results/bench_vs_benchmark_app/static-shape-fix.md).
+        # A model whose image size is dynamic too runs as it is.
+        self._model, self._config, self._requests = model, config, {}
+        self._reshape = self.batch is None and None not in self.input_shape[1:]
+        self._first = self.batch or 1
+        self.compiled, self.request = self._request(self._first)
+        self._last = self.request
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type: "f32", "bf16", ...
+        self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+
+    MAX_SHAPES = 4  # static compilations kept for a dynamic-batch model (a run's batch size and its remainder)
+
+    def _request(self, n: int):
+        """(compiled model, infer request) for a batch of n images."""
+        key = n if self._reshape else self._first
+        if key not in self._requests:
+            model = self._model
+            if self._reshape:
+                model = model.clone()
+                model.reshape([key] + self.input_shape[1:])
+            if len(self._requests) >= self.MAX_SHAPES:  # the oldest one that is not the first
+                del self._requests[next(k for k in self._requests if k != self._first)]
+            compiled = openvino_core().compile_model(model, "CPU", self._config)
+            self._requests[key] = (compiled, compiled.create_infer_request())
+        return self._requests[key]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        # the request reads x in place and lends its output buffer (share_*): infer([x]) copied both
+        # through Python, ~0.1 ms a call that a 0.4-ms 28-px model paid on top (benchmarks/results/
+        # ov_call_overhead/latest.md); the copy below keeps the result past the request's next call
+        self._last = self._request(x.shape[0])[1]
+        out = self._last.infer(np.ascontiguousarray(x, np.float32), share_inputs=True, share_outputs=True)
+        return np.array(out[0], copy=True)
+
+    @property
+    def last_latency_ms(self) -> float:
+        """OpenVINO's own latency of the last call's inference (what `benchmark_app` reports), without
+        the Python around it: the call's wall time minus this is what a Python caller pays on top."""
+        return float(self._last.latency)
+
+
+def read_sidecar(path: Path) -> dict[str, str]:
+    """The model's entry in metadata.json beside it ({file name: metadata}), if any."""
+    side = path.with_name("metadata.json")
+    if side.is_file():
+        try:
+            entry = json.loads(side.read_text()).get(path.name) or {}
+            return {k: json.dumps(v) for k, v in entry.items()}
+        except (ValueError, AttributeError):
+            pass
+    return {}
+
+
+def _check_consistent(meta: ModelMeta, in_shape, out_shape, path: Path) -> None:
+    """The metadata must describe this graph: (C, S, S) input and D-wide output where static."""
+    pp = meta.preprocess
+    problems = []
+    if in_shape is not None:
+        if len(in_shape) != 4:
+            problems.append(f"the model takes a {len(in_shape)}-d input, not (N, C, H, W)")
+        else:
+            for name, want, got in (("channels", pp.channels, in_shape[1]), ("input height", pp.input_size, in_shape[2]),
+                                    ("input width", pp.input_size, in_shape[3])):
+                if got is not None and got != want:
+                    problems.append(f"metadata {name} {want}, model {got}")
+    if out_shape is not None and len(out_shape) == 2 and out_shape[1] is not None and out_shape[1] != meta.embedding_dim:
+        problems.append(f"metadata embedding_dim {meta.embedding_dim}, model output {out_shape[1]}")
+    if meta.embedding_dim < 1 or pp.input_size < 1:
+        problems.append("embedding_dim and input_size must be >= 1")
+    if problems:
+        raise ModelError(f"{path}: its metadata does not match the model ({'; '.join(problems)}): the file was edited, or the "
+                         "metadata belongs to another model. Re-export it with `edgeclr export`")
+
+
+class Embedder:
+    """Images -> (N, D) float32 embeddings with an exported edgeclr model; no torch.
+
+    Use `Embedder.load(path)`: the backend comes from the suffix (.onnx: onnxruntime, .xml:
+    OpenVINO) and the preprocessing from the file's own metadata.
+    """
+
+    def __init__(self, backend, meta: ModelMeta, path: Path):
+        self.backend, self.meta, self.path = backend, meta, path
+
+    @classmethod
+    def load(cls, path: str | Path, threads: int = 0, precision: str = "f32") -> Embedder:
+        """Args: threads: CPU threads (0 = the runtime's default); precision (OpenVINO): f32 | bf16 | f16 | default."""
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"model file {path} does not exist")
+        suffix = path.suffix.lower()
+        try:
+            if suffix == ".onnx":
+                backend = _OnnxBackend(path, threads)
+            elif suffix == ".xml":
+                backend = _OpenVinoBackend(path, threads, precision)
+            else:
+                raise ModelError(f"{path}: unknown model format {suffix!r}; the runtime reads .onnx (onnxruntime) and .xml (OpenVINO)")
+        except ImportError as e:
+            pkg = "onnxruntime" if suffix == ".onnx" else "openvino"
+            raise ModelError(f"{path} needs {pkg}: pip install 'edgeclr[{'runtime' if pkg == 'onnxruntime' else 'openvino'}]'") from e
+        except ModelError:
+            raise
+        except Exception as e:  # the runtimes raise their own types on corrupt files
+            raise ModelError(f"cannot load model {path}: {type(e).__name__}: {str(e)[:300]}") from e
+        props = backend.props or read_sidecar(path)
+        meta = ModelMeta.from_props(props, str(path))
+        _check_consistent(meta, getattr(backend, "input_shape", None), getattr(backend, "output_shape", None), path)
+        return cls(backend, meta, path)
+
+    @property
+    def dim(self) -> int:
+        return self.meta.embedding_dim
+
+    def embed_arrays(self, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Preprocessed inputs (N, C, S, S) float32 -> (N, D) float32."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        step = self.backend.batch or batch_size
+        out = [self.backend(x[i:i + step]) for i in range(0, len(x), step)]
+        return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros((0, self.dim), np.float32)
+
+    def embed(self, images: Sequence[str | Path | Image.Image], batch_size: int = 32) -> np.ndarray:
+        """Image files or PIL images -> (N, D). An unreadable file raises ImageError (see embed_files)."""
+        pp, out = self.meta.preprocess, []
+        for i in range(0, len(images), batch_size):
+            chunk = [im if isinstance(im, Image.Image) else load_image(im, pp.channels, pp.resize_size) for im in images[i:i + batch_size]]
+            out.append(self.embed_arrays(preprocess_batch(chunk, pp), batch_size))
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def embed_files(self, paths: Iterable[str | Path], batch_size: int = 32, on_error: str = "skip"):
+        """Yield (ids, (n, D) embeddings, errors) per batch of readable files; with on_error="raise"
+        the first unreadable file raises ImageError, with "skip" it is reported in `errors`."""
+        pp = self.meta.preprocess
+        ids, arrays, errors = [], [], []
+        for p in paths:
+            try:
+                arrays.append(preprocess(load_image(p, pp.channels, pp.resize_size), pp))
+                ids.append(str(p))
+            except ImageError as e:
+                if on_error == "raise":
+                    raise
+                errors.append(str(e))
+            if len(arrays) == batch_size:
+                yield ids, self.embed_arrays(np.stack(arrays), batch_size), errors
+                ids, arrays, errors = [], [], []
+        if arrays or errors:
+            yield ids, (self.embed_arrays(np.stack(arrays), batch_size) if arrays else np.zeros((0, self.dim), np.float32)), errors

@@ -1,0 +1,134 @@
+"""edgeclr.runtime.commands: `edgeclr embed` (resumable) and `edgeclr search`, and a runtime-only install."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import run
+from PIL import Image
+
+from edgeclr.runtime import Embedder
+
+
+@pytest.fixture
+def gallery(tmp_path):
+    """Real images: digits at 32 px in class folders, PNG and JPEG."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    root = tmp_path / "gallery"
+    for i in range(30):
+        sub = root / str(d.target[i])
+        sub.mkdir(parents=True, exist_ok=True)
+        a = (d.images[i] * 255 / 16).astype(np.uint8)
+        Image.fromarray(np.kron(a, np.ones((4, 4), np.uint8))).save(sub / f"{i}.{'png' if i % 2 else 'jpg'}", quality=95)
+    return root
+
+
+# -- embed -------------------------------------------------------------------------------------
+
+
+def test_embed_writes_ids_resumes_and_skips_corrupt_files(model, gallery, tmp_path):
+    out = tmp_path / "emb.npy"
+    (gallery / "0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    r = run(["embed", str(gallery), "--model", str(model), "--out", str(out), "--batch-size", "7"])
+    assert "broken.jpg" in r.output and "30 x" in r.output
+    emb = np.load(out)
+    ids = (tmp_path / "emb.ids.txt").read_text().splitlines()
+    assert emb.shape == (30, 64) and len(ids) == 30 and all(Path(i).exists() for i in ids)
+    direct = Embedder.load(model).embed(ids[:5])
+    assert np.allclose(direct, emb[:5], atol=1e-5)
+    # a grown folder: only the new file is embedded, earlier rows are kept as they are
+    Image.fromarray(np.full((32, 32), 200, np.uint8)).save(gallery / "0" / "new.png")
+    r = run(["embed", str(gallery), "--model", str(model), "--out", str(out)])
+    assert "(1 new, 30 already done, 1 unreadable)" in r.output
+    assert np.array_equal(np.load(out)[:30], emb)
+    r = run(["embed", str(gallery), "--model", str(model), "--out", str(tmp_path / "x.npy"), "--on-error", "raise"], ok=False)
+    assert r.exit_code == 2 and "broken.jpg" in r.output
+
+
+def test_embed_killed_midway_resumes_without_redoing(model, gallery, tmp_path):
+    out = tmp_path / "emb.npy"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    p = subprocess.Popen([sys.executable, "-m", "edgeclr", "embed", str(gallery), "--model", str(model), "--out", str(out),
+                          "--batch-size", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ids = tmp_path / "emb.partial.ids.txt"
+    while not ids.exists() or ids.read_text().count("\n") < 2:  # two images done
+        assert p.poll() is None, p.stdout.read().decode()
+    p.kill()
+    p.wait()
+    assert not out.exists()
+    r = run(["embed", str(gallery), "--model", str(model), "--out", str(out)])
+    done = int(r.output.split(" already done")[0].split(", ")[-1])
+    assert 1 <= done < 30 and "30 x" in r.output
+    full = Embedder.load(model).embed((tmp_path / "emb.ids.txt").read_text().splitlines())
+    assert np.allclose(np.load(out), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("cut", ["row written, id not", "half a row", "half an id line"])
+def test_a_run_cut_between_its_two_writes_resumes_with_every_row_beside_its_own_id(model, gallery, tmp_path, cut):
+    """The progress files of a killed `embed` (rows, then ids, per batch): the next run cuts both back
+    to what they hold in full before it appends (a stale row once shifted every later row by one)."""
+    from edgeclr.runtime import PartialEmbeddings, embed_files_to, list_inputs
+
+    out = tmp_path / "emb.npy"
+    e = Embedder.load(model)
+    files = [str(f) for f in list_inputs([gallery])][:6]
+    part = PartialEmbeddings(out, e.dim)
+    part.append(e.embed(files[:2]), files[:2])
+    stale = e.embed(files[2:3])
+    if cut == "row written, id not":
+        part.rows_f.open("ab").write(stale.tobytes())
+    elif cut == "half a row":
+        part.rows_f.open("ab").write(stale.tobytes()[: e.dim * 2])
+    else:
+        part.rows_f.open("ab").write(stale.tobytes())
+        part.ids_f.open("a").write(files[2][:10])
+    embed_files_to(model, files, out)
+    got, ids = np.load(out), (tmp_path / "emb.ids.txt").read_text().splitlines()
+    assert sorted(ids) == sorted(files) and len(got) == 6
+    assert np.allclose(got, e.embed(ids), atol=1e-5)
+
+
+# -- search ------------------------------------------------------------------------------------
+
+
+def test_search_cli_finds_the_image_itself_and_classifies(model, gallery, tmp_path):
+    out = tmp_path / "emb.npy"
+    run(["embed", str(gallery), "--model", str(model), "--out", str(out)])
+    q = sorted((gallery / "3").iterdir())[0]
+    r = run(["search", str(q), "--gallery", str(out), "--model", str(model), "--labels", "folder", "--k", "3", "--json",
+             "--save-index", str(tmp_path / "g.npz")])
+    res = json.loads(r.output.strip().splitlines()[-1])
+    assert res["neighbours"][0]["id"] == str(q) and res["neighbours"][0]["score"] > 0.9999
+    assert res["neighbours"][0]["label"] == "3" and "class" in res
+    r = run(["search", "--gallery", str(tmp_path / "g.npz"), "--query-embeddings", str(out), "--k", "1"])
+    assert r.output.count("1.0000") == 30
+    r = run(["search", str(q), "--gallery", str(out)], ok=False)
+    assert r.exit_code == 2 and "need --model" in r.output
+
+
+def test_a_runtime_only_install_has_no_torch_and_embeds(model, gallery, tmp_path):
+    """`pip install .[runtime]` in a fresh virtual environment: no torch, and `edgeclr embed` works."""
+    repo = Path(__file__).resolve().parents[2]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"{repo}[runtime]"], capture_output=True, text=True)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    r = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True, text=True)
+    assert r.returncode != 0 and "No module named 'torch'" in r.stderr
+    out = tmp_path / "e.npy"
+    r = subprocess.run([str(venv / "bin" / "edgeclr"), "embed", str(gallery), "--model", str(model), "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert np.load(out).shape == (30, 64)
+    # and `edgeclr bench` on the exported model, in the same torch-free install
+    r = subprocess.run([str(venv / "bin" / "edgeclr"), "bench", str(model), "--rounds", "1", "--runs", "3", "--warmup", "0",
+                        "--out", str(tmp_path / "bench")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads((tmp_path / "bench" / "bench.json").read_text())["rows"][0]
+    assert row["format"] == "onnx" and row["p50_ms"] > 0 and row["runtime"].startswith("onnxruntime")
