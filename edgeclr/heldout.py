@@ -211,9 +211,10 @@ class HeldOut:
         the predictions and query embeddings a later score compares with."""
         pred = knn_predict(bank, self.bank_y, query, self.k, self.t, self.num_classes)
         out = {"knn_top1": 100.0 * float((pred == self.query_y).float().mean()), "_pred": pred, "_q": query}
-        if ref is not None:
-            cos = (F.normalize(query.float(), dim=1) * F.normalize(ref["_q"].float(), dim=1)).sum(1)
-            out.update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
+        if ref is not None:  # the cosine only between embeddings of one width (a student with its own --embed-dim has another)
+            same = query.shape == ref["_q"].shape
+            cos = (F.normalize(query.float(), dim=1) * F.normalize(ref["_q"].float(), dim=1)).sum(1) if same else None
+            out.update(cosine_mean=float(cos.mean()) if same else float("nan"), cosine_min=float(cos.min()) if same else float("nan"),
                        knn_agreement=float((pred == ref["_pred"]).float().mean()))
         return out
 

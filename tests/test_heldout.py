@@ -45,6 +45,7 @@ def test_pixels_score_far_above_chance_and_a_score_agrees_with_itself():
     assert again["knn_agreement"] == 1.0 and again["cosine_min"] == pytest.approx(1.0)
     noise = h.score(lambda x: torch.randn(len(x), 8, generator=torch.Generator().manual_seed(len(x))), ref=pixels)
     assert noise["knn_top1"] < 40 and noise["knn_agreement"] < 0.5
+    assert noise["cosine_mean"] != noise["cosine_mean"]  # NaN: another width has no per-image cosine (it raised before)
 
 
 def test_the_sample_is_seeded_and_the_bank_drawn_first():
