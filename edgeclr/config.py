@@ -518,14 +518,21 @@ def build(cls, file: str | Path | None = None, **overrides):
     """cls from defaults < file < overrides (overrides that are None are ignored)."""
     values = load_file(file) if file else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
+    return from_values(cls, values)
+
+
+def from_values(cls, values: dict, context: str = ""):
+    """cls(**values), with unknown or ill-typed options as a ConfigError; `context` names where the
+    values came from (e.g. "pipeline section 'train'")."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(f"unknown option(s) {unknown} for {cls.__name__}; valid: {', '.join(sorted(names))}")
+        where = f"{context}: unknown option(s) {unknown}" if context else f"unknown option(s) {unknown} for {cls.__name__}"
+        raise ConfigError(f"{where}; valid: {', '.join(sorted(names))}")
     try:
         return cls(**values)
     except TypeError as e:
-        raise ConfigError(str(e)) from e
+        raise ConfigError(f"{context}: {e}" if context else str(e)) from e
 
 
 def to_dict(cfg) -> dict:
