@@ -11,8 +11,13 @@ the same command again (with --resume where the stage takes it) and check:
   tolerance 1e-6), a NaN never reaches a checkpoint, the pipeline's report and exports exist
   and load.
 
-    python benchmarks/fault_campaign.py                 # 89 faults, ~30 min on 2 cores
+Overlapping runs (edgeclr.lock): a second command writing the same output while the first runs
+must refuse at once (exit 2, naming the holder) and change nothing; the first must finish with the
+same result as if alone; and once the first is SIGKILLed, the second must run (no stale lock).
+
+    python benchmarks/fault_campaign.py                 # every family, ~35 min on 2 cores
     python benchmarks/fault_campaign.py --quick         # a few points per stage
+    python benchmarks/fault_campaign.py --only overlap  # one family: faults | overlap
 
 Writes benchmarks/results/fault_campaign/latest.{json,md}: counts injected / survived / lost.
 """
@@ -39,6 +44,7 @@ from _common import machine, record_path  # noqa: E402
 from edgeclr import checkpoint  # noqa: E402
 
 HERE = Path(__file__).parent
+TAG = ""
 TRAIN = ["--data", "digits", "--width", "8", "--stem-stride", "1", "--input-size", "16", "--batch-size", "64", "--epochs", "3",
          "--knn-every", "0", "--no-tensorboard", "--threads", "1", "--warmup-epochs", "0.5", "--ckpt-every", "5", "--no-progress"]
 DISTILL = ["--epochs", "2", "--batch-size", "64", "--knn-every", "0", "--no-tensorboard", "--threads", "1", "--ckpt-every", "4",
@@ -160,12 +166,125 @@ def pipeline_case(root: Path, fault: str) -> dict:
             "lost": bool(survived and problems), "problems": problems, "seconds": round(time.time() - t0, 1)}
 
 
+def _wait(path: Path, proc: subprocess.Popen, timeout: float = 300) -> bool:
+    t = time.time()
+    while not path.exists():
+        if proc.poll() is not None or time.time() - t > timeout:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(f): (f.stat().st_size, f.stat().st_mtime_ns) for f in folder.rglob("*") if f.is_file()}
+
+
+def overlap_case(cmd: list[str], stage: str, out: Path, started: Path, check, kill_first: bool) -> dict:
+    """Run `cmd` (A); once `started` exists, run the same command again (B, with --resume where A left a
+    checkpoint). Without kill_first: B must exit 2 naming A, change nothing, and A must finish intact
+    (`check(out) -> problems`). With kill_first: A is SIGKILLed first, and B must then run to the end."""
+    t0 = time.time()
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    a = subprocess.Popen([sys.executable, "-m", "edgeclr", *cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    problems = [] if _wait(started, a) else [f"{started} never appeared (first run exit {a.poll()})"]
+    resume = ["--resume"] if stage in ("train", "distill") else []
+    if kill_first:
+        a.kill()
+        a.wait()
+        rc2, log2 = edgeclr([*cmd, *resume])
+        if rc2 != 0:
+            problems.append(f"after a SIGKILL of the first run, the second exited {rc2}: {log2[-300:]}")
+        rc1 = -9
+    else:
+        a.send_signal(19)  # SIGSTOP: the folder holds still while the second is refused
+        before = _snapshot(out)
+        rc2, log2 = edgeclr([*cmd, *resume])
+        if _snapshot(out) != before:
+            problems.append("the refused run changed the output")
+        a.send_signal(18)  # SIGCONT
+        rc1 = a.wait(timeout=900)
+        if rc2 != 2 or f"pid {a.pid}" not in log2 or "being written by another edgeclr process" not in log2:
+            problems.append(f"second run: exit {rc2}, expected 2 naming pid {a.pid}: {log2[-300:]}")
+        if rc1 != 0:
+            problems.append(f"the first run exited {rc1}: {a.stdout.read()[-300:]}")
+    survived = (rc2 == 0) if kill_first else (rc1 == 0)
+    if survived:
+        problems += check(out)
+    return {"stage": stage, "fault": "overlap" + (" after kill" if kill_first else ""), "first_exit": rc1, "resumed": kill_first,
+            "survived": survived, "lost": bool(survived and problems), "problems": problems, "seconds": round(time.time() - t0, 1)}
+
+
+def overlap_family(root: Path, ref: Path, quick: bool) -> list[dict]:
+    """Two writers of one output: train, distill, compress, pipeline and embed."""
+    cases = []
+
+    def weights_check(stage):
+        def check(out):
+            bad = intact(out / stage)
+            if not bad and not same_weights(ref / stage / "checkpoints" / "last.pt", out / stage / "checkpoints" / "last.pt"):
+                bad.append("final weights differ from the uninterrupted run")
+            return bad
+        return check
+
+    for kill in (False, True):
+        out = root / f"overlap-train-{kill}"
+        cases.append(overlap_case(["train", *TRAIN, "--out", str(out)], "train", out, out / "train/checkpoints/last.pt",
+                                  weights_check("train"), kill))
+        out = root / f"overlap-distill-{kill}"
+        cases.append(overlap_case(["distill", "--teacher", str(ref), *DISTILL, "--out", str(out)], "distill", out,
+                                  out / "distill/checkpoints/last.pt", weights_check("distill"), kill))
+    out = root / "overlap-compress"
+    cases.append(overlap_case(["compress", str(ref / "distill"), "--recover-epochs", "1", "--formats", "onnx", "--calib-images", "32",
+                               "--latency-runs", "3", "--eval-images", "300", "--no-progress", "--no-tensorboard", "--out", str(out)],
+                              "compress", out, out / "compress/checkpoints/prune.pt",
+                              lambda o: intact(o / "compress") + ([] if (o / "compress/models/int8.onnx").exists() else ["no INT8 model"]),
+                              False))
+    proot = root / "overlap-pipeline"
+    proot.mkdir(parents=True, exist_ok=True)
+    cfg = proot / "pipeline.yaml"
+    cfg.write_text(yaml.safe_dump(PIPELINE))
+
+    def pipeline_check(out):
+        state = json.loads((out / "pipeline.json").read_text())
+        bad = [] if all(v["status"] == "done" for v in state["stages"].values()) else [f"stages not done: {state['stages']}"]
+        return bad + [f"missing {f}" for f in ("report.md", "report.html", "compare.md") if not (out / f).exists()]
+
+    for kill in ([False] if quick else [False, True]):
+        out = proot / f"run-{kill}"
+        cases.append(overlap_case(["pipeline", "--config", str(cfg), "--out", str(out)], "pipeline", out, out / "train/checkpoints/last.pt",
+                                  pipeline_check, kill))
+    rc, log = edgeclr(["export", str(ref / "train"), "--out", str(root / "model"), "--check-images", "4"])
+    assert rc == 0, log
+    imgs = root / "images"
+    imgs.mkdir(exist_ok=True)
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for i in range(600):
+        Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8)).save(imgs / f"{i:03d}.png")
+
+    def embed_check(out):
+        ids = (out / "emb.ids.txt").read_text().splitlines()
+        return [] if len(ids) == len(set(ids)) == 600 and np.load(out / "emb.npy").shape[0] == 600 else [f"{len(ids)} ids, {len(set(ids))} unique"]
+
+    for kill in (False, True):
+        out = root / f"overlap-embed-{kill}"
+        out.mkdir(exist_ok=True)
+        cases.append(overlap_case(["embed", str(imgs), "--model", str(root / "model" / "model.onnx"), "--out", str(out / "emb.npy"),
+                                   "--batch-size", "4"], "embed", out, out / "emb.partial.ids.txt", embed_check, kill))
+    return cases
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--work", default="", help="folder for the runs (default: a temp folder)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random fault points")
+    ap.add_argument("--only", choices=("faults", "overlap"), help="one family of cases")
     a = ap.parse_args()
+    global TAG
+    TAG = a.only or ""  # one family's record beside the whole campaign's (latest)
     root = Path(a.work or tempfile.mkdtemp(prefix="edgeclr-faults-"))
     cases = []
 
@@ -182,6 +301,12 @@ def main():
     assert rc == 0, log
     steps = checkpoint.load(ref / "train" / "checkpoints" / "last.pt")["global_step"]  # 66
     dsteps = checkpoint.load(ref / "distill" / "checkpoints" / "last.pt")["global_step"]  # 44
+    if a.only != "faults":
+        for case in overlap_family(root, ref, a.quick):
+            record(case)
+    if a.only == "overlap":
+        write_results(cases, final=True)
+        return
 
     # boundary points (first step, a checkpoint step and the one after it, an epoch end) plus random ones
     rng = np.random.default_rng(a.seed)
@@ -232,10 +357,10 @@ def write_results(cases: list[dict], final: bool = False) -> None:
     cmd = "python benchmarks/fault_campaign.py " + shlex.join(sys.argv[1:])
     result = {"machine": m, "command": cmd, "finished": final, "injected": injected, "survived": survived,
               "lost_or_corrupt": lost, "cases": cases}
-    record_path("fault_campaign", ext="json").write_text(json.dumps(result, indent=2) + "\n")
+    record_path("fault_campaign", TAG, ext="json").write_text(json.dumps(result, indent=2) + "\n")
     by = {}
     for c in cases:
-        kind = c["fault"].split(":")[0] + (" (skip)" if "--nonfinite skip" in c["fault"] else "")
+        kind = c["fault"].split(":")[0] + (" (skip)" if "--nonfinite skip" in c["fault"] else "")  # "overlap", "overlap after kill"
         k = (c["stage"], kind)
         b = by.setdefault(k, [0, 0, 0])
         b[0] += 1
@@ -255,7 +380,7 @@ def write_results(cases: list[dict], final: bool = False) -> None:
     bad = [c for c in cases if not c["survived"] or c["lost"]]
     if bad:
         lines += ["", "Failures:", ""] + [f"- {c['stage']} {c['fault']}: {'; '.join(c['problems'])[:300]}" for c in bad]
-    record_path("fault_campaign").write_text("\n".join(lines) + "\n")
+    record_path("fault_campaign", TAG).write_text("\n".join(lines) + "\n")
     if final:
         print("\n".join(lines))
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from edgeclr.errors import BenchError
 from edgeclr.formats import format_of
+from edgeclr.lock import hold
 from edgeclr.report import bench_table
 from edgeclr.rundir import exported_files, make_writable_dir, write_manifest
 from edgeclr.stages import MODEL_STAGES
@@ -386,11 +387,9 @@ def run_bench(configs: list[Config], rounds: int, runs: int, warmup_s: float) ->
             w.close()
 
 
-def main(cfg) -> dict:
-    """`edgeclr bench`: write OUT/bench.{json,md,png} and return the rows."""
-    from edgeclr import __version__
-
-    t0 = time.time()
+def plan(cfg) -> tuple[list[Config], tuple[int, ...]]:
+    """(configurations to run, thread counts): every model found x thread count x batch size; refuses
+    unknown formats and models before anything runs."""
     prof = PROFILES.get(cfg.profile) if cfg.profile else None
     threads = tuple(int(t) for t in cfg.threads.split(",")) if cfg.threads else (prof["threads"] if prof else (1,))
     batches = tuple(int(b) for b in cfg.batch.split(",")) if cfg.batch else (prof["batch"] if prof else (1,))
@@ -405,6 +404,22 @@ def main(cfg) -> dict:
         raise BenchError("torch configurations need torch (pip install 'edgeclr[train]'); or pass --formats without torch")
     configs = [Config(label, path, fmt, t, b, cfg.input_size if fmt == "torch" else None, cfg.precision)
                for label, path, fmt in found for t in threads for b in batches]
+    return configs, threads
+
+
+def main(cfg) -> dict:
+    """`edgeclr bench`: write OUT/bench.{json,md,png} and return the rows."""
+    t0 = time.time()
+    configs, threads = plan(cfg)
+    out = Path(cfg.out)
+    with hold(out, "the bench folder", is_dir=True):  # one writer per folder, from before the first run
+        make_writable_dir(out)
+        return _bench(cfg, configs, threads, out, t0)
+
+
+def _bench(cfg, configs: list[Config], threads: tuple[int, ...], out: Path, t0: float) -> dict:
+    from edgeclr import __version__
+
     log.info("%d configuration(s): %s", len(configs), ", ".join(c.key for c in configs))
     peaks = {t: matmul_peak(t) for t in sorted(set(threads))}
     rows = run_bench(configs, cfg.rounds, cfg.runs, cfg.warmup)
@@ -419,8 +434,6 @@ def main(cfg) -> dict:
                   and x["threads"] == r["threads"] and x["batch"] == r["batch"]), None) if base else None
         if b is not None:
             r["speedup_vs_baseline"] = b["p50_ms"] / r["p50_ms"]
-    out = Path(cfg.out)
-    make_writable_dir(out)
     result = {"edgeclr_version": __version__, "machine": _machine(), "profile": cfg.profile,
               "baseline": base and base["label"] + ":" + base["format"],
               "rounds": cfg.rounds, "runs_per_round": cfg.runs, "warmup_s": cfg.warmup, "matmul_peak_macs_per_s": peaks,
@@ -433,8 +446,8 @@ def main(cfg) -> dict:
                    wall_time_s=time.time() - t0, artifacts={"json": str(out / "bench.json"), "md": str(out / "bench.md")})
     (out / "bench.md").write_text(bench_table(result) + "\n")
     result["chart"] = _chart(rows, out / "bench.png")
-    result["out"] = str(out)
     result["table"] = bench_table(result)
+    result["out"] = str(out)
     return result
 
 

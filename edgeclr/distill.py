@@ -35,6 +35,7 @@ from edgeclr.augment import view_generator
 from edgeclr.engine import Trainer, build_monitor, exit_for_signal, fit, prepare_stage_dir, resolve_device
 from edgeclr.heldout import HeldOut, agreement, embed, eval_inputs, recalibrate_bn
 from edgeclr.loading import load_data, load_encoder
+from edgeclr.lock import hold
 from edgeclr.losses import EmbeddingQueue, cosine_distill, relational_distill
 from edgeclr.models import Encoder, ModelSpec, count_params, create_model, describe
 from edgeclr.rundir import write_manifest
@@ -180,6 +181,12 @@ def main(cfg: config.DistillConfig) -> dict:
     cfg.resolve(tck.get("config") or {}, tpp.input_size)
     if cfg.out is None:  # runs/NAME/train/checkpoints/last.pt -> runs/NAME
         cfg.out = str(checkpoint.run_dir_of(tpath))
+    with hold(cfg.out, "the run folder", is_dir=True):  # one writer per run folder
+        return _distill(cfg, teacher, tck, tpath, device, t0)
+
+
+def _distill(cfg: config.DistillConfig, teacher: Encoder, tck: dict, tpath: Path, device, t0: float) -> dict:
+    tpp = Preprocess.from_dict(tck["preprocess"])
     stage_dir = Path(cfg.out) / "distill"
     resume_from = prepare_stage_dir(stage_dir, cfg.resume)
 

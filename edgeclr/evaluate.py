@@ -24,6 +24,7 @@ from edgeclr.errors import CheckpointError, DataError
 from edgeclr.formats import format_of
 from edgeclr.heldout import HeldOut, agreement
 from edgeclr.loading import load_encoder, stage_checkpoints
+from edgeclr.lock import hold
 from edgeclr.models import count_macs, count_params, create_model
 from edgeclr.report import compare_table, eval_table
 from edgeclr.rundir import MetricsLog, exported_files, write_json_atomic
@@ -155,6 +156,11 @@ def compare_main(cfg) -> dict:
     t0 = time.time()
     run_dir = Path(cfg.target)
     entries = run_entries(run_dir)
+    with hold(run_dir, "the run folder", is_dir=True):  # compare.json / compare.md: one writer
+        return _compare(cfg, run_dir, entries, t0)
+
+
+def _compare(cfg, run_dir: Path, entries: list, t0: float) -> dict:
     _, tck, _ = load_encoder(entries[0][2], "cpu")
     pp = Preprocess.from_dict(tck["preprocess"])
     tcfg = tck.get("config") or {}
@@ -211,8 +217,14 @@ def main(cfg) -> dict:
     if not data_spec:
         raise DataError(f"{path} does not record its dataset: pass --data")
     held = labeled_heldout(data_spec, pp, tcfg, cfg, "kNN and linear-probe accuracy")
-    y_tr, y_te = held.bank_y.numpy(), held.query_y.numpy()
     stage_dir = path.parent.parent
+    with hold(stage_dir, "the stage folder", is_dir=True):  # eval.json, metrics.csv, tsne.png: one writer
+        return _evaluate(cfg, model, ckpt, path, pp, data_spec, held, stage_dir, device, t0)
+
+
+def _evaluate(cfg, model, ckpt: dict, path: Path, pp: Preprocess, data_spec: str, held: HeldOut, stage_dir: Path, device,
+              t0: float) -> dict:
+    y_tr, y_te = held.bank_y.numpy(), held.query_y.numpy()
     rows = []
     for key, name, fn in feature_functions(model, ckpt, pp, cfg, device):
         f_tr, f_te = held.features(fn, cfg.batch_size, device)

@@ -32,6 +32,7 @@ from edgeclr.errors import ExportError
 from edgeclr.formats import EXPORT_FORMATS, ExportFormat
 from edgeclr.heldout import eval_inputs
 from edgeclr.loading import load_encoder, open_like_run
+from edgeclr.lock import hold
 from edgeclr.models import count_macs, count_params
 from edgeclr.rundir import make_writable_dir, read_manifest, write_json_atomic, write_manifest
 from edgeclr.runtime import Embedder, ModelMeta, Preprocess
@@ -152,14 +153,19 @@ def main(cfg: config.ExportConfig) -> dict:
     if cfg.opset < 13 or cfg.opset > 17:
         raise config.ConfigError(f"--opset {cfg.opset}: the ONNX exporter used here writes opsets 13 to 17")
     encoder, ckpt, ckpt_path = load_model(cfg.target)
+    out_dir = Path(cfg.out) if cfg.out else checkpoint.run_dir_of(ckpt_path) / "export"
+    with hold(out_dir, "the export folder", is_dir=True):  # one writer per folder (its metadata.json and manifest)
+        return _export(cfg, fmt, encoder, ckpt, ckpt_path, out_dir, t0)
+
+
+def _export(cfg: config.ExportConfig, fmt: ExportFormat, encoder: nn.Module, ckpt: dict, ckpt_path: Path, out_dir: Path,
+            t0: float) -> dict:
+    make_writable_dir(out_dir)
     pp = Preprocess.from_dict(ckpt["preprocess"])
     if cfg.input_size and cfg.input_size != pp.input_size:
         pp = pp.at_size(cfg.input_size)
         log.warning("exporting at %d px; the model was trained at %d px", cfg.input_size, ckpt["preprocess"]["input_size"])
     model = EmbeddingModel(encoder, cfg.normalize).eval()
-
-    out_dir = Path(cfg.out) if cfg.out else checkpoint.run_dir_of(ckpt_path) / "export"
-    make_writable_dir(out_dir)
     path = out_dir / f"{cfg.name}{fmt.suffix}"
     meta = ModelMeta(preprocess=pp, embedding_dim=encoder.embed_dim, normalized=cfg.normalize,
                      dynamic_batch=cfg.dynamic_batch or fmt.name == "torchscript", precision="fp32",

@@ -179,8 +179,8 @@ class OutputLock:
                 outer.count += 1
                 self._entry, self.kind = outer, "nested"
                 return self
+            self._check_ancestors()  # before anything is created: a refused writer leaves no folder behind
             self._make_parent()
-            self._check_ancestors()
             info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command_line(),
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "what": f"{self.what} {self.target}",
                     "token": secrets.token_hex(8)}

@@ -27,6 +27,7 @@ from typing import Any
 
 from edgeclr import config, stages
 from edgeclr.errors import ConfigError
+from edgeclr.lock import hold
 from edgeclr.rundir import make_writable_dir, write_json_atomic
 
 log = logging.getLogger("edgeclr.pipeline")
@@ -45,16 +46,8 @@ def stage_configs(cfg: config.PipelineConfig) -> dict[str, Any]:
     sec = cfg.sections()
 
     def build(section: str, base: dict | None = None, **fixed):
-        cls = stages.get(section).config_class()
         values = {**(sec[section] if base is None else base), **fixed}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"pipeline section '{section}': unknown option(s) {unknown}; valid: {', '.join(sorted(names))}")
-        try:
-            return cls(**values)
-        except TypeError as e:
-            raise ConfigError(f"pipeline section '{section}': {e}") from e
+        return config.from_values(stages.get(section).config_class(), values, f"pipeline section '{section}'")
 
     exp = dict(sec["export"])
     formats = exp.pop("formats", "onnx,openvino")
@@ -206,14 +199,22 @@ def _decide(cfg, out: Path, name: str, i: int, first: int, key: str, st: dict) -
 
 
 def main(cfg: config.PipelineConfig) -> dict:
-    """Run the pipeline's stages in order, skipping finished ones; returns {stage: what happened}."""
+    """Run the pipeline's stages in order, skipping finished ones; returns {stage: what happened}.
+
+    OUT is locked for the whole run (edgeclr.lock): a second pipeline, or any command writing into
+    OUT, refuses at once; the stages inside take the same lock again."""
     out = Path(cfg.out)
-    make_writable_dir(out)
     configs = stage_configs(cfg)
     first = STAGES.index(cfg.from_stage) if cfg.from_stage else 0
     last = STAGES.index(cfg.until) if cfg.until else len(STAGES) - 1
     if first > last:
         raise ConfigError(f"--from {cfg.from_stage} comes after --until {cfg.until}; stages run in the order {', '.join(STAGES)}")
+    with hold(out, "the pipeline's run folder", is_dir=True):
+        make_writable_dir(out)
+        return _run(cfg, out, configs, first, last)
+
+
+def _run(cfg: config.PipelineConfig, out: Path, configs: dict, first: int, last: int) -> dict:
     state = _start(cfg, out)
     done: dict[str, str] = {}
     upstream = ""

@@ -24,6 +24,7 @@ from edgeclr import distributed as dist_
 from edgeclr.augment import view_generator
 from edgeclr.engine import Trainer, build_monitor, exit_for_signal, fit, prepare_stage_dir, resolve_device
 from edgeclr.loading import load_data
+from edgeclr.lock import hold
 from edgeclr.losses import nt_xent
 from edgeclr.models import Encoder, ModelSpec, count_params, create_model, describe
 from edgeclr.rundir import write_manifest
@@ -70,8 +71,10 @@ def main(cfg: config.TrainConfig) -> dict:
     left at the end.
     """
     d = dist_.init(cfg.device)
-    try:
-        return _main(cfg, d)
+    try:  # one writer per run folder: rank 0 holds it, and no rank writes before it does
+        with hold(cfg.out, "the run folder", is_dir=True, rank0_only=True):
+            dist_.barrier(d)
+            return _main(cfg, d)
     finally:
         dist_.shutdown()
 

@@ -149,6 +149,23 @@ def test_sigint_during_training_then_rerun_resumes(tmp_path):
     assert json.loads((out / "train/manifest.json").read_text())["completed"]
 
 
+def test_a_pipeline_or_a_stage_started_while_another_pipeline_holds_the_folder_refuses(tmp_path):
+    cfg = write_cfg(tmp_path / "p.yaml", train=dict(epochs=50, ckpt_every=2))
+    out = tmp_path / "run"
+    p = spawn("--config", cfg, "--out", out, "--until", "train")
+    wait_until(lambda: (out / "train/checkpoints/last.pt").exists(), p)
+    try:
+        for argv in (["pipeline", "--config", cfg, "--out", out], ["export", out / "train"], ["bench", out, "--out", out / "bench"]):
+            r = subprocess.run([sys.executable, "-m", "edgeclr", *map(str, argv)], capture_output=True, text=True, timeout=120)
+            assert r.returncode == 2, (argv, r.stderr)
+            assert f"pid {p.pid}" in r.stderr and "edgeclr pipeline" in r.stderr, r.stderr
+        assert not (out / "export").exists() and not (out / "bench").exists()
+    finally:
+        p.kill()
+        p.wait()
+    assert json.loads((out / "pipeline.json").read_text())["stages"]["train"]["status"] == "running"  # nothing else wrote it
+
+
 def test_sigterm_during_training_then_changed_options_start_over(tmp_path):
     out = tmp_path / "run"
     p = spawn("--config", write_cfg(tmp_path / "p.yaml", train=dict(epochs=30, ckpt_every=2)), "--out", out, "--until", "train")

@@ -79,6 +79,24 @@ def test_sigterm_checkpoints_and_exits_143(tmp_path):
     assert not json.loads((out / "train/manifest.json").read_text())["completed"]
 
 
+def test_a_second_train_into_the_same_run_refuses_before_touching_it_and_a_killed_one_blocks_nothing(tmp_path):
+    out = tmp_path / "run"
+    p = spawn(TINY + ["--input-size", "16", "--epochs", "50", "--ckpt-every", "3", "--out", str(out)])
+    wait_for(out / "train/checkpoints/last.pt", p)
+    p.send_signal(signal.SIGSTOP)  # hold still: the folder must not change while the second one is refused
+    try:
+        before = {f: f.stat().st_mtime_ns for f in out.rglob("*")}
+        r = run(["train", *TINY, "--out", str(out), "--resume"], ok=False)
+        assert r.exit_code == 2 and f"pid {p.pid}" in r.output and "since" in r.output
+        assert "the run folder" in r.output and "wait for it to finish, or choose another --out" in r.output
+        assert {f: f.stat().st_mtime_ns for f in out.rglob("*")} == before  # refused before touching it
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    r = run(["train", *TINY, "--out", str(out), "--resume"])  # the kernel dropped the killed run's lock
+    assert "checkpoint:" in r.output
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
     real = train.nt_xent
@@ -153,18 +171,3 @@ def test_corrupt_image_in_a_folder_is_skipped_and_the_run_continues(tmp_path, im
     m = json.loads((out / "train/manifest.json").read_text())
     assert m["completed"] and m["skipped_files"] == [str(image_folder / "class0" / "cut.jpg")]
     assert m["metrics"]["skipped_images"] == 1
-
-
-def test_eval_prints_model_and_baselines(tmp_path):
-    out = tmp_path / "run"
-    run(["train", *TINY, "--out", str(out)])
-    r = run(["eval", str(out), "--threads", "1"])
-    assert "| resnet18 (train)" in r.output and "random init" in r.output and "raw pixels 8px" in r.output
-    res = json.loads((out / "train/eval.json").read_text())
-    assert [row["key"] for row in res["rows"]] == ["model", "random", "pixels"]
-    assert all(0 <= row["knn_top1"] <= 100 and 0 <= row["linear_top1"] <= 100 for row in res["rows"])
-    assert res["rows"][2]["knn_top1"] > 90  # raw 8px digits are easy: the harness is not broken
-    assert (out / "train/tsne.png").stat().st_size > 1000
-    assert "eval/pixels/knn_top1" in (out / "train/metrics.csv").read_text()
-    r = run(["eval", str(tmp_path / "nothing")], ok=False)
-    assert r.exit_code == 2 and "does not exist" in r.output

@@ -50,6 +50,7 @@ from edgeclr.errors import CompressError
 from edgeclr.formats import format_of
 from edgeclr.heldout import HeldOut, public
 from edgeclr.loading import load_encoder
+from edgeclr.lock import hold
 from edgeclr.models import Encoder, example_input, model_from_checkpoint
 from edgeclr.report import compress_table
 from edgeclr.rundir import make_writable_dir, write_json_atomic, write_manifest
@@ -140,8 +141,6 @@ class Scorecard:
 def check_output(cfg: config.CompressConfig, spath: Path) -> tuple[Path, bool, Path | None]:
     """(stage folder, pruning already finished, pruning checkpoint to resume); refuses to overwrite a
     finished or interrupted compress run, before any work."""
-    if cfg.out is None:
-        cfg.out = str(checkpoint.run_dir_of(spath))
     stage_dir = Path(cfg.out) / "compress"
     if spath.resolve().is_relative_to(stage_dir.resolve()):
         raise config.ConfigError(f"{spath} is inside {stage_dir}: compress a distilled student (runs/NAME/distill), "
@@ -292,6 +291,12 @@ def main(cfg: config.CompressConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     student, sck, spath = load_encoder(cfg.student, device, role="student")
+    cfg.out = cfg.out or str(checkpoint.run_dir_of(spath))
+    with hold(cfg.out, "the run folder", is_dir=True):  # one writer per run folder
+        return _compress(cfg, student, sck, spath, device, t0)
+
+
+def _compress(cfg: config.CompressConfig, student: Encoder, sck: dict, spath: Path, device, t0: float) -> dict:
     stage_dir, pruned_done, resume_from = check_output(cfg, spath)
     pp = Preprocess.from_dict(sck["preprocess"])
     scfg = sck.get("config") or {}

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeclr.errors import ImageError, ModelError
+from edgeclr.lock import hold
 from edgeclr.runtime.embedder import Embedder
 from edgeclr.runtime.images import list_inputs
 from edgeclr.runtime.index import Index
@@ -76,11 +77,17 @@ def embed_files_to(model: str | Path, inputs: Sequence[str | Path], out: str | P
     """Embed image files into OUT (.npy, (N, D) float32) + OUT.ids.txt (one path per row).
 
     Resumable: ids already in OUT or in the progress files of an interrupted run are skipped,
-    and new rows are appended, so re-running on a grown folder embeds only the new files.
+    and new rows are appended, so re-running on a grown folder embeds only the new files. One
+    writer at a time: OUT is locked (edgeclr.lock) from before it is read until it is replaced.
     """
     out = Path(out)
     if out.suffix != ".npy":
         raise ImageError(f"--out {out}: embeddings are written as .npy")
+    with hold(out, "the embeddings file", is_dir=False):  # another embed into OUT refuses at once: nothing is lost
+        return _embed_files_to(out, model, inputs, batch_size, threads, on_error, precision, progress)
+
+
+def _embed_files_to(out: Path, model, inputs, batch_size, threads, on_error, precision, progress) -> dict:
     emb = Embedder.load(model, threads=threads, precision=precision)
     files = list_inputs(inputs)
     done_emb, done_ids = read_embeddings(out) if out.exists() else (np.zeros((0, emb.dim), np.float32), [])

@@ -132,3 +132,49 @@ def test_a_runtime_only_install_has_no_torch_and_embeds(model, gallery, tmp_path
     assert r.returncode == 0, r.stderr[-2000:]
     row = json.loads((tmp_path / "bench" / "bench.json").read_text())["rows"][0]
     assert row["format"] == "onnx" and row["p50_ms"] > 0 and row["runtime"].startswith("onnxruntime")
+
+
+# -- one writer per output (edgeclr.lock) -------------------------------------------------------
+
+
+def test_two_embeds_into_one_file_started_together_lose_nothing(model, tmp_path):
+    """The overlapping cron job: one run embeds every image once, the other refuses at once with exit 2
+    (before the lock, each read the same 'done' set and the file ended with 56 of 600 rows)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(600):
+        Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8)).save(root / f"{i:03d}.png")
+    out = tmp_path / "same.npy"
+    cmd = [sys.executable, "-m", "edgeclr", "embed", str(root), "--model", str(model), "--out", str(out)]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    assert sorted(r[0] for r in results) == [0, 2], results
+    won, lost = (results[0], results[1]) if results[0][0] == 0 else (results[1], results[0])
+    assert "600 x" in won[1] and "(600 new" in won[1]
+    msg = lost[2].strip()
+    assert msg.startswith("error: the embeddings file") and "being written by another edgeclr process (pid " in msg
+    assert "command: edgeclr embed" in msg and "wait for it to finish, or choose another --out" in msg
+    ids = (tmp_path / "same.ids.txt").read_text().splitlines()
+    assert len(ids) == len(set(ids)) == 600 and np.load(out).shape == (600, Embedder.load(model).dim)
+    alone = tmp_path / "alone.npy"
+    run(["embed", str(root), "--model", str(model), "--out", str(alone)])
+    order = {k: i for i, k in enumerate((tmp_path / "alone.ids.txt").read_text().splitlines())}
+    assert np.array_equal(np.load(out), np.load(alone)[[order[i] for i in ids]])  # rows equal to a single run's
+
+
+def test_an_embed_killed_while_holding_the_file_does_not_block_the_next(model, gallery, tmp_path):
+    out = tmp_path / "emb.npy"
+    p = subprocess.Popen([sys.executable, "-m", "edgeclr", "embed", str(gallery), "--model", str(model), "--out", str(out),
+                          "--batch-size", "1"], env=dict(os.environ, PYTHONWARNINGS="ignore"),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ids = tmp_path / "emb.partial.ids.txt"
+    while not ids.exists() or not ids.read_text():
+        assert p.poll() is None
+    p.kill()  # SIGKILL: the kernel drops its lock
+    p.wait()
+    r = run(["embed", str(gallery), "--model", str(model), "--out", str(out)])
+    assert "30 x" in r.output
