@@ -222,7 +222,7 @@ class OutputLock:
         return self.lock_file.with_name(self.lock_file.name + FALLBACK_SUFFIX)
 
     def _cannot(self, e: OSError, where: Path) -> OutputError:
-        return OutputError(f"cannot lock {self.what} {self.target}: {e.strerror or e} ({where}). Choose another "
+        return OutputError(f"cannot write to {self.what} {self.target}: {e.strerror or e} ({where}). Choose another "
                            "--out (a folder you can write to), or fix its permissions; nothing was done")
 
     def _make_parent(self) -> None:

@@ -223,9 +223,9 @@ def test_file_system_without_flock_falls_back(tmp_path, monkeypatch):
 
 def test_unwritable_place_is_an_output_error(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(OutputError, match=r"cannot lock the run folder .*file/run: Not a directory .*Choose another --out"):
+    with pytest.raises(OutputError, match=r"cannot write to the run folder .*file/run: Not a directory .*Choose another --out"):
         lock.hold(tmp_path / "file" / "run", "the run folder").acquire()
-    with pytest.raises(EdgeclrError, match="cannot lock"):
+    with pytest.raises(EdgeclrError, match="cannot write to"):
         lock.hold(tmp_path / "file" / "x" / "same.npy", "the embeddings file").acquire()
 
 
@@ -236,7 +236,7 @@ def test_read_only_folder_is_an_output_error(tmp_path):
     ro.chmod(0o555)
     try:
         for target in (ro / "run", ro, ro / "same.npy"):
-            with pytest.raises(OutputError, match="cannot lock .*Permission denied"):
+            with pytest.raises(OutputError, match="cannot write to .*Permission denied"):
                 lock.hold(target, "the output").acquire()
     finally:
         ro.chmod(0o755)
@@ -244,7 +244,7 @@ def test_read_only_folder_is_an_output_error(tmp_path):
 
 @pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="no sysfs")
 def test_folder_that_cannot_be_created_is_an_output_error():
-    with pytest.raises(OutputError, match="cannot lock the run folder /sys/kernel/edgeclr-lock-test/run"):
+    with pytest.raises(OutputError, match="cannot write to the run folder /sys/kernel/edgeclr-lock-test/run"):
         lock.hold("/sys/kernel/edgeclr-lock-test/run", "the run folder").acquire()
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -137,33 +138,73 @@ def test_a_runtime_only_install_has_no_torch_and_embeds(model, gallery, tmp_path
 # -- one writer per output (edgeclr.lock) -------------------------------------------------------
 
 
-def test_two_embeds_into_one_file_started_together_lose_nothing(model, tmp_path):
-    """The overlapping cron job: one run embeds every image once, the other refuses at once with exit 2
-    (before the lock, each read the same 'done' set and the file ended with 56 of 600 rows)."""
+def _digit_folder(root: Path, n: int) -> Path:
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    root = tmp_path / "many"
     root.mkdir()
-    for i in range(600):
+    for i in range(n):
         Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8)).save(root / f"{i:03d}.png")
-    out = tmp_path / "same.npy"
-    cmd = [sys.executable, "-m", "edgeclr", "embed", str(root), "--model", str(model), "--out", str(out)]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
-    assert sorted(r[0] for r in results) == [0, 2], results
-    won, lost = (results[0], results[1]) if results[0][0] == 0 else (results[1], results[0])
-    assert "600 x" in won[1] and "(600 new" in won[1]
-    msg = lost[2].strip()
+    return root
+
+
+def _refusal_names_the_holder(stderr: str) -> None:
+    msg = stderr.strip()
     assert msg.startswith("error: the embeddings file") and "being written by another edgeclr process (pid " in msg
     assert "command: edgeclr embed" in msg and "wait for it to finish, or choose another --out" in msg
-    ids = (tmp_path / "same.ids.txt").read_text().splitlines()
+
+
+def _rows_equal_a_single_run(model, root: Path, out: Path, tmp_path: Path) -> None:
+    ids = out.with_suffix(".ids.txt").read_text().splitlines()
     assert len(ids) == len(set(ids)) == 600 and np.load(out).shape == (600, Embedder.load(model).dim)
     alone = tmp_path / "alone.npy"
     run(["embed", str(root), "--model", str(model), "--out", str(alone)])
     order = {k: i for i, k in enumerate((tmp_path / "alone.ids.txt").read_text().splitlines())}
     assert np.array_equal(np.load(out), np.load(alone)[[order[i] for i in ids]])  # rows equal to a single run's
+
+
+def test_two_embeds_into_one_file_started_together_lose_nothing(model, tmp_path):
+    """The overlapping cron job: before the lock, each read the same 'done' set and the file ended
+    with 56 of 600 rows. Started together, either the second refuses at once (exit 2, naming the
+    holder) or, when the first finished before the second looked (a loaded machine starts one
+    late), the second finds every image done; either way every id is there exactly once."""
+    root = _digit_folder(tmp_path / "many", 600)
+    out = tmp_path / "same.npy"
+    cmd = [sys.executable, "-m", "edgeclr", "embed", str(root), "--model", str(model), "--out", str(out)]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = sorted(((p.wait(timeout=300), *p.communicate()) for p in procs), key=lambda r: (r[0], "(0 new" in r[1]))
+    codes = [r[0] for r in results]
+    assert codes in ([0, 2], [0, 0]), results
+    assert "600 x" in results[0][1] and "(600 new" in results[0][1], results
+    if codes == [0, 2]:
+        _refusal_names_the_holder(results[1][2])
+    else:
+        assert "600 x" in results[1][1] and "(0 new, 600 already done" in results[1][1], results
+    _rows_equal_a_single_run(model, root, out, tmp_path)
+
+
+def test_an_embed_started_while_another_writes_the_file_refuses_at_once(model, tmp_path):
+    """The overlap made certain: the first embed is stopped (SIGSTOP) once it has written rows, so it
+    holds the file while the second starts; then it continues and finishes."""
+    root = _digit_folder(tmp_path / "many", 600)
+    out = tmp_path / "same.npy"
+    cmd = [sys.executable, "-m", "edgeclr", "embed", str(root), "--model", str(model), "--out", str(out)]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    first = subprocess.Popen([*cmd, "--batch-size", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "same.partial.ids.txt"
+    while not partial.exists() or not partial.read_text():
+        assert first.poll() is None, first.communicate()
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2, (second.stdout, second.stderr)
+    _refusal_names_the_holder(second.stderr)
+    assert first.wait(timeout=300) == 0
+    assert "(600 new" in first.communicate()[0]
+    _rows_equal_a_single_run(model, root, out, tmp_path)
 
 
 def test_an_embed_killed_while_holding_the_file_does_not_block_the_next(model, gallery, tmp_path):
