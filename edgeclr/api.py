@@ -7,6 +7,8 @@
     api.export(target="runs/x", format="onnx")      # edgeclr export runs/x --format onnx
     api.evaluate(target="runs/x")                   # edgeclr eval runs/x
     api.bench(models=["runs/x"])                    # edgeclr bench runs/x
+    api.deploy(run="runs/x")                        # edgeclr deploy runs/x
+    api.select(selection="runs/x/deploy", bench="pi5/bench.json")   # edgeclr select runs/x/deploy --bench ...
     api.pipeline(out="runs/demo")                   # edgeclr pipeline --out runs/demo
     api.embed(inputs=["imgs/"], model="m.onnx", out="emb.npy")
     api.search(queries=["q.png"], gallery="emb.npy", model="m.onnx")
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from edgeclr import config, stages
 
-__all__ = ["train", "distill", "compress", "export", "evaluate", "bench", "pipeline", "embed", "search"]
+__all__ = ["train", "distill", "compress", "export", "evaluate", "bench", "deploy", "select", "pipeline", "embed", "search"]
 
 
 def _with_options(cls):
@@ -127,9 +129,32 @@ def bench(config_file=None, **options) -> dict:
     return _run("bench", config.BenchConfig, config_file, options)
 
 
+@_with_options(config.DeployConfig)
+def deploy(config_file=None, **options) -> dict:
+    """Build, score and time every deployment candidate of a run folder (`run=`): the teacher's own
+    exports, the distilled student and each pruning level, FP32 and INT8 per runtime; ship the fastest
+    within `max_drop` kNN points of the teacher (or the most accurate under `max_latency_ms`) to
+    OUT/deploy/model.*.
+
+    Returns the selection: {"winner", "candidates", "rule", "summary", "table", ...}."""
+    return _run("deploy", config.DeployConfig, config_file, options)
+
+
+@_with_options(config.SelectConfig)
+def select(config_file=None, **options) -> dict:
+    """Re-rank a deployment (`selection=` RUN/deploy) with the latencies of a `bench=` bench.json measured
+    on the target board (`edgeclr bench RUN/deploy/candidates --profile pi5` there); ships the new winner.
+
+    Returns the selection, as `deploy`."""
+    cfg = config.build(config.SelectConfig, config_file, **options)
+    from edgeclr import deploy as stage
+
+    return stage.rerank(cfg)
+
+
 @_with_options(config.PipelineConfig)
 def pipeline(config_file=None, **options) -> dict:
-    """Every stage in order (train -> distill -> compress -> export -> eval -> bench -> report), skipping
+    """Every stage in order (train -> distill -> compress -> export -> eval -> bench -> deploy -> report), skipping
     finished ones; `from_stage=` / `until=` as the command's --from / --until.
 
     Returns {"out", "stages", "report"}."""

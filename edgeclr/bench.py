@@ -434,7 +434,7 @@ def _bench(cfg, configs: list[Config], threads: tuple[int, ...], out: Path, t0: 
                   and x["threads"] == r["threads"] and x["batch"] == r["batch"]), None) if base else None
         if b is not None:
             r["speedup_vs_baseline"] = b["p50_ms"] / r["p50_ms"]
-    result = {"edgeclr_version": __version__, "machine": _machine(), "profile": cfg.profile,
+    result = {"edgeclr_version": __version__, "machine": machine(), "profile": cfg.profile,
               "baseline": base and base["label"] + ":" + base["format"],
               "rounds": cfg.rounds, "runs_per_round": cfg.runs, "warmup_s": cfg.warmup, "matmul_peak_macs_per_s": peaks,
               "rows": rows, "wall_time_s": round(time.time() - t0, 1)}
@@ -469,7 +469,7 @@ def _baseline(rows: list[dict], spec: str | None) -> dict | None:
     return (torch_train or rows)[0]
 
 
-def _machine() -> dict:
+def machine() -> dict:
     import platform
 
     cpu = "unknown"

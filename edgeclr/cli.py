@@ -186,6 +186,36 @@ def bench(models, config_file, **options):
     click.echo(f"written: {r['out']}/bench.json, bench.md" + (", bench.png" if r.get("chart") else ""))
 
 
+@cli.command()
+@click.argument("run")
+@config_options(config.DeployConfig, "none")
+def deploy(run, config_file, **options):
+    """Measure every deployment candidate of RUN and ship the fastest within the accuracy budget.
+
+    Candidates: the teacher's own exports, the distilled student and each pruning level, FP32 and
+    INT8 per runtime, all timed in one interleaved run at --threads / --batch. Writes
+    RUN/deploy/{model.onnx|model.xml, selection.json, selection.md, README.md, candidates/}.
+    """
+    r = run_stage(api.deploy, config_file=config_file, run=run, **options)
+    click.echo(r["table"])
+    click.echo(f"selected: {r['summary']}")
+    click.echo(f"shipped: {', '.join(r['shipped'])}")
+
+
+@cli.command("select")
+@click.argument("selection")
+@config_options(config.SelectConfig, "the selection's")
+def select_(selection, config_file, **options):
+    """Re-rank the candidates of SELECTION (RUN/deploy) with latencies measured on the board.
+
+    On the board: `edgeclr bench RUN/deploy/candidates --profile pi5 --out b`; then here:
+    `edgeclr select RUN/deploy --bench b/bench.json`.
+    """
+    r = run_stage(api.select, config_file=config_file, selection=selection, **options)
+    click.echo(r["table"])
+    click.echo(f"selected: {r['summary']}")
+
+
 @cli.command("eval")
 @click.argument("target")
 @config_options(config.EvalConfig)
@@ -210,9 +240,10 @@ def eval_(target, config_file, **options):
               help="re-run this stage and every later one (earlier ones must have finished)")
 @click.option("--until", type=click.Choice(stages.NAMES), default=None, help="stop after this stage")
 def pipeline(config_file, **options):
-    """All stages in one command: train -> distill -> compress -> export -> eval -> bench -> report.
+    """All stages in one command: train -> distill -> compress -> export -> eval -> bench -> deploy -> report.
 
-    Writes OUT/{train,distill,compress,export,bench}/, OUT/compare.md and OUT/report.{md,html}.
+    Writes OUT/{train,distill,compress,export,bench,deploy}/, OUT/compare.md and OUT/report.{md,html};
+    OUT/deploy/ holds the model to ship.
     Re-running skips finished stages whose options did not change and resumes an interrupted one;
     --config FILE takes top-level options and a section per stage (train:, distill:, ...).
     """

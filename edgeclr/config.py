@@ -331,6 +331,80 @@ class CompressConfig:
 
 
 @dataclass
+class DeployConfig:
+    """`edgeclr deploy`: every candidate measured on the deployment settings; the fastest within the budget is shipped."""
+
+    run: str = opt("", "run folder (runs/NAME) with a teacher, and usually a distilled and a compressed student", cli=False)
+    out: str | None = opt(None, "folder for the selection and the shipped model (default: RUN/deploy)")
+    max_drop: float = opt(1.5, "accuracy budget: kNN top-1 points a candidate may lose against the teacher")
+    max_latency_ms: float | None = opt(None, "instead of the fastest within --max-drop: the most accurate candidate whose p50 "
+                                             "latency is at most this")
+    target: str = opt("x86", "where the model runs: x86 (this machine's kind) | pi4 | pi5 (onnxruntime s8 INT8 only; the "
+                             "latencies measured here are x86 proxies: re-rank with `edgeclr select --bench`)", ("x86", "pi4", "pi5"))
+    runtimes: str | None = opt(None, "comma list of onnxruntime, openvino (default: both on x86, onnxruntime on a Pi)")
+    threads: int = opt(1, "inference threads on the device")
+    batch: int = opt(1, "images per inference call on the device")
+    precision: str = opt("f32", "OpenVINO inference precision of every OpenVINO candidate: f32 | bf16", ("f32", "bf16"))
+    int8: bool = opt(True, "INT8 candidates beside the FP32 ones (--fp32-only: none)", off="fp32-only")
+    quantize_all: bool = opt(True, "also an INT8 variant of every model with nothing left in float (--scoped-only: only the "
+                                   "float-scope variant, first conv, embedding layer and squeeze-excitation in float)",
+                             off="scoped-only")
+    calib_images: int = opt(300, "INT8 calibration images (fewer are used, with a warning, when the data has fewer)")
+    eval_images: int = opt(10000, "labeled bank / query images for the held-out accuracy (at most)")
+    min_overlap: float = opt(0.5, "unlabeled data: the budget is a top-10 neighbour overlap with the teacher of at least this")
+    search_minutes: float = opt(0.0, "stop building new candidates after this many minutes (those built are measured); 0 = no limit")
+    rounds: int = opt(5, "interleaved timing rounds over all candidates")
+    runs: int = opt(20, "timed runs per candidate per round")
+    warmup: float = opt(0.5, "warm-up seconds per candidate")
+    seed: int = opt(0, "seed of the held-out sample and the calibration images")
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.max_drop < 0 or (self.max_latency_ms is not None and self.max_latency_ms <= 0):
+            raise ConfigError("max_drop must be >= 0 and max_latency_ms > 0")
+        if self.threads < 1 or self.batch < 1 or self.rounds < 1 or self.runs < 1 or self.warmup < 0:
+            raise ConfigError("threads, batch, rounds and runs must be >= 1, warmup >= 0")
+        if self.calib_images < CompressConfig.MIN_CALIB:
+            raise ConfigError(f"calib_images must be >= {CompressConfig.MIN_CALIB} for a usable INT8 calibration, got {self.calib_images}")
+        if not 0 <= self.min_overlap <= 1 or self.search_minutes < 0 or self.eval_images < 10:
+            raise ConfigError("min_overlap is in [0, 1], search_minutes >= 0, eval_images >= 10")
+        pi = self.target != "x86"
+        self.runtimes = self.runtimes or ("onnxruntime" if pi else "onnxruntime,openvino")
+        bad = [r for r in self.runtimes.split(",") if r not in ("onnxruntime", "openvino")]
+        if bad or not self.runtimes.strip(","):
+            raise ConfigError(f"runtimes: comma list of onnxruntime, openvino; got {self.runtimes!r}")
+        if pi and "openvino" in self.runtimes:
+            raise ConfigError(f"--target {self.target}: OpenVINO's ARM plugin runs INT8 models in fp16; a Pi runs "
+                              "onnxruntime: drop openvino from --runtimes")
+
+    @property
+    def formats(self) -> str:
+        """The export formats of the runtimes: onnx, openvino."""
+        return ",".join({"onnxruntime": "onnx", "openvino": "openvino"}[r] for r in self.runtimes.split(",") if r)
+
+    @property
+    def int8_flavour(self) -> str:
+        """compress's --target: u8 activations on x86, s8 on ARM."""
+        return "x86" if self.target == "x86" else "arm"
+
+
+@dataclass
+class SelectConfig:
+    """`edgeclr select`: re-rank a deployment selection with latencies measured elsewhere (on the board)."""
+
+    selection: str = opt("", "RUN/deploy (or its selection.json) written by `edgeclr deploy`", cli=False)
+    bench: str = opt("", "bench.json from `edgeclr bench CANDIDATES --profile pi5` run on the board")
+    max_drop: float | None = opt(None, "accuracy budget in kNN points (default: the selection's)")
+    max_latency_ms: float | None = opt(None, "the most accurate candidate under this p50 latency instead")
+    threads: int | None = opt(None, "the board's thread count to rank at (default: the selection's)")
+    batch: int | None = opt(None, "batch size to rank at (default: the selection's)")
+
+    def __post_init__(self):
+        if not self.bench:
+            raise ConfigError("--bench is required: bench.json written by `edgeclr bench` on the board")
+
+
+@dataclass
 class BenchConfig:
     """`edgeclr bench`: latency, throughput, memory, size and efficiency of models, per format."""
 
@@ -416,11 +490,13 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(data="digits",
                  train=dict(knn_every=5),  # the digits preset of `edgeclr train` (DATA_PRESETS)
                  # milder crops than the teacher's (0.4): 90.89 vs 89.78 kNN on digits at lr 4e-3 (30 epochs);
-                 # 60 epochs: 92.44 (benchmarks/results/demo_preset_sweep/latest.md)
-                 distill=dict(epochs=60, knn_every=20, crop_scale=(0.7, 1.0)),
-                 # 75% of the MACs, 20 recovery epochs: INT8 92.00 (halving them cost ~2 points that 10-20
-                 # recovery epochs did not win back; the Fashion-MNIST benchmark prunes to 50%)
-                 compress=dict(target_macs=0.75, prune_steps=1, recover_epochs=20, latency_runs=30),
+                 # 60 epochs: 92.44 (benchmarks/results/demo_preset_sweep/latest.md). The student is a ResNet-10
+                 # at the teacher's width: at 16 px latency follows the number of layers, and MobileNetV3-Small's
+                 # squeeze-excitation blocks made it slower than the teacher's own export (0.25 vs 0.20 ms in
+                 # onnxruntime, 1 thread) where ResNet-10 runs 0.07 ms (benchmarks/results/deploy_demo/)
+                 distill=dict(model="resnet10", width=16, epochs=60, knn_every=20, crop_scale=(0.7, 1.0)),
+                 # two pruning steps to 50% of the MACs, 20 recovery epochs each: both levels are deployment candidates
+                 compress=dict(target_macs=0.5, prune_steps=2, recover_epochs=20, latency_runs=30),
                  export=dict(formats="onnx,openvino"),
                  eval=dict(latency_runs=30),
                  bench=dict(rounds=3, runs=20, warmup=0.5)),
@@ -466,6 +542,7 @@ class PipelineConfig:
     export: dict = _section("`edgeclr export` options, plus formats: a comma list of onnx, openvino (teacher exports)")
     eval: dict = _section("`edgeclr eval` options")
     bench: dict = _section("`edgeclr bench` options")
+    deploy: dict = _section("`edgeclr deploy` options")
 
     def __post_init__(self):
         check_choices(self)

@@ -54,6 +54,27 @@ def resolve_device(name: str, d: dist_.Dist = dist_.SINGLE) -> torch.device:
     return dev
 
 
+# oneDNN's AVX-512 1x1-convolution weight gradient in channels_last corrupted the heap (a "double
+# free or corruption" abort inside jit_avx512_common_1x1_convolution_bwd_weights_t, torch 2.14.1, Intel
+# Xeon) when a 1x1 convolution had 8 channels: a ResNet student at width 8, or one pruned to 8-channel
+# layers. On the CPU such models train in the default (NCHW) layout.
+NARROW_CHANNELS = 16
+
+
+def channels_last_ok(cfg, model: torch.nn.Module, device: torch.device) -> bool:
+    """cfg.channels_last, except on the CPU for a model with a 1x1 convolution narrower than
+    NARROW_CHANNELS (see above); sets cfg.channels_last to the answer and says why when it is off."""
+    if cfg.channels_last and device.type == "cpu":
+        narrow = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)
+                  and min(m.in_channels, m.out_channels) < NARROW_CHANNELS]
+        if narrow:
+            log.info("training in the NCHW layout, not channels_last: a 1x1 convolution with %d channels (oneDNN's "
+                     "channels_last weight gradient for such layers crashed on AVX-512 CPUs)",
+                     min(min(m.in_channels, m.out_channels) for m in narrow))
+            cfg.channels_last = False
+    return cfg.channels_last
+
+
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """bf16 on CUDA by default; off on CPU (CPU bf16 autocast was many times slower on the reference machine)."""
     if amp == "auto":

@@ -71,7 +71,12 @@ def _resnet(arch: str):
     def build(spec: ModelSpec) -> tuple[nn.Module, int]:
         import torchvision
 
-        m = getattr(torchvision.models, arch)(weights=None)
+        if arch == "resnet10":  # ResNet-18's layout with one BasicBlock per stage: half the depth, for small students
+            from torchvision.models.resnet import BasicBlock, ResNet
+
+            m = ResNet(BasicBlock, [1, 1, 1, 1])
+        else:
+            m = getattr(torchvision.models, arch)(weights=None)
         stride = 4 if spec.stem_stride is None else spec.stem_stride
         if stride not in (1, 2, 4):
             raise ValueError(f"{spec.name}: stem_stride must be 1, 2 or 4, got {stride}")
@@ -158,6 +163,7 @@ def _mobilenet_v3_minimal(arch: str):
 
 for _n in ("resnet18", "resnet34", "resnet50"):
     register(_n, "teacher")(_resnet(_n))
+register("resnet10", "student")(_resnet("resnet10"))
 for _n in ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large"):
     register(_n, "student")(_mobilenet(_n))
 for _n in ("mobilenet_v3_small", "mobilenet_v3_large"):

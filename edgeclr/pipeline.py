@@ -1,4 +1,4 @@
-"""`edgeclr pipeline`: train -> distill -> compress -> export -> eval -> bench -> report, in one command.
+"""`edgeclr pipeline`: train -> distill -> compress -> export -> eval -> bench -> deploy -> report, in one command.
 
 The stages and their order, outputs and resume rules are edgeclr.stages' table; each stage is the
 function its own command runs (train.main, distill.main, ...), writing its own folder of the run
@@ -34,7 +34,10 @@ log = logging.getLogger("edgeclr.pipeline")
 
 STAGES = stages.NAMES
 # options that change how a stage runs, not what it produces: left out of its key
-_NOT_IN_KEY = {"resume", "progress", "device", "devices", "threads", "tensorboard", "out", "teacher", "student", "target", "models"}
+_NOT_IN_KEY = {"resume", "progress", "device", "devices", "threads", "tensorboard", "out", "teacher", "student", "target", "models",
+               "run"}
+# ... except where they are what the stage measures for: the device's thread count and kind
+_IN_KEY = {"bench": {"threads"}, "deploy": {"threads", "target"}}
 
 
 def stage_configs(cfg: config.PipelineConfig) -> dict[str, Any]:
@@ -59,19 +62,20 @@ def stage_configs(cfg: config.PipelineConfig) -> dict[str, Any]:
                    for f in formats.split(",") if f],
         "eval": build("eval", target=str(out), **common),
         "bench": build("bench", models=(str(out),), out=str(out / "bench")),
+        "deploy": build("deploy", run=str(out), out=str(out / "deploy")),
         "report": {"out": str(out)},
     }
 
 
-def _plain(c) -> Any:
+def _plain(c, stage: str = "") -> Any:
     if isinstance(c, list):
-        return [_plain(x) for x in c]
+        return [_plain(x, stage) for x in c]
     d = config.to_dict(c) if dataclasses.is_dataclass(c) else dict(c)
-    return {k: v for k, v in d.items() if k not in _NOT_IN_KEY}
+    return {k: v for k, v in d.items() if k not in _NOT_IN_KEY - _IN_KEY.get(stage, set())}
 
 
 def stage_key(name: str, cfg_obj, upstream: str) -> str:
-    blob = json.dumps({"stage": name, "config": _plain(cfg_obj), "upstream": upstream}, sort_keys=True, default=str)
+    blob = json.dumps({"stage": name, "config": _plain(cfg_obj, name), "upstream": upstream}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -153,8 +157,15 @@ RUNNERS = {
     "export": lambda c, resume: {Path(e["path"]).name: e["parity"] for e in map(stages.get("export").function(), c)},
     "eval": _run_eval,
     "bench": lambda c, resume: {"configurations": len(stages.get("bench").function()(c)["rows"])},
+    "deploy": lambda c, resume: _deploy_summary(stages.get("deploy").function()(c)),
     "report": lambda c, resume: {k: v for k, v in stages.get("report").function()(Path(c["out"])).items() if k in ("html", "md")},
 }
+
+
+def _deploy_summary(r: dict) -> dict:
+    w = r["winner"]
+    return {"selected": w["name"], "p50_ms": w["p50_ms"], **{k: w[k] for k in ("knn_top1", "drop", "topk_overlap") if k in w},
+            "candidates": len(r["candidates"])}
 
 
 def _run_stage(name: str, c, resume: bool) -> dict:
@@ -211,7 +222,24 @@ def main(cfg: config.PipelineConfig) -> dict:
         raise ConfigError(f"--from {cfg.from_stage} comes after --until {cfg.until}; stages run in the order {', '.join(STAGES)}")
     with hold(out, "the pipeline's run folder", is_dir=True):
         make_writable_dir(out)
+        if first == 0:
+            preflight(configs, STAGES[:last + 1])
         return _run(cfg, out, configs, first, last)
+
+
+def preflight(configs: dict, names: tuple[str, ...]) -> None:
+    """Every later stage's data requirement, checked before training starts (a stage that would fail
+    on the data must not cost the stages before it): INT8 calibration needs
+    CompressConfig.MIN_CALIB images of the training data."""
+    from edgeclr.loading import open_pretrain
+
+    n = len(open_pretrain(configs["train"]))
+    floor = config.CompressConfig.MIN_CALIB
+    int8 = [s for s in ("compress", "deploy") if s in names and configs[s].int8]
+    if int8 and n < floor:
+        raise ConfigError(f"{configs['train'].data} has {n} training image(s); INT8 calibration in {' and '.join(int8)} needs at "
+                          f"least {floor}: add images, or export FP32 only (pipeline sections "
+                          f"{', '.join(f'{s}: {{int8: false}}' for s in int8)}); nothing was trained")
 
 
 def _run(cfg: config.PipelineConfig, out: Path, configs: dict, first: int, last: int) -> dict:
@@ -261,4 +289,6 @@ def data_fingerprint(c: config.TrainConfig) -> dict:
 
 def _resumable(out: Path, name: str) -> bool:
     ck = out / name / "checkpoints"
+    if name == "deploy":  # built candidates and their scores are kept; the timing runs again
+        return (out / "deploy" / "candidates").is_dir()
     return (ck / "last.pt").exists() or (ck / "last.prev.pt").exists() or (name == "compress" and (ck / "prune.pt").exists())

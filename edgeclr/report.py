@@ -183,26 +183,68 @@ def bench_table(result: dict) -> str:
     return head + "\n\n" + markdown_table(header, rows)
 
 
+def deploy_table(sel: dict) -> str:
+    """`edgeclr deploy`: every candidate with its accuracy, latency, size and why it won or lost (selection.json)."""
+    labeled = sel.get("labeled", True)
+    head = (f"Rule: {sel.get('rule_text', '')}; {sel.get('latency_source', '')}; target {sel.get('target')}, OpenVINO precision "
+            f"{sel.get('precision')}.")
+    header = ["candidate", "runtime", "ran as"] + (["kNN %", "vs teacher", "linear %"] if labeled else ["top-10 overlap"]) + \
+        ["p50 ms", "p90 ms", "size MB", "model RSS MB", "Pareto", "verdict"]
+    rows = []
+    for r in sorted(sel["candidates"], key=lambda r: r["p50_ms"]):
+        acc = ([_fmt(r.get("knn_top1")), _fmt(0.0 - r["drop"], "{:+.2f}") if "drop" in r else "", _fmt(r.get("linear_top1"))] if labeled
+               else [_fmt(r.get("topk_overlap"), "{:.3f}")])
+        rows.append([f"`{r['name']}`", r["runtime"], str(r.get("precision_ran") or "")] + acc +
+                    [f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['size_bytes'] / 1e6:.2f}", _fmt(r.get("model_rss_mb"), "{:.0f}"),
+                     "yes" if r.get("pareto") else "", f"**{r['status']}**: {r['reason']}" if r["status"] == "selected"
+                     else f"{r['status']}: {r['reason']}"])
+    return head + "\n\n" + markdown_table(header, rows)
+
+
+def pareto_chart(sel: dict) -> bytes | None:
+    """Accuracy against latency of every candidate, the Pareto front joined, the selected one ringed."""
+    rows = sel.get("candidates") or []
+    if not rows:
+        return None
+    acc = "knn_top1" if sel.get("labeled", True) else "topk_overlap"
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colours = {"teacher": "#c44", "student": "#47a", "pruned": "#4a7"}
+    for r in rows:
+        c = colours.get(r["level"].split("-")[0], "#888")
+        ax.scatter(r["p50_ms"], r[acc], s=20 + 40 * r["size_bytes"] / max(x["size_bytes"] for x in rows), color=c,
+                   marker="s" if r["runtime"] == "openvino" else "o", alpha=0.8)
+    front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["p50_ms"])
+    ax.plot([r["p50_ms"] for r in front], [r[acc] for r in front], "k--", lw=0.8, label="Pareto front")
+    win = sel.get("winner")
+    if win:
+        ax.scatter(win["p50_ms"], win[acc], s=220, facecolors="none", edgecolors="k", lw=1.5, label=f"selected: {win['name']}")
+    if acc == "knn_top1" and "knn_top1" in (sel.get("teacher") or {}):
+        ax.axhline(sel["teacher"]["knn_top1"] - sel["rule"]["max_drop"], color="#c44", lw=0.8, ls=":", label="accuracy budget")
+    for level, c in colours.items():
+        ax.scatter([], [], color=c, label=level)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"p50 latency, ms ({sel.get('threads')} thread(s), batch {sel.get('batch')}); circle onnxruntime, square OpenVINO")
+    ax.set_ylabel("kNN top-1 %" if acc == "knn_top1" else "top-10 overlap with the teacher")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
 # ----------------------------------------------------------------------------------------------
 # the report
 
 
-def _headline(out: Path, teacher_eval: dict | None, rows: list[dict]) -> list[tuple]:
-    by = {r["model"]: r for r in rows}
-    teacher = by.get("teacher")
-    final = next((by[k] for k in ("compress/models/int8.onnx", "compress/models/int8.xml") if k in by), None)
-    t_onnx = by.get("export/teacher.onnx")
-    if not (teacher_eval and final and teacher):
+def _headline(sel: dict | None, teacher_eval: dict | None) -> list[tuple]:
+    """The deployment decision in one line (edgeclr deploy's summary, measured in one interleaved run)."""
+    if not sel or not sel.get("summary"):
         return []
-    base = {r["key"]: r for r in teacher_eval["rows"]}
-    msg = (f"Teacher kNN {teacher['knn_top1']:.2f}% (raw pixels {_fmt(base.get('pixels', {}).get('knn_top1'))}%, random-init "
-           f"network {_fmt(base.get('random', {}).get('knn_top1'))}%). Deployable INT8 student `{final['model']}`: kNN "
-           f"{final['knn_top1']:.2f}% ({final['knn_top1'] - teacher['knn_top1']:+.2f} points vs the teacher), "
-           f"{final['size_bytes'] / 1e6:.2f} MB, {final['latency_ms_1thread']:.3f} ms at 1 thread: "
-           f"{final['speedup_vs_teacher']:.1f}x faster than the teacher in torch")
-    if t_onnx and final["model"].endswith(".onnx"):
-        msg += f", {t_onnx['latency_ms_1thread'] / final['latency_ms_1thread']:.1f}x faster than the teacher in onnxruntime"
-    return [("hl", msg + ".")]
+    base = {r["key"]: r for r in (teacher_eval or {}).get("rows", [])}
+    msg = f"Deployed {sel['summary']}."
+    if base.get("model"):
+        msg = (f"Teacher kNN {base['model']['knn_top1']:.2f}% (raw pixels {_fmt(base.get('pixels', {}).get('knn_top1'))}%, "
+               f"random-init network {_fmt(base.get('random', {}).get('knn_top1'))}%). " + msg)
+    return [("hl", msg)]
 
 
 def _teacher_section(teacher_eval: dict | None) -> list[tuple]:
@@ -266,15 +308,24 @@ def _bench_section(out: Path, bench: dict | None) -> list[tuple]:
     return blocks
 
 
-def _deployable_section(out: Path) -> list[tuple]:
-    arts = (read_manifest(out / "compress").get("artifacts") or {})
-    rows = [[k, f"`{a['path']}`", f"{a['bytes'] / 1e6:.2f}", _fmt(a.get("latency_ms_1thread"), "{:.3f}")]
-            for k, a in arts.items() if isinstance(a, dict) and "path" in a]
-    return [("h", 2, "Deployable files"),
-            ("table", markdown_table(["artifact", "file", "size MB", "1-thread latency ms"], rows)) if rows
-            else ("p", "No compressed artifacts yet."),
-            ("p", "On the device (no torch): `pip install 'edgeclr[runtime]'`, then "
-                  "`edgeclr embed images/ --model int8.onnx --out emb.npy` and `edgeclr search`.")]
+def _deployment_section(out: Path, sel: dict | None) -> list[tuple]:
+    if not sel:
+        return [("h", 2, "Deployment"), ("p", "No deployment selection yet: `edgeclr deploy RUN` measures the candidates.")]
+    blocks = [("h", 2, "Deployment"),
+              ("p", f"Every candidate timed in one interleaved run; {sel['rule_text']}. The teacher's own exports are "
+                    "candidates too, so the selected model is never slower than exporting the teacher."),
+              ("table", deploy_table(sel))]
+    png = pareto_chart(sel)
+    if png:
+        blocks.append(("img", "pareto.png", png, "Accuracy against latency of every candidate"))
+    if sel.get("not_built"):
+        blocks.append(("p", f"Not built (--search-minutes ran out): {', '.join(sel['not_built'])}."))
+    win = sel.get("winner")
+    if win:
+        model = f"model{Path(win['path']).suffix}"
+        blocks.append(("p", f"On the device (no torch): `pip install 'edgeclr[runtime]'`, then `edgeclr embed images/ --model "
+                            f"{out / 'deploy' / model} --out emb.npy` and `edgeclr search`."))
+    return blocks
 
 
 def _provenance_section(out: Path, state: dict) -> list[tuple]:
@@ -296,12 +347,13 @@ def build_blocks(out: Path) -> list[tuple]:
     teacher_eval = _load(out / "train" / "eval.json")
     cmp = _load(out / "compare.json")
     rows = cmp["rows"] if cmp else []
+    sel = _load(out / "deploy" / "selection.json")
     data = state.get("data") or ((read_manifest(out / "train").get("inputs") or {}).get("data") or {}).get("name")
     return [("h", 1, f"edgeclr run report: {out.name}"),
             ("p", f"Dataset: {data}. Preset: {state.get('preset', '-')}. Built from the files in `{out}`."),
-            *_headline(out, teacher_eval, rows), *_teacher_section(teacher_eval), *_retention_section(rows),
+            *_headline(sel, teacher_eval), *_teacher_section(teacher_eval), *_deployment_section(out, sel), *_retention_section(rows),
             *_compression_section(out, _load(out / "compress" / "report.json")), *_curves_and_embeddings(out),
-            *_bench_section(out, _load(out / "bench" / "bench.json")), *_deployable_section(out), *_provenance_section(out, state)]
+            *_bench_section(out, _load(out / "bench" / "bench.json")), *_provenance_section(out, state)]
 
 
 def _md_table_to_html(md: str) -> str:

@@ -101,10 +101,13 @@ def write_manifest(stage_dir: str | Path, stage: str, *, inputs: dict, spec: dic
 
 def exported_files(run_dir: str | Path, suffixes=RUNTIME_SUFFIXES) -> list[Path]:
     """Exported models under a run folder, sorted; skips hidden files and folders (partial writes,
-    OUT/.replaced/ of the pipeline)."""
+    OUT/.replaced/ of the pipeline) and a run folder's deploy/ (its candidates are copies or
+    variants of these files, measured by `edgeclr deploy` itself; `edgeclr bench RUN/deploy/candidates`
+    times them)."""
     root = Path(run_dir)
     return sorted(f for f in root.rglob("*") if f.suffix in suffixes
-                  and not any(part.startswith(".") for part in f.relative_to(root).parts))
+                  and not any(part.startswith(".") for part in f.relative_to(root).parts)
+                  and f.relative_to(root).parts[0] != "deploy")
 
 
 def read_manifest(stage_dir: str | Path) -> dict:

@@ -43,6 +43,8 @@ STAGES: tuple[Stage, ...] = (
           help="teacher vs random init and raw pixels; the retention table of every artifact"),
     Stage("bench", "BenchConfig", "edgeclr.bench:main", ("bench/bench.json",), ("bench",),
           help="latency, throughput, memory and size of every model"),
+    Stage("deploy", "DeployConfig", "edgeclr.deploy:main", ("deploy/selection.json",), ("deploy",), resumable=True,
+          help="every candidate measured on the deployment settings; the fastest within the accuracy budget shipped"),
     Stage("report", None, "edgeclr.report:write", ("report.html", "report.md"), (), help="report.md and report.html"),
 )
 NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)

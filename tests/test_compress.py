@@ -195,7 +195,7 @@ def test_max_drop_refuses_and_overwrites_nothing(student, tmp_path):
     assert not (out / "compress" / "models").exists()
 
 
-def test_calibration_needs_enough_readable_images(student, tmp_path):
+def test_calibration_needs_enough_readable_images(student, tmp_path, caplog):
     from PIL import Image
 
     folder = tmp_path / "calib"
@@ -205,7 +205,15 @@ def test_calibration_needs_enough_readable_images(student, tmp_path):
     (folder / "bad.png").write_bytes(b"not a png")
     r = run(["compress", str(student), "--out", str(tmp_path / "c"), "--prune-ratio", "0", "--formats", "onnx",
              "--calib-data", str(folder), *FAST[:-2], "--calib-images", "32"], ok=False)
-    assert r.exit_code == 2 and "calibration needs 32 readable images" in r.output and "--calib-images" in r.output
+    assert r.exit_code == 2 and "calibration needs at least 32 readable images" in r.output and "--calib-data" in r.output
+    # fewer readable images than asked for, but enough: calibrates on those, and says so
+    for i in range(5, 40):
+        Image.fromarray(np.full((8, 8), 6 * i, np.uint8)).save(folder / f"ok{i}.png")
+    ck = load_encoder(student / "distill", "cpu")[1]
+    pp = quantize.Preprocess.from_dict(ck["preprocess"])
+    with caplog.at_level("WARNING", logger="edgeclr.compress"):
+        x = quantize.calibration_inputs(str(folder), pp, 300, 0, ck["config"])
+    assert len(x) == 40 and "INT8 calibration on the 40 readable image(s)" in caplog.text
     empty = tmp_path / "empty"
     empty.mkdir()
     r = run(["compress", str(student), "--out", str(tmp_path / "c2"), "--prune-ratio", "0", "--formats", "onnx",

@@ -45,3 +45,33 @@ def test_exit_for_signal_maps_sigterm_to_143_and_sigint_to_keyboardinterrupt():
     assert e.value.code == 143
     with pytest.raises(KeyboardInterrupt):
         engine.exit_for_signal(signal.SIGINT)
+
+
+def test_a_model_with_8_channel_1x1_convolutions_trains_in_nchw_on_the_cpu():
+    from types import SimpleNamespace
+
+    from edgeclr.models import ModelSpec, create_model
+
+    narrow = create_model(ModelSpec("resnet18", in_chans=1, stem_stride=1, width=8))
+    wide = create_model(ModelSpec("resnet18", in_chans=1, stem_stride=1, width=16))
+    cfg = SimpleNamespace(channels_last=True)
+    assert engine.channels_last_ok(cfg, wide, torch.device("cpu")) and cfg.channels_last
+    assert not engine.channels_last_ok(cfg, narrow, torch.device("cpu")) and not cfg.channels_last
+    cfg.channels_last = True
+    assert engine.channels_last_ok(cfg, narrow, torch.device("cuda"))  # the GPU keeps it
+
+
+def test_distilling_a_width_8_resnet_on_two_threads_does_not_crash(tmp_path):
+    """oneDNN's AVX-512 channels_last weight gradient of an 8-channel 1x1 convolution aborted this
+    exact command with "double free or corruption" (exit 134) on an Intel Xeon."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    common = ["--data", "digits", "--stem-stride", "1", "--input-size", "16", "--batch-size", "128", "--epochs", "1",
+              "--threads", "2", "--knn-every", "0", "--no-tensorboard", "--out", str(out)]
+    for cmd in (["train", "--width", "8", *common], ["distill", "--teacher", str(out), "--model", "resnet18", "--width", "8",
+                                                     "--bn-recalibrate", "0", *common[2:]]):
+        r = subprocess.run([sys.executable, "-m", "edgeclr", *cmd], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-1500:]
+    assert "training in the NCHW layout" in r.stderr

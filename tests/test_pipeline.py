@@ -30,6 +30,7 @@ FAST = dict(
     export=dict(formats="onnx", check_images=4),
     eval=dict(latency_runs=3, linear_probe=False, max_train=300, baselines="pixels,random", tsne=True),
     bench=dict(rounds=1, runs=3, warmup=0.05, formats="onnx,onnx-int8"),
+    deploy=dict(runtimes="onnxruntime", quantize_all=False, rounds=1, runs=3, warmup=0.05, calib_images=32, eval_images=300),
 )
 
 
@@ -90,7 +91,7 @@ def test_pipeline_killed_mid_stage_resumes_skips_and_reports(tmp_path):
     # 2. the same command finishes the run: train is not redone, distillation resumes
     s = stages_line(finish("--config", cfg, "--out", out))
     assert s["train"] == "skipped" and s["distill"] == "resumed"
-    assert all(s[k] == "ran" for k in ("compress", "export", "eval", "bench", "report"))
+    assert all(s[k] == "ran" for k in ("compress", "export", "eval", "bench", "deploy", "report"))
     assert train_ckpt.stat().st_mtime_ns == mtime
     st = json.loads(state.read_text())["stages"]
     assert all(st[k]["status"] == "done" for k in pipeline.STAGES)
@@ -107,7 +108,7 @@ def test_pipeline_killed_mid_stage_resumes_skips_and_reports(tmp_path):
         assert min(im.size) > 50
     md = (out / "report.md").read_text()
     for text in ("Teacher against the baselines", "raw pixels", "random init", "Retention across stages",
-                 "compress/models/int8.onnx", "Deployable files", "onnxruntime"):
+                 "compress/models/int8.onnx", "Deployment", "onnxruntime", ". Deployed ", "the teacher's own"):
         assert text in md, text
     for f in re.findall(r"\]\((report_files/[^)]+)\)", md):
         assert (out / f).is_file()
@@ -120,14 +121,15 @@ def test_pipeline_killed_mid_stage_resumes_skips_and_reports(tmp_path):
     # 3. nothing changed: nothing runs
     assert set(stages_line(finish("--config", cfg, "--out", out)).values()) == {"skipped"}
 
-    # 4. a changed bench option re-runs bench and report only; the old bench folder is kept aside
+    # 4. a changed bench option re-runs bench and the stages after it; the old bench folder is kept aside
     s = stages_line(finish("--config", write_cfg(tmp_path / "p2.yaml", bench=dict(runs=4)), "--out", out))
-    assert [k for k, v in s.items() if v != "skipped"] == ["bench", "report"]
+    assert [k for k, v in s.items() if v != "skipped"] == ["bench", "deploy", "report"]
     kept = list((out / ".replaced").glob("*-bench/bench.json"))
     assert len(kept) == 1
     rows = json.loads((out / "bench/bench.json").read_text())["rows"]
     assert json.loads((out / "bench/bench.json").read_text())["runs_per_round"] == 4
     assert not any(".replaced" in r["path"] for r in rows), "set-aside files must not be benchmarked"
+    assert not any("/deploy/" in r["path"] for r in rows), "deploy's candidates are timed by deploy, not by every bench"
 
     # 5. --from re-runs a stage and the ones after it, --until stops
     s = stages_line(finish("--config", write_cfg(tmp_path / "p2.yaml", bench=dict(runs=4)), "--out", out,
@@ -254,5 +256,35 @@ def test_unlabeled_folder_runs_every_stage(tmp_path):
     st = json.loads((out / "pipeline.json").read_text())["stages"]
     assert st["eval"]["summary"] == {"no_labels": True}
     assert (out / "compress/models/int8.onnx").exists() and (out / "report.html").exists()
-    assert "Deployable files" in (out / "report.md").read_text()
+    sel = json.loads((out / "deploy/selection.json").read_text())
+    assert not sel["labeled"] and "top-10 neighbour overlap with the teacher >= 0.5" in sel["rule_text"]
+    assert "Deployment" in (out / "report.md").read_text() and list((out / "deploy").glob("model.*"))
     assert set(stages_line(finish("--config", cfg, "--data", d, "--out", out)).values()) == {"skipped"}
+
+
+def test_a_stained_tissue_image_as_tiles_runs_to_the_end_calibrating_on_the_tiles_it_has(tmp_path):
+    """`--data tiles:IMAGE` on a 512x512 stained-tissue image: 59 tiles, fewer than the 300
+    calibration images asked for; INT8 calibrates on what there is instead of stopping after training."""
+    skdata = pytest.importorskip("skimage.data")
+    image = tmp_path / "ihc.png"
+    Image.fromarray(skdata.immunohistochemistry()).save(image)
+    cfg = write_cfg(tmp_path / "p.yaml", train=dict(input_size=16, stem_stride=1, batch_size=32), distill=dict(batch_size=32),
+                    compress=dict(calib_images=300), deploy=dict(calib_images=300))
+    out = tmp_path / "run"
+    text = finish("--config", cfg, "--data", f"tiles:{image}", "--out", out)
+    assert set(stages_line(text).values()) == {"ran"}
+    assert "INT8 calibration on the 59 readable image(s)" in text
+    sel = json.loads((out / "deploy/selection.json").read_text())
+    assert sel["winner"] and any(c["variant"] == "int8" for c in sel["candidates"])
+    assert text.count("-> 59 tiles") <= 1, "the tiling line is logged once per run, not per stage"
+
+
+def test_too_few_images_for_int8_fail_before_training(tmp_path):
+    d = tmp_path / "few"
+    d.mkdir()
+    for i in range(10):
+        Image.new("L", (16, 16), 20 * i).save(d / f"{i}.png")
+    r = run(["pipeline", "--config", str(write_cfg(tmp_path / "p.yaml")), "--data", str(d), "--out", str(tmp_path / "run")],
+            ok=False)
+    assert r.exit_code == 2 and "has 10 training image(s); INT8 calibration in compress and deploy needs at least 32" in r.output
+    assert "nothing was trained" in r.output and not (tmp_path / "run" / "train").exists()

@@ -31,4 +31,27 @@ def test_a_report_of_a_bare_run_folder_is_written_without_torch(tmp_path):
             f"from edgeclr import report; r = report.write({str(tmp_path)!r}); print(r['html'])")
     subprocess.run([sys.executable, "-c", code], check=True)
     html = (tmp_path / "report.html").read_text()
-    assert "No compressed artifacts yet" in html and (tmp_path / "report.md").exists()
+    assert "No deployment selection yet" in html and (tmp_path / "report.md").exists()
+
+
+def test_the_deployment_section_and_headline_come_from_the_selection_without_torch(tmp_path):
+    from edgeclr import deploy
+
+    rows = [{"name": n, "level": n.split("/")[0], "variant": "fp32", "runtime": "onnxruntime", "path": f"/x/{n}", "description": d,
+             "knn_top1": k, "drop": 90.0 - k, "linear_top1": k, "p50_ms": ms, "p90_ms": ms, "size_bytes": b, "model_rss_mb": 40,
+             "precision_ran": "fp32"}
+            for n, d, k, ms, b in (("teacher/fp32.onnx", "the teacher's own export", 90.0, 0.30, 3e6),
+                                   ("pruned/fp32.onnx", "the pruned student", 89.4, 0.10, 1e6))]
+    sel = {"labeled": True, "rule": {"max_drop": 1.5, "min_overlap": 0.5, "max_latency_ms": None}, "teacher": {"knn_top1": 90.0},
+           "threads": 1, "batch": 1, "target": "x86", "precision": "f32", "latency_source": "measured on X", "candidates": rows}
+    sel["winner"] = deploy.choose(rows, sel["rule"])
+    sel["rule_text"], sel["summary"] = "fastest within 1.5", deploy.summary(sel["winner"], rows, True, "measured on X")
+    (tmp_path / "deploy").mkdir()
+    (tmp_path / "deploy" / "selection.json").write_text(json.dumps(sel))
+    (tmp_path / "pipeline.json").write_text(json.dumps({"preset": "demo", "data": "digits", "stages": {}, "runs": []}))
+    code = f"import sys; sys.modules['torch'] = None\nfrom edgeclr import report; report.write({str(tmp_path)!r})"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    md = (tmp_path / "report.md").read_text()
+    assert "**Deployed pruned/fp32.onnx (the pruned student)" in md and "3.00x faster than the teacher's own onnxruntime" in md
+    assert "| `pruned/fp32.onnx` |" in md and "slower: 0.300 ms, 3.00x the selected model's 0.100 ms" in md
+    assert (tmp_path / "report_files" / "pareto.png").stat().st_size > 1000

@@ -14,13 +14,13 @@ def test_every_stage_names_a_config_class_and_a_function_that_exist():
         if s.config:
             assert dataclasses.is_dataclass(s.config_class()), s.name
         assert s.outputs, s.name
-    assert stages.NAMES == ("train", "distill", "compress", "export", "eval", "bench", "report")
+    assert stages.NAMES == ("train", "distill", "compress", "export", "eval", "bench", "deploy", "report")
     assert stages.MODEL_STAGES == ("train", "distill", "compress")
 
 
 def test_the_cli_config_and_pipeline_derive_their_stage_lists_from_the_table():
     out = CliRunner().invoke(cli, ["pipeline", "--help"], terminal_width=200).output
-    assert "[train|distill|compress|export|eval|bench|report]" in out.replace("\n", "")
+    assert "[train|distill|compress|export|eval|bench|deploy|report]" in out.replace("\n", "")
     fields = {f.name: f for f in dataclasses.fields(config.PipelineConfig)}
     assert fields["from_stage"].metadata["choices"] == stages.NAMES == fields["until"].metadata["choices"]
     assert config.PIPELINE_SECTIONS == stages.SECTIONS

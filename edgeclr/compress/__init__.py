@@ -210,13 +210,13 @@ def int8_scope(model: Encoder, fp32_path: Path, models_dir: Path, calib: np.ndar
             onnx_fp32.unlink()
 
 
-def quantize_one(cfg, card: Scorecard, fmt: str, fp32_path: Path, calib: np.ndarray, scope: dict) -> dict:
-    """INT8 of one FP32 export, written as models/int8.* only once it carries its metadata and is
+def quantize_one(cfg, card: Scorecard, fmt: str, fp32_path: Path, calib: np.ndarray, scope: dict, name: str = "int8") -> dict:
+    """INT8 of one FP32 export, written as NAME.* beside it only once it carries its metadata and is
     within --max-drop; returns its artifact entry."""
     models_dir = fp32_path.parent
     exclude = sorted({n for v in scope.values() for n in v})
-    final = models_dir / f"int8{fp32_path.suffix}"
-    tmp = models_dir / f".int8.partial{fp32_path.suffix}"
+    final = models_dir / f"{name}{fp32_path.suffix}"
+    tmp = models_dir / f".{name}.partial{fp32_path.suffix}"
     try:
         qinfo = (quantize_onnx(fp32_path, tmp, calib, cfg.target, exclude) if fmt == "onnx"
                  else quantize_openvino(fp32_path, tmp, calib, exclude))
@@ -230,16 +230,15 @@ def quantize_one(cfg, card: Scorecard, fmt: str, fp32_path: Path, calib: np.ndar
         for f in format_of(tmp).files(tmp):
             f.replace(final.with_suffix(f.suffix))
     finally:
-        for f in models_dir.glob(".int8.partial*"):
+        for f in models_dir.glob(f".{name}.partial*"):
             f.unlink()
     return {"path": str(final), "bytes": format_of(final).size_bytes(final), "quantization": qinfo}
 
 
 def export_and_quantize(cfg, card: Scorecard, model: Encoder, model_ckpt: Path, pp: Preprocess, data_spec: str,
-                        scfg: dict, models_dir: Path) -> tuple[dict[str, dict], np.ndarray | None]:
+                        scfg: dict, models_dir: Path, calib: np.ndarray | None = None) -> tuple[dict[str, dict], np.ndarray | None]:
     """FP32 export per format, then its INT8 model; (artifacts, calibration images or None)."""
     artifacts: dict[str, dict] = {}
-    calib = None
     for fmt in [f for f in cfg.formats.split(",") if f]:
         e = export.main(config.ExportConfig(target=str(model_ckpt), format=fmt, out=str(models_dir), name="fp32", data=data_spec))
         fp32_path = Path(e["path"])
@@ -301,9 +300,11 @@ def _compress(cfg: config.CompressConfig, student: Encoder, sck: dict, spath: Pa
     pp = Preprocess.from_dict(sck["preprocess"])
     scfg = sck.get("config") or {}
     data_spec = cfg.data or scfg.get("data")
+    # the calibration images before any pruning: too few readable images fail here, not after the recovery
+    calib = calibration_inputs(cfg.calib_data or data_spec, pp, cfg.calib_images, cfg.seed, scfg) if cfg.int8 else None
     card = Scorecard.start(cfg, student, sck, pp, data_spec, device)
     model, plan, model_ckpt = prune_or_resume(cfg, card, student, sck, spath, pp, stage_dir, pruned_done, resume_from)
-    artifacts, calib = export_and_quantize(cfg, card, model, model_ckpt, pp, data_spec, scfg, stage_dir / "models")
+    artifacts, calib = export_and_quantize(cfg, card, model, model_ckpt, pp, data_spec, scfg, stage_dir / "models", calib)
     x_lat = (calib if calib is not None else card.held.query_x.numpy() if card.held else
              export.parity_images(data_spec, pp, 2, scfg).numpy())
     measure_latency(cfg, card.report, artifacts, x_lat)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from torch import nn
 
 from edgeclr import checkpoint, config, models
 from edgeclr.distill import DistillTrainer
-from edgeclr.engine import exit_for_signal, fit
+from edgeclr.engine import channels_last_ok, exit_for_signal, fit
 from edgeclr.errors import CompressError
 from edgeclr.heldout import recalibrate_bn
 from edgeclr.loading import load_data, load_encoder
@@ -164,6 +166,19 @@ def recover(cfg, tr: PruneTrainer, k: int, deadline: float | None) -> None:
         tr.save()
 
 
+def level_checkpoint(stage_dir: Path, step: int) -> Path:
+    """The recovered model after pruning step `step` (of several): compress/checkpoints/step{step}.pt."""
+    return Path(stage_dir) / "checkpoints" / f"step{step}.pt"
+
+
+def keep_level(ckpt_path: Path, step: int) -> None:
+    """Copy the checkpoint of the recovered model after `step` beside it, atomically."""
+    dest = level_checkpoint(ckpt_path.parent.parent, step)
+    tmp = dest.with_name(f".{dest.name}.partial")
+    shutil.copyfile(ckpt_path, tmp)
+    os.replace(tmp, dest)
+
+
 def prune_and_recover(cfg, student, sck, spath, device, stage_dir, resume_from) -> tuple[Encoder, dict, Path]:
     """Prune in cfg.prune_steps steps, recovering by distillation after each; (model, plan, checkpoint)."""
     deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes else None
@@ -196,7 +211,7 @@ def prune_and_recover(cfg, student, sck, spath, device, stage_dir, resume_from) 
             if ratio > 0:
                 history += prune_step(student, x, ratio, cfg.global_pruning)
             log.info("prune step %d/%d: %s", k + 1, cfg.prune_steps, step_summary(student, x, ratio, channels, base_macs, goal))
-        if dcfg.channels_last:  # pruning replaces the parameters: restore the layout the trainer's views use
+        if channels_last_ok(dcfg, student, device):  # pruning replaces the parameters: restore the views' layout
             student = student.to(memory_format=torch.channels_last)
         adapter = nn.Identity() if student.embed_dim == teacher.embed_dim else nn.Linear(student.embed_dim, teacher.embed_dim)
         tr = PruneTrainer(dcfg, student, adapter, teacher, ds, pp, device, stage_dir, teacher_info,
@@ -206,6 +221,8 @@ def prune_and_recover(cfg, student, sck, spath, device, stage_dir, resume_from) 
             if "adapter" in resumed and not isinstance(adapter, nn.Identity):
                 adapter.load_state_dict(resumed["adapter"])
         recover(cfg, tr, k, deadline)
+        if k + 1 < cfg.prune_steps:  # an intermediate pruning level, recovered: a deployment candidate (edgeclr deploy)
+            keep_level(ckpt_path, k + 1)
     macs, params = count_macs(student, x)
     info.update(macs=macs, params=params, mac_ratio=macs / base_macs, param_ratio=params / base_params)
     return student.eval(), pruning_plan(history, cfg.prune_steps, info), ckpt_path

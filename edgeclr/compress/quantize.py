@@ -10,6 +10,7 @@ conv, the embedding layer and squeeze-excitation branches in float (docs/compres
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,12 +26,17 @@ from edgeclr.runtime import Preprocess
 if TYPE_CHECKING:
     from torch import nn
 
+log = logging.getLogger("edgeclr.compress")
+
 
 def calibration_inputs(spec: str, pp: Preprocess, n: int, seed: int, ckpt_cfg: dict) -> np.ndarray:
-    """n real images of `spec` (its pretraining split) through the runtime's preprocessing: (n, C, S, S).
+    """Up to n real images of `spec` (its pretraining split) through the runtime's preprocessing: (m, C, S, S).
+
+    A dataset with fewer readable images than n gives what it has, with a warning, down to
+    CompressConfig.MIN_CALIB images.
 
     Raises:
-        DataError: fewer than n readable images.
+        DataError: fewer than CompressConfig.MIN_CALIB readable images.
     """
     ds = open_like_run(spec, "pretrain", pp.resize_size, ckpt_cfg)
     pick = np.sort(np.random.default_rng(seed).choice(len(ds), min(len(ds), n), replace=False))
@@ -40,11 +46,14 @@ def calibration_inputs(spec: str, pp: Preprocess, n: int, seed: int, ckpt_cfg: d
             x, _ = eval_inputs(ds, pp, pick)
         except data.DataError:
             x = np.zeros((0,))
-    if len(x) < n:
+    floor = config.CompressConfig.MIN_CALIB
+    if len(x) < floor:
         bad = sum("skipped" in str(m.message) for m in w)
-        raise data.DataError(f"INT8 calibration needs {n} readable images; {spec} has {len(ds)} image(s), {bad} of those "
-                             f"picked unreadable, {len(x)} usable. Give --calib-data a folder with more images, or lower "
-                             f"--calib-images (>= {config.CompressConfig.MIN_CALIB} for a trustworthy calibration)")
+        raise data.DataError(f"INT8 calibration needs at least {floor} readable images; {spec} has {len(ds)} image(s), {bad} of "
+                             f"those picked unreadable, {len(x)} usable. Give --calib-data a folder with more images, or "
+                             "export FP32 only (--fp32-only)")
+    if len(x) < n:
+        log.warning("INT8 calibration on the %d readable image(s) of %s (%d asked for with --calib-images)", len(x), spec, n)
     return np.asarray(x, np.float32)
 
 
