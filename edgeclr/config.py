@@ -336,6 +336,8 @@ class DeployConfig:
 
     run: str = opt("", "run folder (runs/NAME) with a teacher, and usually a distilled and a compressed student", cli=False)
     out: str | None = opt(None, "folder for the selection and the shipped model (default: RUN/deploy)")
+    also: str | None = opt(None, "comma list of other run folders whose students were distilled from RUN's teacher (another "
+                                 "student family, e.g. a MobileNet beside a narrow ResNet): their levels join the candidates")
     max_drop: float = opt(1.5, "accuracy budget: kNN top-1 points a candidate may lose against the teacher")
     max_latency_ms: float | None = opt(None, "instead of the fastest within --max-drop: the most accurate candidate whose p50 "
                                              "latency is at most this")
@@ -493,7 +495,7 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
                  # 60 epochs: 92.44 (benchmarks/results/demo_preset_sweep/latest.md). The student is a ResNet-10
                  # at the teacher's width: at 16 px latency follows the number of layers, and MobileNetV3-Small's
                  # squeeze-excitation blocks made it slower than the teacher's own export (0.25 vs 0.20 ms in
-                 # onnxruntime, 1 thread) where ResNet-10 runs 0.07 ms (benchmarks/results/deploy_demo/)
+                 # onnxruntime, 1 thread) where ResNet-10 runs 0.07 ms (benchmarks/results/deploy_selection/)
                  distill=dict(model="resnet10", width=16, epochs=60, knn_every=20, crop_scale=(0.7, 1.0)),
                  # two pruning steps to 50% of the MACs, 20 recovery epochs each: both levels are deployment candidates
                  compress=dict(target_macs=0.5, prune_steps=2, recover_epochs=20, latency_runs=30),

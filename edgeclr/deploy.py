@@ -69,8 +69,16 @@ class Candidate:
     def runtime(self) -> str:
         return RUNTIME_OF[self.path.suffix]
 
+    @property
+    def base_level(self) -> str:
+        """teacher | student | pruned-N | pruned, without the RUNNAME. of another student family."""
+        return self.level.rpartition(".")[2]
+
     def describe(self) -> str:
-        base = DESCRIBE.get(self.level) or f"the student after pruning step {self.level.split('-')[1]}"
+        b = self.base_level
+        base = DESCRIBE.get(b) or f"the student after pruning step {b.split('-')[1]}"
+        if "." in self.level:
+            base += f" of {self.level.rpartition('.')[0]}"
         prec = {"fp32": "FP32", "int8": "INT8 (first conv and embedding layer in float)", "int8-all": "INT8 (all layers)"}
         return f"{base}, {prec[self.variant]}, {self.runtime}"
 
@@ -79,19 +87,39 @@ class Candidate:
 # the candidates
 
 
-def levels(run: Path) -> dict[str, Path]:
-    """{level: checkpoint} of a run, teacher first, then the student and its pruning levels."""
+def levels(run: Path, also: tuple[str, ...] = ()) -> dict[str, tuple[Path, Path]]:
+    """{level: (run folder, checkpoint)}, teacher first, then the student and its pruning levels, then
+    those of every `also` run (another student family distilled from the same teacher), named
+    RUNNAME.student, RUNNAME.pruned-1, ..."""
     ck = stage_checkpoints(run)
     if "train" not in ck:
         raise checkpoint.CheckpointError(f"{run} has no teacher checkpoint (train/checkpoints/last.pt): deploy compares "
                                          "every candidate with the teacher's own export; run `edgeclr train` first")
-    out = {"teacher": ck["train"]}
+    out = {"teacher": (run, ck["train"])}
+    out.update(_student_levels(run, ck, ""))
+    teacher_sha = checkpoint.sha256(ck["train"])
+    for a in also:
+        other = Path(a)
+        ock = stage_checkpoints(other) if other.is_dir() else {}
+        if "distill" not in ock:
+            raise ConfigError(f"--also {other}: no distilled student there (distill/checkpoints/last.pt); pass a run folder "
+                              f"written by `edgeclr distill --teacher {run}`")
+        sha = (checkpoint.load(ock["distill"]).get("teacher") or {}).get("sha256")
+        if sha != teacher_sha:
+            raise ConfigError(f"--also {other}: its student was distilled from another teacher (sha256 {str(sha)[:12]}), not "
+                              f"{ck['train']} ({teacher_sha[:12]}): candidates are compared against one teacher")
+        out.update(_student_levels(other, ock, other.name + "."))
+    return out
+
+
+def _student_levels(run: Path, ck: dict[str, Path], prefix: str) -> dict[str, tuple[Path, Path]]:
+    out = {}
     if "distill" in ck:
-        out["student"] = ck["distill"]
+        out[prefix + "student"] = (run, ck["distill"])
     if "compress" in ck:
         steps = sorted(level_checkpoint(run / "compress", 0).parent.glob("step*.pt"), key=lambda p: int(p.stem[4:]))
-        out.update({f"pruned-{p.stem[4:]}": p for p in steps})
-        out["pruned"] = ck["compress"]
+        out.update({f"{prefix}pruned-{p.stem[4:]}": (run, p) for p in steps})
+        out[prefix + "pruned"] = (run, ck["compress"])
     return out
 
 
@@ -133,7 +161,6 @@ class Builder:
     """Writes the candidate files of each level into OUT/candidates/LEVEL/ (reusing what exists)."""
 
     cfg: config.DeployConfig
-    run: Path
     out: Path
     deadline: float | None
     calib: np.ndarray | None = None
@@ -144,10 +171,10 @@ class Builder:
                                else [])
         return [v + format_of_name(f) for f in self.cfg.formats.split(",") for v in variants]
 
-    def build(self, level: str, ckpt: Path) -> list[Candidate]:
+    def build(self, level: str, run: Path, ckpt: Path) -> list[Candidate]:
         folder = self.out / "candidates" / level
         folder.mkdir(parents=True, exist_ok=True)
-        for key, src in reusable(self.run, level, self.cfg).items():
+        for key, src in reusable(run, level.rpartition(".")[2], self.cfg).items():
             if not (folder / key).is_file():
                 _link(src, folder / key)
         missing = [k for k in self.expected(level) if not (folder / k).is_file()]
@@ -400,18 +427,18 @@ def main(cfg: config.DeployConfig) -> dict:
     if not run.is_dir():
         raise ConfigError(f"{run} is not a run folder: pass runs/NAME, written by `edgeclr train` and later stages")
     out = Path(cfg.out) if cfg.out else run / "deploy"
-    lv = levels(run)
+    lv = levels(run, tuple(a for a in (cfg.also or "").split(",") if a))
     with hold(out, "the deploy folder", is_dir=True):
         make_writable_dir(out)
         return _deploy(cfg, run, out, lv, t0)
 
 
 def _deploy(cfg: config.DeployConfig, run: Path, out: Path, lv: dict[str, Path], t0: float) -> dict:
-    builder = Builder(cfg, run, out, t0 + cfg.search_minutes * 60 if cfg.search_minutes else None)
-    quality = Quality.open(cfg, lv["teacher"])
+    builder = Builder(cfg, out, t0 + cfg.search_minutes * 60 if cfg.search_minutes else None)
+    quality = Quality.open(cfg, lv["teacher"][1])
     cands, scores = [], {}
-    for level, ckpt in lv.items():
-        for c in builder.build(level, ckpt):
+    for level, (lrun, ckpt) in lv.items():
+        for c in builder.build(level, lrun, ckpt):
             scores[c.name] = quality.cached(c)
             cands.append(c)
             log.info("%s: %s", c.name, ", ".join(f"{k} {v:.3f}" for k, v in scores[c.name].items()))
@@ -429,7 +456,7 @@ def _deploy(cfg: config.DeployConfig, run: Path, out: Path, lv: dict[str, Path],
     result["wall_time_s"] = round(time.time() - t0, 1)
     write_json_atomic(result, out / "selection.json")
     win = result["winner"]
-    write_manifest(out, "deploy", inputs={level: {"checkpoint": str(p), "sha256": checkpoint.sha256(p)} for level, p in lv.items()},
+    write_manifest(out, "deploy", inputs={level: {"checkpoint": str(p), "sha256": checkpoint.sha256(p)} for level, (_, p) in lv.items()},
                    spec=None, preprocess=None, embed_dim=None, wall_time_s=time.time() - t0,
                    metrics={k: win[k] for k in ("knn_top1", "drop", "topk_overlap", "p50_ms", "size_bytes") if k in win},
                    artifacts={"selected": win["name"], "files": result["shipped"], "selection": str(out / "selection.json")})

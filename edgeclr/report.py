@@ -211,7 +211,7 @@ def pareto_chart(sel: dict) -> bytes | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     colours = {"teacher": "#c44", "student": "#47a", "pruned": "#4a7"}
     for r in rows:
-        c = colours.get(r["level"].split("-")[0], "#888")
+        c = colours.get(r["level"].rpartition(".")[2].split("-")[0], "#888")
         ax.scatter(r["p50_ms"], r[acc], s=20 + 40 * r["size_bytes"] / max(x["size_bytes"] for x in rows), color=c,
                    marker="s" if r["runtime"] == "openvino" else "o", alpha=0.8)
     front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["p50_ms"])

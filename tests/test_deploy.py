@@ -167,3 +167,22 @@ def test_deploy_options_are_checked_before_any_work(tmp_path):
     (tmp_path / "empty").mkdir()
     r = run(["deploy", str(tmp_path / "empty")], ok=False)
     assert r.exit_code == 2 and "has no teacher checkpoint" in r.output
+
+
+def test_another_student_family_distilled_from_the_same_teacher_joins_the_candidates(tiny_run, tmp_path):
+    other = tmp_path / "mnv3"
+    run(["distill", "--teacher", str(tiny_run), "--out", str(other), "--model", "mobilenet_v3_small_minimal", "--epochs", "1",
+         "--batch-size", "64", "--knn-every", "0", "--no-tensorboard", "--threads", "1"])
+    out = tmp_path / "dep"
+    run(["deploy", str(tiny_run), "--also", str(other), "--out", str(out), "--runtimes", "onnxruntime", "--scoped-only", *FAST])
+    sel = json.loads((out / "selection.json").read_text())
+    by = {c["name"]: c for c in sel["candidates"]}
+    assert {"mnv3.student/fp32.onnx", "mnv3.student/int8.onnx", "student/fp32.onnx", "teacher/fp32.onnx"} <= set(by)
+    assert by["mnv3.student/fp32.onnx"]["description"].startswith("the distilled student of mnv3, FP32")
+    # a student of another teacher is refused before anything is built
+    stranger = tmp_path / "stranger"
+    run(["train", *TINY, "--epochs", "1", "--seed", "1", "--out", str(stranger)])
+    run(["distill", "--teacher", str(stranger), *STUDENT[:4], "--epochs", "1", "--knn-every", "0", "--no-tensorboard",
+         "--threads", "1"])
+    r = run(["deploy", str(tiny_run), "--also", str(stranger), "--out", str(tmp_path / "no")], ok=False)
+    assert r.exit_code == 2 and "distilled from another teacher" in r.output and not (tmp_path / "no").exists()
