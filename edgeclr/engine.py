@@ -82,6 +82,9 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # what the manifest records
+
+
 # ----------------------------------------------------------------------------------------------
 # optimiser and schedule
 
@@ -174,6 +177,7 @@ class Trainer:
         self.sched = build_scheduler(self.opt, self.total_steps, round(cfg.warmup_epochs * self.steps_per_epoch),
                                      cfg.min_lr_ratio)
         self.amp = amp_dtype(cfg.amp, device)
+        self.precision = {"precision_ran": PRECISION_NAMES[self.amp], "why": f"--amp {cfg.amp}"}
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         aug_cfg = replace(get_preset(cfg.augment or preset_for(ds.channels, cfg.input_size)), crop_scale=cfg.crop_scale)
         if cfg.jitter is not None:
@@ -226,7 +230,7 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch, "rng": checkpoint.rng_state(),
             "config": config.to_dict(self.cfg), "metrics": dict(self.last_metrics),
             "augment": self.aug_cfg.to_dict(), "skipped_files": sorted(self.skipped),
-            "nonfinite_skipped": self.nonfinite_skipped,
+            "nonfinite_skipped": self.nonfinite_skipped, "precision": dict(self.precision),
         }
 
     def save(self) -> Path:

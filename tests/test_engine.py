@@ -75,3 +75,17 @@ def test_distilling_a_width_8_resnet_on_two_threads_does_not_crash(tmp_path):
         r = subprocess.run([sys.executable, "-m", "edgeclr", *cmd], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-1500:]
     assert "training in the NCHW layout" in r.stderr
+
+
+def test_the_manifest_and_checkpoint_say_which_precision_ran(tmp_path):
+    import json
+
+    from helpers import TINY, run
+
+    from edgeclr import checkpoint
+
+    run(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / "r")])
+    man = json.loads((tmp_path / "r" / "train" / "manifest.json").read_text())
+    ck = checkpoint.load(tmp_path / "r" / "train" / "checkpoints" / "last.pt")
+    assert man["precision_ran"] in ("fp32", "bf16") and man["why"]
+    assert ck["precision"]["precision_ran"] == man["precision_ran"]
