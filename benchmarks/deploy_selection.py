@@ -6,6 +6,7 @@ network as the accuracy baselines when the run evaluated them.
 
     python benchmarks/deploy_selection.py --tag demo-CPU                       # the demo preset, fresh (3-8 min on 2 cores)
     python benchmarks/deploy_selection.py --out runs/fm --tag fashion-mnist-CPU  # an existing run (its deploy stage is run if missing)
+    python benchmarks/deploy_selection.py --out runs/fm --also runs/fm-r10 --tag T  # with a second student family
 
 Record: benchmarks/results/deploy_selection/<tag or latest>.{md,json}. The checks are issue 23's:
 demo, >= 2x faster than the teacher's export in the same runtime; Fashion-MNIST at 28 px, >= 4x
@@ -44,6 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="run folder (default: a fresh demo run in a temporary folder)")
     ap.add_argument("--tag", default="", help="record name (default: latest)")
+    ap.add_argument("--also", default="", help="other runs distilled from the same teacher (edgeclr deploy --also); deploys again")
     ap.add_argument("--speedup", type=float, default=None, help="target over the best teacher export (default: 4 for a "
                                                                 "Fashion-MNIST run, 2 otherwise)")
     args = ap.parse_args()
@@ -53,8 +55,8 @@ def main() -> None:
 
     if not (out / "pipeline.json").exists():
         api.pipeline(out=str(out))
-    if not (out / "deploy" / "selection.json").exists():
-        api.deploy(run=str(out))
+    if args.also or not (out / "deploy" / "selection.json").exists():
+        api.deploy(run=str(out), also=args.also or None)
     wall = time.time() - t0
     sel = json.loads((out / "deploy" / "selection.json").read_text())
     state = json.loads((out / "pipeline.json").read_text())
