@@ -17,6 +17,7 @@ import yaml
 
 from edgeclr import stages
 from edgeclr.errors import ConfigError  # noqa: F401  (raised here; defined with the others)
+from edgeclr.formats import EXPORT_FORMATS
 
 
 def opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True, off: str | None = None):
@@ -319,8 +320,7 @@ class CompressConfig:
             self.target_macs = 0.5
         if self.prune_steps < 1 or self.recover_epochs < 0 or self.latency_runs < 1 or self.eval_images < 10:
             raise ConfigError("prune_steps >= 1, recover_epochs >= 0, latency_runs >= 1 and eval_images >= 10 are required")
-        if self.calib_images < self.MIN_CALIB:
-            raise ConfigError(f"calib_images must be >= {self.MIN_CALIB} for a usable INT8 calibration, got {self.calib_images}")
+        check_calib_images(self.calib_images)
         bad = [f for f in self.formats.split(",") if f and f not in ("onnx", "openvino")]
         if bad or not self.formats.strip(","):
             raise ConfigError(f"formats: comma list of onnx, openvino; got {self.formats!r}")
@@ -366,8 +366,7 @@ class DeployConfig:
             raise ConfigError("max_drop must be >= 0 and max_latency_ms > 0")
         if self.threads < 1 or self.batch < 1 or self.rounds < 1 or self.runs < 1 or self.warmup < 0:
             raise ConfigError("threads, batch, rounds and runs must be >= 1, warmup >= 0")
-        if self.calib_images < CompressConfig.MIN_CALIB:
-            raise ConfigError(f"calib_images must be >= {CompressConfig.MIN_CALIB} for a usable INT8 calibration, got {self.calib_images}")
+        check_calib_images(self.calib_images)
         if not 0 <= self.min_overlap <= 1 or self.search_minutes < 0 or self.eval_images < 10:
             raise ConfigError("min_overlap is in [0, 1], search_minutes >= 0, eval_images >= 10")
         pi = self.target != "x86"
@@ -381,8 +380,9 @@ class DeployConfig:
 
     @property
     def formats(self) -> str:
-        """The export formats of the runtimes: onnx, openvino."""
-        return ",".join({"onnxruntime": "onnx", "openvino": "openvino"}[r] for r in self.runtimes.split(",") if r)
+        """The export formats of the runtimes (the export-format table's runtime column): onnx, openvino."""
+        by_runtime = {f.runtime: name for name, f in EXPORT_FORMATS.items()}
+        return ",".join(by_runtime[r] for r in self.runtimes.split(",") if r)
 
     @property
     def int8_flavour(self) -> str:
@@ -566,6 +566,12 @@ class PipelineConfig:
         d = to_dict(self)
         d.update(self.sections())
         return d
+
+
+def check_calib_images(n: int) -> None:
+    """compress's and deploy's --calib-images: at least CompressConfig.MIN_CALIB."""
+    if n < CompressConfig.MIN_CALIB:
+        raise ConfigError(f"calib_images must be >= {CompressConfig.MIN_CALIB} for a usable INT8 calibration, got {n}")
 
 
 def check_choices(cfg) -> None:

@@ -41,7 +41,7 @@ from edgeclr.compress.prune import level_checkpoint
 from edgeclr.compress.quantize import calibration_inputs
 from edgeclr.errors import ConfigError, DataError
 from edgeclr.evaluate import linear_probe
-from edgeclr.formats import format_of
+from edgeclr.formats import EXPORT_FORMATS, format_of
 from edgeclr.heldout import HeldOut, agreement, eval_inputs
 from edgeclr.loading import load_encoder, open_like_run, stage_checkpoints
 from edgeclr.lock import hold
@@ -51,7 +51,6 @@ from edgeclr.runtime import Preprocess
 
 log = logging.getLogger("edgeclr.deploy")
 
-RUNTIME_OF = {".onnx": "onnxruntime", ".xml": "openvino"}
 DESCRIBE = {"teacher": "the teacher's own export", "student": "the distilled student", "pruned": "the pruned student"}
 
 
@@ -67,7 +66,7 @@ class Candidate:
 
     @property
     def runtime(self) -> str:
-        return RUNTIME_OF[self.path.suffix]
+        return format_of(self.path).runtime
 
     @property
     def base_level(self) -> str:
@@ -138,22 +137,21 @@ def reusable(run: Path, level: str, cfg: config.DeployConfig) -> dict[str, Path]
     """{variant + suffix: file} an earlier stage already wrote for this level: the teacher's exports
     (export/) and the pruned student's FP32 and INT8 files (compress/models/, INT8 only when
     compress quantised for the same flavour)."""
+    suffixes = [format_of_name(f) for f in cfg.formats.split(",")]
     if level == "teacher":
-        files = {"fp32" + s: run / "export" / f"teacher{s}" for s in (".onnx", ".xml")}
+        files = {"fp32" + s: run / "export" / f"teacher{s}" for s in suffixes}
     elif level == "pruned":
         models = run / "compress" / "models"
         ccfg = config.load_file(run / "compress" / "config.yaml") if (run / "compress" / "config.yaml").is_file() else {}
-        files = {f"fp32{s}": models / f"fp32{s}" for s in (".onnx", ".xml")}
-        if ccfg.get("target", "x86") == cfg.int8_flavour and ccfg.get("auto_exclude", True):
-            files.update({f"int8{s}": models / f"int8{s}" for s in (".onnx", ".xml")})
+        variants = ["fp32"] + (["int8"] if ccfg.get("target", "x86") == cfg.int8_flavour and ccfg.get("auto_exclude", True) else [])
+        files = {v + s: models / f"{v}{s}" for v in variants for s in suffixes}
     else:
         return {}
-    wanted = {format_of_name(f) for f in cfg.formats.split(",")}
-    return {k: p for k, p in files.items() if p.is_file() and p.suffix in wanted}
+    return {k: p for k, p in files.items() if p.is_file()}
 
 
 def format_of_name(fmt: str) -> str:
-    return export.EXPORT_FORMATS[fmt].suffix
+    return EXPORT_FORMATS[fmt].suffix
 
 
 @dataclasses.dataclass
@@ -287,8 +285,8 @@ class Quality:
 
 def measure(cfg: config.DeployConfig, cands: list[Candidate]) -> dict[str, dict]:
     """{candidate name: bench row}: every candidate timed in one interleaved run at the deployment settings."""
-    runs = [BenchRun(c.name, str(c.path), ("onnx" if c.path.suffix == ".onnx" else "openvino") + ("-int8" if "int8" in c.variant
-            else ""), cfg.threads, cfg.batch, None, cfg.precision) for c in cands]
+    runs = [BenchRun(c.name, str(c.path), format_of(c.path).name + ("-int8" if "int8" in c.variant else ""), cfg.threads, cfg.batch,
+                     None, cfg.precision) for c in cands]
     log.info("timing %d candidates at %d thread(s), batch %d, interleaved (%d rounds x %d runs)", len(runs), cfg.threads,
              cfg.batch, cfg.rounds, cfg.runs)
     return {r["label"]: r for r in run_bench(runs, cfg.rounds, cfg.runs, cfg.warmup)}
