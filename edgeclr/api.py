@@ -10,7 +10,9 @@
     api.deploy(run="runs/x")                        # edgeclr deploy runs/x
     api.select(selection="runs/x/deploy", bench="pi5/bench.json")   # edgeclr select runs/x/deploy --bench ...
     api.pipeline(out="runs/demo")                   # edgeclr pipeline --out runs/demo
+    api.finetune(source="runs/x", labels_per_class=10)   # edgeclr finetune runs/x --labels-per-class 10
     api.embed(inputs=["imgs/"], model="m.onnx", out="emb.npy")
+    api.predict(inputs=["imgs/"], model="runs/x/finetune/export/classifier.onnx", out="preds.csv")
     api.search(queries=["q.png"], gallery="emb.npy", model="m.onnx")
 
 Keyword arguments are the command's options with dashes as underscores (`input_size=96` for
@@ -29,7 +31,8 @@ from pathlib import Path
 
 from edgeclr import config, stages
 
-__all__ = ["train", "distill", "compress", "export", "evaluate", "bench", "deploy", "select", "pipeline", "embed", "search"]
+__all__ = ["train", "distill", "compress", "export", "evaluate", "bench", "deploy", "select", "pipeline", "finetune", "embed",
+           "search", "predict"]
 
 
 def _with_options(cls):
@@ -162,6 +165,32 @@ def pipeline(config_file=None, **options) -> dict:
     from edgeclr import pipeline as stage
 
     return stage.main(cfg)
+
+
+@_with_options(config.FinetuneConfig)
+def finetune(config_file=None, **options) -> dict:
+    """A few-label classifier on the encoder of `source=` (a run folder's `stage=` teacher | student | pruned):
+    linear probe, frozen encoder or full fine-tuning, from its weights or (`init="random"`) from random ones;
+    tested on the whole test split and exported (softmax probabilities, class names in the file).
+
+    Returns {"stage_dir", "checkpoint", "test_top1", "val_top1", "artifacts", ...}."""
+    cfg = config.build(config.FinetuneConfig, config_file, **options)
+    from edgeclr import finetune as stage
+
+    return stage.main(cfg)
+
+
+@_with_options(config.PredictConfig)
+def predict(config_file=None, **options) -> dict:
+    """Classify image files and folders (`inputs=`) with an exported classifier `model=` into `out=` (.csv or
+    .json); torch-free.
+
+    Returns {"out", "predicted", "errors", "classes", "rows"}."""
+    cfg = config.build(config.PredictConfig, config_file, **options)
+    from edgeclr import runtime
+
+    return runtime.predict_files_to(cfg.model, cfg.inputs, cfg.out, cfg.top_k, cfg.batch_size, cfg.threads, cfg.on_error,
+                                    cfg.precision)
 
 
 @_with_options(config.EmbedConfig)

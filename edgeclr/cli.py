@@ -138,6 +138,43 @@ def compress(student, config_file, **options):
 
 
 @cli.command()
+@click.argument("source")
+@config_options(config.FinetuneConfig, "none")
+def finetune(source, config_file, **options):
+    """Few-label classifier on SOURCE's encoder (a run folder's --stage, a stage folder or a checkpoint).
+
+    Draws --labels-per-class labelled images, trains (--mode linear | frozen | full; --init random for
+    the baseline), tests on the whole test split and exports the classifier (softmax probabilities,
+    class names and preprocessing in the file). Writes OUT/{checkpoints/last.pt, result.json,
+    metrics.csv, manifest.json, export/classifier.*}.
+    """
+    r = run_stage(api.finetune, config_file=config_file, source=source, **options,
+                  interrupted="interrupted: the checkpoint is written; add --resume to continue")
+    if not r["completed"]:
+        click.echo(f"stopped at step {r['step']}: {r['checkpoint']} (add --resume to continue)")
+        return
+    val = f", validation {r['val_top1']:.2f}%" if r.get("val_top1") is not None else ""
+    click.echo(f"test accuracy {r['test_top1']:.2f}% on {r['test_images']} images ({r['train_images']} labelled for training{val}); "
+               f"checkpoint: {r['checkpoint']}")
+    for k, a in r["artifacts"].items():
+        click.echo(f"  {k}: {a['path']}  test accuracy {a['test_top1']:.2f}%")
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@config_options(config.PredictConfig)
+def predict(inputs, config_file, **options):
+    """Classify image files and folders (INPUTS) with an exported classifier; torch-free.
+
+    Writes --out: .csv (path, top1, p_top1, ...) or .json; unreadable images are skipped and listed.
+    """
+    r = run_stage(api.predict, config_file=config_file, inputs=tuple(inputs), **options)
+    for e in r["errors"]:
+        click.echo(f"skipped: {e}", err=True)
+    click.echo(f"{r['out']}: {r['predicted']} image(s) classified into {len(r['classes'])} classes ({len(r['errors'])} unreadable)")
+
+
+@cli.command()
 @click.argument("inputs", nargs=-1, required=True)
 @config_options(config.EmbedConfig)
 def embed(inputs, config_file, **options):
@@ -232,6 +269,11 @@ def eval_(target, config_file, **options):
     click.echo(f"{result['data']}: {result['train_images']} labeled bank / {result['test_images']} test images, "
                f"kNN k={result['knn_k']} T={result['knn_t']}")
     click.echo(result["table"])
+    if result.get("label_efficiency"):
+        le = Path(result["label_efficiency"])
+        d = json.loads(le.read_text())
+        click.echo(f"\nlabel efficiency ({','.join(map(str, d['levels']))} per class, {d['draws']} draws): {le}")
+        click.echo(le.with_suffix(".md").read_text().rstrip())
 
 
 @cli.command()

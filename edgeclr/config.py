@@ -239,14 +239,88 @@ class EvalConfig:
     compare: bool = opt(False, "TARGET is a run folder: the retention table of every stage and artifact in it (teacher, "
                                "student, pruned, exported FP32 and INT8) against the teacher")
     latency_runs: int = opt(30, "--compare: timed batch-1 runs per model for the 1-thread latency")
+    label_efficiency: str = opt("", "comma list of labelled images per class, e.g. 1,5,10,100: kNN, linear probe and full "
+                                    "fine-tuning of the model against random init and raw pixels, over --draws draws")
+    draws: int = opt(3, "--label-efficiency: draws of the labelled images per point (mean and spread)")
+    finetune_steps: int = opt(300, "--label-efficiency: steps of each full fine-tuning (0 = kNN and linear only)")
+
+    def levels(self) -> list[int]:
+        """--label-efficiency as sorted distinct integers."""
+        return sorted({int(v) for v in filter(None, self.label_efficiency.split(","))})
 
     def __post_init__(self):
         check_choices(self)
+        try:
+            levels = self.levels()
+        except ValueError:
+            levels = [0]
+        if any(v < 1 for v in levels) or self.draws < 1 or self.finetune_steps < 0:
+            raise ConfigError(f"label_efficiency is a comma list of positive integers (got {self.label_efficiency!r}); "
+                              "draws >= 1, finetune_steps >= 0")
         bad = [b for b in filter(None, self.baselines.split(",")) if b not in ("random", "pixels")]
         if bad:
             raise ConfigError(f"unknown baseline(s) {bad}; valid: random, pixels")
         if self.knn_k < 1 or self.knn_t <= 0:
             raise ConfigError(f"knn_k must be >= 1 and knn_t > 0, got {self.knn_k}, {self.knn_t}")
+
+
+@dataclass
+class FinetuneConfig:
+    """`edgeclr finetune`: a few-label classifier on a pretrained (or random-init) encoder."""
+
+    source: str = opt("", "run folder, stage folder or checkpoint whose encoder is fine-tuned", cli=False)
+    task: str = opt("classify", "classify (a softmax classifier over the dataset's classes)", ("classify",))
+    stage: str = opt("teacher", "which encoder of a run folder: teacher | student | pruned", ("teacher", "student", "pruned"))
+    data: str | None = opt(None, "labelled dataset (default: the source's)")
+    out: str | None = opt(None, "folder to write into (default: RUN/finetune)")
+    labels_per_class: int | None = opt(None, "labelled images drawn per class (default 10 unless --labels-fraction)")
+    labels_fraction: float | None = opt(None, "instead: this fraction of each class's labelled images")
+    val_fraction: float = opt(0.2, "held out of each class's draw for early stopping (with >= 20 per class; below, every label trains)")
+    mode: str = opt("full", "linear (logistic regression on frozen features) | frozen (head trained on augmented views) | "
+                            "full (linear probe, then encoder and head together)", ("linear", "frozen", "full"))
+    init: str = opt("pretrained", "pretrained (the source's weights) | random (the same architecture and recipe from random "
+                                  "weights: the baseline)", ("pretrained", "random"))
+    steps: int = opt(300, "optimiser steps (frozen and full)")
+    batch_size: int = opt(64, "labelled images per step (at most all of them)")
+    lr: float = opt(1e-3, "AdamW learning rate of the head")
+    backbone_lr_ratio: float = opt(0.1, "full: the encoder's learning rate as a fraction of the head's")
+    weight_decay: float = opt(1e-4, "AdamW weight decay (not on norms and biases of the encoder)")
+    label_smoothing: float = opt(0.1, "cross-entropy label smoothing")
+    eval_every: int = opt(25, "validation accuracy every N steps (early stopping keeps the best)")
+    patience: int = opt(4, "stop after this many validations without improvement")
+    bn: str = opt("auto", "BatchNorm statistics while fine-tuning: auto (frozen below 2,000 labelled images) | frozen | train",
+                  ("auto", "frozen", "train"))
+    augment: bool = opt(True, "augmented views of the labelled images (crops, flips, mild colour jitter)")
+    max_test: int = opt(0, "test on at most this many test images (0 = the whole test split)")
+    formats: str = opt("onnx", "exports of the classifier: comma list of onnx, openvino ('' for none)")
+    int8: bool = opt(False, "also quantise each export to INT8 (compress's quantisers, calibrated on the data)")
+    int8_target: str = opt("x86", "INT8 flavour: x86 (u8 activations) | arm (s8, onnxruntime on aarch64)", ("x86", "arm"))
+    calib_images: int = opt(300, "INT8 calibration images")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    threads: int = opt(0, "CPU threads for torch (0 = all cores)")
+    seed: int = opt(0, "seed of the draw of labelled images, the views and the head")
+    resume: bool = opt(False, "continue an interrupted run from OUT/checkpoints/last.pt")
+    max_minutes: float = opt(0.0, "stop (with a checkpoint) after this many minutes; 0 = no limit")
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.labels_per_class is not None and self.labels_fraction is not None:
+            raise ConfigError("give --labels-per-class or --labels-fraction, not both")
+        if self.labels_fraction is not None and not 0 < self.labels_fraction <= 1:
+            raise ConfigError(f"labels_fraction is in (0, 1], got {self.labels_fraction}")
+        if self.labels_fraction is None and self.labels_per_class is None:
+            self.labels_per_class = 10
+        if self.labels_per_class is not None and self.labels_per_class < 1:
+            raise ConfigError(f"labels_per_class must be >= 1, got {self.labels_per_class}")
+        if not 0 <= self.val_fraction < 1 or self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.eval_every < 1:
+            raise ConfigError("val_fraction is in [0, 1); steps >= 0, batch_size >= 1, lr > 0 and eval_every >= 1")
+        if self.patience < 1 or not 0 <= self.label_smoothing < 1 or self.backbone_lr_ratio < 0:
+            raise ConfigError("patience >= 1, label_smoothing in [0, 1) and backbone_lr_ratio >= 0 are required")
+        bad = [f for f in self.formats.split(",") if f and f not in ("onnx", "openvino")]
+        if bad:
+            raise ConfigError(f"formats: comma list of onnx, openvino; got {self.formats!r}")
+        if self.int8:
+            check_calib_images(self.calib_images)
 
 
 @dataclass
@@ -436,24 +510,47 @@ class BenchConfig:
 
 
 @dataclass
-class EmbedConfig:
-    """`edgeclr embed`: image files -> embeddings with an exported model (torch-free)."""
+class RuntimeFilesConfig:
+    """What the torch-free commands that run an exported model over image files share."""
 
     inputs: tuple = opt((), "image files and folders (searched recursively)", cli=False)
-    model: str = opt("", "exported model: .onnx (onnxruntime) or .xml (OpenVINO)")
-    out: str = opt("embeddings.npy", "output .npy (N, D) float32; ids (file paths) go to OUT.ids.txt")
     batch_size: int = opt(32, "images per inference call")
     threads: int = opt(0, "inference threads (0 = the runtime's default)")
     on_error: str = opt("skip", "an unreadable image: skip (reported) | raise", ("skip", "raise"))
     precision: str = opt("f32", "OpenVINO inference precision: f32 | bf16 | f16 | default", ("f32", "bf16", "f16", "default"))
+
+    def check(self, what: str) -> None:
+        check_choices(self)
+        if not self.model:
+            raise ConfigError(f"--model is required: {what}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class EmbedConfig(RuntimeFilesConfig):
+    """`edgeclr embed`: image files -> embeddings with an exported model (torch-free)."""
+
+    model: str = opt("", "exported model: .onnx (onnxruntime) or .xml (OpenVINO)")
+    out: str = opt("embeddings.npy", "output .npy (N, D) float32; ids (file paths) go to OUT.ids.txt")
     progress: bool | None = opt(None, "progress bar (default: only when stderr is a terminal)")
 
     def __post_init__(self):
-        check_choices(self)
-        if not self.model:
-            raise ConfigError("--model is required: an exported .onnx or .xml file (edgeclr export)")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        self.check("an exported .onnx or .xml file (edgeclr export)")
+
+
+@dataclass
+class PredictConfig(RuntimeFilesConfig):
+    """`edgeclr predict`: image files -> class predictions with an exported classifier (torch-free)."""
+
+    model: str = opt("", "exported classifier: .onnx (onnxruntime) or .xml (OpenVINO) from `edgeclr finetune`")
+    out: str = opt("predictions.csv", "output: .csv (path, top1, p_top1, top2, p_top2, ...) or .json")
+    top_k: int = opt(1, "classes per image, most probable first")
+
+    def __post_init__(self):
+        self.check("an exported classifier (.onnx or .xml) from `edgeclr finetune`")
+        if self.top_k < 1:
+            raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
 
 
 @dataclass
@@ -500,7 +597,8 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
                  # two pruning steps to 50% of the MACs, 20 recovery epochs each: both levels are deployment candidates
                  compress=dict(target_macs=0.5, prune_steps=2, recover_epochs=20, latency_runs=30),
                  export=dict(formats="onnx,openvino"),
-                 eval=dict(latency_runs=30),
+                 # the few-label curve: 3 draws at 1, 5 and 10 labels per class, 100 fine-tuning steps each (1 min)
+                 eval=dict(latency_runs=30, label_efficiency="1,5,10", finetune_steps=100),
                  bench=dict(rounds=3, runs=20, warmup=0.5)),
     # the CPU benchmark (benchmarks/fashion_mnist_teacher.py's teacher recipe, about an hour to train);
     # its student is a ResNet-18 at base width 16 (half the teacher's MACs: layer4 strided): on this
@@ -509,14 +607,14 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
     "fashion-mnist": dict(data="fashion-mnist", train=dict(),
                           distill=dict(model="resnet18", width=16, stem_stride=2, epochs=8, crop_scale=(0.5, 1.0)),
                           compress=dict(eval_images=10000),
-                          export=dict(formats="onnx,openvino"), eval=dict(), bench=dict()),
+                          export=dict(formats="onnx,openvino"), eval=dict(label_efficiency="1,5,10,100"), bench=dict()),
     # a real-size GPU run: STL-10's unlabeled split at 96 px, ResNet-50 teacher, bf16 autocast
     "gpu": dict(data="stl10:data/stl10",
                 train=dict(model="resnet50", input_size=96, stem_stride=2, batch_size=512, epochs=200, optimizer="lars",
                            lr=0.3, weight_decay=1e-6, temperature=0.2, amp="bf16", num_workers=8),
                 distill=dict(model="mobilenet_v3_large", epochs=100, amp="bf16"),
                 compress=dict(recover_epochs=5, calib_images=1000),
-                export=dict(formats="onnx,openvino"), eval=dict(), bench=dict(threads="1,4")),
+                export=dict(formats="onnx,openvino"), eval=dict(label_efficiency="1,5,10,100"), bench=dict(threads="1,4")),
 }
 PIPELINE_SECTIONS = stages.SECTIONS
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgeclr import checkpoint
+from edgeclr import checkpoint, finetune
 from edgeclr.engine import resolve_device
 from edgeclr.errors import CheckpointError, DataError
 from edgeclr.formats import format_of
@@ -26,24 +25,16 @@ from edgeclr.heldout import HeldOut, agreement
 from edgeclr.loading import load_encoder, stage_checkpoints
 from edgeclr.lock import hold
 from edgeclr.models import count_macs, count_params, create_model
-from edgeclr.report import compare_table, eval_table
-from edgeclr.rundir import MetricsLog, exported_files, write_json_atomic
+from edgeclr.report import compare_table, eval_table, label_efficiency_chart, label_efficiency_table
+from edgeclr.rundir import MetricsLog, exported_files, write_atomic, write_json_atomic
 from edgeclr.runtime import Embedder, Preprocess, median_latency_ms
 
 log = logging.getLogger("edgeclr.evaluate")
 
 
 def linear_probe(train_f, train_y, test_f, test_y, seed: int = 0) -> float:
-    """Logistic regression on standardised frozen features; test accuracy in percent."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, C=1.0, random_state=seed))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(np.asarray(train_f), np.asarray(train_y))
+    """Logistic regression on standardised frozen features (finetune.fit_linear); test accuracy in percent."""
+    clf = finetune.fit_linear(train_f, train_y, seed)
     return 100.0 * float((clf.predict(np.asarray(test_f)) == np.asarray(test_y)).mean())
 
 
@@ -225,9 +216,10 @@ def main(cfg) -> dict:
 def _evaluate(cfg, model, ckpt: dict, path: Path, pp: Preprocess, data_spec: str, held: HeldOut, stage_dir: Path, device,
               t0: float) -> dict:
     y_tr, y_te = held.bank_y.numpy(), held.query_y.numpy()
-    rows = []
+    rows, feats = [], {}
     for key, name, fn in feature_functions(model, ckpt, pp, cfg, device):
         f_tr, f_te = held.features(fn, cfg.batch_size, device)
+        feats[key] = (name, f_tr, f_te)
         row = {"key": key, "features": name, "dim": f_tr.shape[1], "knn_top1": held.score_features(f_tr, f_te)["knn_top1"]}
         row["linear_top1"] = linear_probe(f_tr.numpy(), y_tr, f_te.numpy(), y_te, cfg.seed) if cfg.linear_probe else None
         rows.append(row)
@@ -235,9 +227,18 @@ def _evaluate(cfg, model, ckpt: dict, path: Path, pp: Preprocess, data_spec: str
         if cfg.tsne and key == "model":
             tsne_plot(f_te.numpy(), y_te, stage_dir / "tsne.png", held.classes, f"{name}: test embeddings", cfg.seed)
 
+    if cfg.label_efficiency:
+        result_le = finetune.label_efficiency(model, ckpt, pp, held, feats, cfg.levels(), cfg.draws, cfg.finetune_steps,
+                                              ckpt.get("config") or {}, device, cfg.seed)
+        write_json_atomic(result_le, stage_dir / "label_efficiency.json")
+        write_atomic(label_efficiency_table(result_le) + "\n", stage_dir / "label_efficiency.md")
+        write_atomic(label_efficiency_chart(result_le), stage_dir / "label_efficiency.png")
+        log.info("label efficiency: %s (%.0f s)", stage_dir / "label_efficiency.md", result_le["wall_time_s"])
     result = {"checkpoint": str(path), "checkpoint_sha256": checkpoint.sha256(path), "data": data_spec,
               "train_images": int(len(y_tr)), "test_images": int(len(y_te)), "knn_k": cfg.knn_k, "knn_t": cfg.knn_t,
               "rows": rows, "wall_time_s": round(time.time() - t0, 1)}
+    if cfg.label_efficiency:
+        result["label_efficiency"] = str(stage_dir / "label_efficiency.json")
     write_json_atomic(result, stage_dir / "eval.json")
     ml = MetricsLog(stage_dir / "metrics.csv", "eval")
     for r in rows:

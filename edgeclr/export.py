@@ -33,9 +33,9 @@ from edgeclr.formats import EXPORT_FORMATS, ExportFormat
 from edgeclr.heldout import eval_inputs
 from edgeclr.loading import load_encoder, open_like_run
 from edgeclr.lock import hold
-from edgeclr.models import count_macs, count_params
+from edgeclr.models import classifier_from_checkpoint, count_macs, count_params
 from edgeclr.rundir import make_writable_dir, read_manifest, write_json_atomic, write_manifest
-from edgeclr.runtime import Embedder, ModelMeta, Preprocess
+from edgeclr.runtime import Embedder, ModelMeta, Preprocess, load_model_file
 from edgeclr.stages import MODEL_STAGES
 
 log = logging.getLogger("edgeclr.export")
@@ -65,6 +65,15 @@ def load_model(target: str | Path) -> tuple[nn.Module, dict, Path]:
     return load_encoder(newest_checkpoint(target), "cpu")
 
 
+def exported_module(encoder: nn.Module, ckpt: dict, normalize: bool) -> tuple[nn.Module, dict]:
+    """What a checkpoint exports and the metadata that says so: an embedding model, or for a
+    fine-tuned classifier (`edgeclr finetune`) encoder + head with softmax probabilities."""
+    if ckpt.get("task") == "classify":
+        return classifier_from_checkpoint(ckpt), {"task": "classify", "classes": list(ckpt["classes"]),
+                                                  "output_name": "probabilities", "normalized": False}
+    return EmbeddingModel(encoder, normalize).eval(), {"normalized": normalize}
+
+
 # ----------------------------------------------------------------------------------------------
 # writers: (model, example input, dynamic batch, opset, metadata, path) -> written files
 
@@ -72,9 +81,9 @@ def load_model(target: str | Path) -> tuple[nn.Module, dict, Path]:
 def write_onnx(model: nn.Module, x: torch.Tensor, dynamic: bool, opset: int, meta: ModelMeta, path: Path) -> list[Path]:
     import onnx
 
-    axes = {"images": {0: "batch"}, "embeddings": {0: "batch"}} if dynamic else None
-    torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset, input_names=["images"],
-                      output_names=["embeddings"], dynamic_axes=axes, do_constant_folding=True)
+    axes = {meta.input_name: {0: "batch"}, meta.output_name: {0: "batch"}} if dynamic else None
+    torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset, input_names=[meta.input_name],
+                      output_names=[meta.output_name], dynamic_axes=axes, do_constant_folding=True)
     m = onnx.load(str(path))
     onnx.checker.check_model(m, full_check=True)
     onnx.helper.set_model_props(m, meta.to_props())
@@ -126,7 +135,8 @@ def exported_embeddings(fmt: ExportFormat, path: Path, x: torch.Tensor) -> np.nd
         m = torch.jit.load(str(path))
         with torch.no_grad():
             return m(x).numpy()
-    return Embedder.load(path, threads=0, precision="f32").embed_arrays(x.numpy(), batch_size=len(x))
+    backend, meta, _ = load_model_file(path, threads=0, precision="f32")  # an embedding model or a classifier
+    return Embedder(backend, meta, path).embed_arrays(x.numpy(), batch_size=len(x))
 
 
 def compare(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
@@ -165,9 +175,9 @@ def _export(cfg: config.ExportConfig, fmt: ExportFormat, encoder: nn.Module, ckp
     if cfg.input_size and cfg.input_size != pp.input_size:
         pp = pp.at_size(cfg.input_size)
         log.warning("exporting at %d px; the model was trained at %d px", cfg.input_size, ckpt["preprocess"]["input_size"])
-    model = EmbeddingModel(encoder, cfg.normalize).eval()
+    model, task = exported_module(encoder, ckpt, cfg.normalize)
     path = out_dir / f"{cfg.name}{fmt.suffix}"
-    meta = ModelMeta(preprocess=pp, embedding_dim=encoder.embed_dim, normalized=cfg.normalize,
+    meta = ModelMeta(preprocess=pp, embedding_dim=encoder.embed_dim, **task,
                      dynamic_batch=cfg.dynamic_batch or fmt.name == "torchscript", precision="fp32",
                      source_stage=ckpt["stage"], checkpoint_sha256=checkpoint.sha256(ckpt_path),
                      edgeclr_version=edgeclr.__version__, model_spec=ckpt["spec"],

@@ -18,9 +18,10 @@ import dataclasses
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from edgeclr.errors import ConfigError
+from edgeclr.errors import CheckpointError, ConfigError
 from edgeclr.runtime import Preprocess
 
 
@@ -305,3 +306,43 @@ def apply_pruning(model: Encoder, plan: dict, pp: Preprocess | dict) -> Encoder:
         raise ValueError(f"the pruning plan does not fit a {model.spec.name} (recorded with torchvision "
                          f"{plan.get('torchvision')}, torch-pruning {plan.get('torch_pruning')}): {str(e)[:200]}") from e
     return model
+
+
+class ClassifierNet(nn.Module):
+    """encoder -> embedding (B, D) -> standardise (fixed mean / std) -> linear head -> logits (B, K).
+
+    forward() gives softmax probabilities: what is exported."""
+
+    def __init__(self, encoder: Encoder, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        d = encoder.embed_dim
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("std", torch.ones(d))
+        self.head = nn.Linear(d, num_classes)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((self.encoder.embed(x) - self.mean) / self.std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softmax(self.logits(x), dim=1)
+
+    def head_state(self) -> dict:
+        return {k: v.detach().cpu().clone() for k, v in (("mean", self.mean), ("std", self.std),
+                                                        ("weight", self.head.weight), ("bias", self.head.bias))}
+
+    def load_head(self, h: dict) -> None:
+        with torch.no_grad():
+            self.mean.copy_(h["mean"])
+            self.std.copy_(h["std"])
+            self.head.weight.copy_(h["weight"])
+            self.head.bias.copy_(h["bias"])
+
+
+def classifier_from_checkpoint(ck: dict) -> ClassifierNet:
+    """The ClassifierNet a finetune checkpoint holds (its encoder rebuilt from spec, pruning plan and weights)."""
+    if ck.get("task") != "classify" or "head" not in ck:
+        raise CheckpointError("not a classifier checkpoint (written by `edgeclr finetune --task classify`)")
+    net = ClassifierNet(model_from_checkpoint(ck), len(ck["classes"]))
+    net.load_head(ck["head"])
+    return net.eval()

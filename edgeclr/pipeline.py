@@ -144,8 +144,9 @@ def _run_eval(c, resume: bool) -> dict:
         return {"no_labels": True}
     teacher = main(dataclasses.replace(c, target=str(out / "train"), compare=False))
     final = "compress" if (out / "compress" / "checkpoints" / "last.pt").exists() else "distill"
-    student = main(dataclasses.replace(c, target=str(out / final), compare=False, baselines="", linear_probe=False))
-    cmp = main(dataclasses.replace(c, compare=True))
+    student = main(dataclasses.replace(c, target=str(out / final), compare=False, baselines="", linear_probe=False,
+                                       label_efficiency=""))
+    cmp = main(dataclasses.replace(c, compare=True, label_efficiency=""))
     return {"teacher": {r["key"]: r["knn_top1"] for r in teacher["rows"]},
             "student": student["rows"][0]["knn_top1"], "compare_rows": len(cmp["rows"])}
 
@@ -230,9 +231,12 @@ def main(cfg: config.PipelineConfig) -> dict:
 def preflight(configs: dict, names: tuple[str, ...]) -> None:
     """Every later stage's data requirement, checked before training starts (a stage that would fail
     on the data must not cost the stages before it): INT8 calibration needs
-    CompressConfig.MIN_CALIB images of the training data."""
+    CompressConfig.MIN_CALIB images of the training data; the label-efficiency curve of eval keeps
+    the levels (labelled images per class) that the smallest class of the labelled data can give."""
     from edgeclr.loading import open_pretrain
 
+    if "eval" in names and configs["eval"].label_efficiency:
+        configs["eval"] = _fit_label_levels(configs["eval"], configs["train"])
     n = len(open_pretrain(configs["train"]))
     floor = config.CompressConfig.MIN_CALIB
     int8 = [s for s in ("compress", "deploy") if s in names and configs[s].int8]
@@ -240,6 +244,25 @@ def preflight(configs: dict, names: tuple[str, ...]) -> None:
         raise ConfigError(f"{configs['train'].data} has {n} training image(s); INT8 calibration in {' and '.join(int8)} needs at "
                           f"least {floor}: add images, or export FP32 only (pipeline sections "
                           f"{', '.join(f'{s}: {{int8: false}}' for s in int8)}); nothing was trained")
+
+
+def _fit_label_levels(c: config.EvalConfig, tc: config.TrainConfig) -> config.EvalConfig:
+    """The eval config with --label-efficiency levels above the smallest labelled class dropped (a
+    warning says which); unlabeled data: the curve is off."""
+    import numpy as np
+
+    from edgeclr import data
+    from edgeclr.loading import open_like_run
+
+    ds = open_like_run(c.data or tc.data, "train", tc.input_size, vars(tc), tc.seed)
+    if not data.has_labels(ds):
+        return dataclasses.replace(c, label_efficiency="")
+    smallest = int(np.bincount(ds.labels)[np.unique(ds.labels)].min())
+    keep = [n for n in c.levels() if n <= smallest]
+    if len(keep) < len(c.levels()):
+        log.warning("eval: the smallest class of %s has %d labelled images: the label-efficiency curve runs at %s per class "
+                    "(asked: %s)", c.data or tc.data, smallest, ",".join(map(str, keep)) or "no level", c.label_efficiency)
+    return dataclasses.replace(c, label_efficiency=",".join(map(str, keep)))
 
 
 def _run(cfg: config.PipelineConfig, out: Path, configs: dict, first: int, last: int) -> dict:

@@ -141,6 +141,60 @@ def eval_table(rows: list[dict]) -> str:
                            for r in rows])
 
 
+def label_efficiency_table(le: dict) -> str:
+    """`edgeclr eval --label-efficiency`: accuracy (mean +- spread over the draws) per labelled images per class."""
+    from edgeclr.finetune import LE_METHODS
+
+    return markdown_table(["method", "features"] + [f"{n} / class" for n in le["levels"]],
+                          [[LE_METHODS[r["method"]], r["name"]] + [f"{p['mean']:.2f} ± {p['std']:.2f}" for p in r["points"]]
+                           for r in le["rows"]])
+
+
+def label_efficiency_verdict(le: dict) -> str:
+    """One sentence per level: the best result from the model's features against random init's and raw pixels'."""
+    from edgeclr.finetune import LE_METHODS
+
+    parts = []
+    for i, n in enumerate(le["levels"]):
+        best = {}
+        for r in le["rows"]:
+            m = r["points"][i]["mean"]
+            if r["features"] not in best or m > best[r["features"]][0]:
+                best[r["features"]] = (m, f"{LE_METHODS[r['method']]}: {r['name']}")
+        if "model" not in best:
+            continue
+        m, how = best["model"]
+        others = [f"{name} {best[k][0]:.2f}% ({m - best[k][0]:+.2f} points)" for k, name in (("random", "random init"), ("pixels", "raw pixels"))
+                  if k in best]
+        lose = [name for k, name in (("random", "random init"), ("pixels", "raw pixels")) if k in best and best[k][0] > m]
+        parts.append(f"at {n} per class the model's best is {m:.2f}% ({how}); against {', '.join(others) or 'no baseline'}"
+                     + (f": {' and '.join(lose)} ahead" if lose else ""))
+    return ("Best of each: " + "; ".join(parts) + ".") if parts else ""
+
+
+def label_efficiency_chart(le: dict) -> bytes:
+    """Accuracy against labels per class (log axis), one line per method and features, spread as error bars."""
+    from edgeclr.finetune import LE_METHODS
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    colours = {"model": "#c33", "random": "#37a", "pixels": "#888"}
+    styles = {"knn": ":", "linear": "--", "finetune": "-"}
+    for r in le["rows"]:
+        xs = [p["per_class"] for p in r["points"]]
+        ax.errorbar(xs, [p["mean"] for p in r["points"]], yerr=[p["std"] for p in r["points"]], ls=styles[r["method"]],
+                    color=colours.get(r["features"], "#555"), marker="o", ms=3, capsize=2,
+                    label=f"{LE_METHODS[r['method']]}: {r['name']}")
+    ax.set_xscale("log")
+    ax.set_xticks(le["levels"], [str(n) for n in le["levels"]])
+    ax.set_xlabel("labelled images per class")
+    ax.set_ylabel("test accuracy %")
+    ax.set_title(f"Label efficiency (mean and spread over {le['draws']} draws)", fontsize=10)
+    ax.legend(fontsize=6.5, loc="lower right")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def compare_table(rows: list[dict]) -> str:
     """`edgeclr eval --compare`: the retention table of every stage and artifact of a run."""
     header = ["model", "kNN %", "linear %", "retention", "kNN agreement", "top-10 overlap", "size MB", "MMACs", "ms (1 thread)",
@@ -258,6 +312,19 @@ def _teacher_section(teacher_eval: dict | None) -> list[tuple]:
                                       for r in teacher_eval["rows"]]))]
 
 
+def _label_efficiency_section(out: Path) -> list[tuple]:
+    le = _load(out / "train" / "label_efficiency.json")
+    if not le:
+        return []
+    return [("h", 2, "Few labels: the teacher's features against random init and raw pixels"),
+            ("p", f"Test accuracy on {le['query_images']} images with N labelled images per class drawn from the "
+                  f"{le['bank_images']}-image bank, mean ± spread over {le['draws']} draws; full fine-tuning is "
+                  f"`edgeclr finetune --mode full` for {le['finetune_steps']} steps, from the teacher and from random weights."),
+            ("table", label_efficiency_table(le)),
+            ("p", label_efficiency_verdict(le)),
+            ("img", "label_efficiency.png", label_efficiency_chart(le), "Accuracy against labelled images per class")]
+
+
 def _retention_section(rows: list[dict]) -> list[tuple]:
     if not rows:
         return []
@@ -351,7 +418,8 @@ def build_blocks(out: Path) -> list[tuple]:
     data = state.get("data") or ((read_manifest(out / "train").get("inputs") or {}).get("data") or {}).get("name")
     return [("h", 1, f"edgeclr run report: {out.name}"),
             ("p", f"Dataset: {data}. Preset: {state.get('preset', '-')}. Built from the files in `{out}`."),
-            *_headline(sel, teacher_eval), *_teacher_section(teacher_eval), *_deployment_section(out, sel), *_retention_section(rows),
+            *_headline(sel, teacher_eval), *_teacher_section(teacher_eval), *_label_efficiency_section(out),
+            *_deployment_section(out, sel), *_retention_section(rows),
             *_compression_section(out, _load(out / "compress" / "report.json")), *_curves_and_embeddings(out),
             *_bench_section(out, _load(out / "bench" / "bench.json")), *_provenance_section(out, state)]
 

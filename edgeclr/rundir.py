@@ -70,11 +70,16 @@ def read_metrics(path: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def write_json_atomic(obj: Any, path: str | Path) -> None:
+def write_atomic(content: str | bytes, path: str | Path) -> None:
+    """Write a file whole or not at all (a temporary beside it, then os.replace)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.write_bytes(content.encode() if isinstance(content, str) else content)
     os.replace(tmp, path)
+
+
+def write_json_atomic(obj: Any, path: str | Path) -> None:
+    write_atomic(json.dumps(obj, indent=2, default=str) + "\n", path)
 
 
 def write_manifest(stage_dir: str | Path, stage: str, *, inputs: dict, spec: dict | None, preprocess: dict | None,

@@ -6,7 +6,8 @@ from click.testing import CliRunner
 
 from edgeclr.cli import cli
 
-COMMANDS = ["train", "distill", "compress", "export", "embed", "search", "bench", "eval", "deploy", "select", "pipeline"]
+COMMANDS = ["train", "distill", "compress", "export", "embed", "search", "bench", "eval", "deploy", "select", "pipeline", "finetune",
+            "predict"]
 
 
 def test_help_lists_every_command_and_each_has_help():
@@ -22,7 +23,8 @@ def test_help_lists_every_command_and_each_has_help():
 @pytest.mark.parametrize("command,cls", [("train", "TrainConfig"), ("distill", "DistillConfig"), ("export", "ExportConfig"),
                                          ("embed", "EmbedConfig"), ("search", "SearchConfig"), ("eval", "EvalConfig"),
                                          ("compress", "CompressConfig"), ("bench", "BenchConfig"), ("deploy", "DeployConfig"),
-                                         ("select", "SelectConfig")])
+                                         ("select", "SelectConfig"),
+                                         ("finetune", "FinetuneConfig"), ("predict", "PredictConfig")])
 def test_every_option_has_help_text(command, cls):
     import dataclasses
 

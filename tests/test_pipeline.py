@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from helpers import run
@@ -28,7 +29,8 @@ FAST = dict(
     distill=dict(epochs=2, knn_every=0, ckpt_every=3, threads=1, tensorboard=False),
     compress=dict(recover_epochs=1, calib_images=32, latency_runs=3, eval_images=300, formats="onnx", tensorboard=False),
     export=dict(formats="onnx", check_images=4),
-    eval=dict(latency_runs=3, linear_probe=False, max_train=300, baselines="pixels,random", tsne=True),
+    eval=dict(latency_runs=3, linear_probe=False, max_train=300, baselines="pixels,random", tsne=True, label_efficiency="1,3",
+              draws=2, finetune_steps=5),
     bench=dict(rounds=1, runs=3, warmup=0.05, formats="onnx,onnx-int8"),
     deploy=dict(runtimes="onnxruntime", quantize_all=False, rounds=1, runs=3, warmup=0.05, calib_images=32, eval_images=300),
 )
@@ -108,7 +110,8 @@ def test_pipeline_killed_mid_stage_resumes_skips_and_reports(tmp_path):
         assert min(im.size) > 50
     md = (out / "report.md").read_text()
     for text in ("Teacher against the baselines", "raw pixels", "random init", "Retention across stages",
-                 "compress/models/int8.onnx", "Deployment", "onnxruntime", ". Deployed ", "the teacher's own"):
+                 "compress/models/int8.onnx", "Deployment", "onnxruntime", ". Deployed ", "the teacher's own",
+                 "Few labels", "| full fine-tuning |", "3 / class"):
         assert text in md, text
     for f in re.findall(r"\]\((report_files/[^)]+)\)", md):
         assert (out / f).is_file()
@@ -288,3 +291,25 @@ def test_too_few_images_for_int8_fail_before_training(tmp_path):
             ok=False)
     assert r.exit_code == 2 and "has 10 training image(s); INT8 calibration in compress and deploy needs at least 32" in r.output
     assert "nothing was trained" in r.output and not (tmp_path / "run" / "train").exists()
+
+
+def test_the_label_efficiency_levels_fit_the_smallest_labelled_class_before_training(image_folder, tmp_path, caplog):
+    cfg = config.build(config.PipelineConfig, None, data=str(image_folder), out=str(tmp_path / "run"),
+                       eval={"label_efficiency": "1,5,10,100"})
+    configs = pipeline.stage_configs(cfg)
+    pipeline.preflight(configs, pipeline.STAGES)
+    from edgeclr.loading import open_like_run
+
+    tc = configs["train"]
+    ds = open_like_run(tc.data, "train", tc.input_size, vars(tc), tc.seed)
+    smallest = int(np.bincount(ds.labels).min())
+    assert configs["eval"].levels() == [n for n in (1, 5, 10, 100) if n <= smallest] and 1 <= smallest < 100
+    assert "the smallest class" in caplog.text and "(asked: 1,5,10,100)" in caplog.text
+    # unlabeled images: no curve
+    d = tmp_path / "flat"
+    d.mkdir()
+    for i in range(8):
+        Image.fromarray(np.full((12, 12), i * 20, np.uint8)).save(d / f"{i}.png")
+    configs = pipeline.stage_configs(config.build(config.PipelineConfig, None, data=str(d), out=str(tmp_path / "r2"),
+                                                  compress={"int8": False}, deploy={"int8": False}))
+    assert pipeline._fit_label_levels(configs["eval"], configs["train"]).label_efficiency == ""

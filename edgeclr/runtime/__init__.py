@@ -3,9 +3,9 @@ inside the functions that need them.
 
     images         image files -> decoded PIL images (load_image, list_inputs)
     preprocessing  the one preprocessing path (Preprocess, preprocess), shared with evaluation
-    embedder       exported models: ModelMeta, the onnxruntime / OpenVINO backends, Embedder
+    embedder       exported models: ModelMeta, the onnxruntime / OpenVINO backends, Embedder, Classifier
     index          Index: cosine nearest-neighbour search and kNN classification
-    commands       `edgeclr embed` and `edgeclr search` (embed_files_to, search_main)
+    commands       `edgeclr embed`, `edgeclr search` and `edgeclr predict` (embed_files_to, search_main, predict_files_to)
 
     emb = Embedder.load("model.onnx")             # or model.xml; preprocessing read from the file
     vectors = emb.embed(["a.jpg", "b.png"])        # (N, D) float32
@@ -14,8 +14,16 @@ inside the functions that need them.
 """
 
 from edgeclr.errors import ImageError, ModelError
-from edgeclr.runtime.commands import PartialEmbeddings, embed_files_to, ids_path, labels_for, read_embeddings, search_main
-from edgeclr.runtime.embedder import Embedder, ModelMeta, median_latency_ms, openvino_core, read_sidecar
+from edgeclr.runtime.commands import (
+    PartialEmbeddings,
+    embed_files_to,
+    ids_path,
+    labels_for,
+    predict_files_to,
+    read_embeddings,
+    search_main,
+)
+from edgeclr.runtime.embedder import Classifier, Embedder, ModelMeta, load_model_file, median_latency_ms, openvino_core, read_sidecar
 from edgeclr.runtime.images import (
     GRAY_MODES,
     IMAGE_SUFFIXES,
@@ -31,8 +39,8 @@ from edgeclr.runtime.preprocessing import Preprocess, preprocess, preprocess_bat
 
 __all__ = [
     "GRAY_MODES", "IMAGE_SUFFIXES", "INDEX_BACKENDS", "MAX_ASPECT",
-    "Embedder", "ImageError", "Index", "ModelError", "ModelMeta", "PartialEmbeddings", "Preprocess",
-    "check_aspect", "embed_files_to", "ids_path", "l2_normalize", "labels_for", "list_images", "list_inputs", "load_image",
-    "median_latency_ms", "openvino_core", "preprocess", "preprocess_batch", "read_embeddings", "read_sidecar",
+    "Classifier", "Embedder", "ImageError", "Index", "ModelError", "ModelMeta", "PartialEmbeddings", "Preprocess",
+    "check_aspect", "embed_files_to", "ids_path", "l2_normalize", "labels_for", "list_images", "list_inputs", "load_image", "load_model_file",
+    "median_latency_ms", "openvino_core", "predict_files_to", "preprocess", "preprocess_batch", "read_embeddings", "read_sidecar",
     "resize_center_crop", "search_main", "to_mode",
 ]

@@ -1,8 +1,12 @@
-"""`edgeclr embed` and `edgeclr search`: file-level work on top of `Embedder` and `Index`
-(resumable embedding into OUT.npy + OUT.ids.txt, gallery labels, queries)."""
+"""`edgeclr embed`, `edgeclr search` and `edgeclr predict`: file-level work on top of `Embedder`,
+`Index` and `Classifier` (resumable embedding into OUT.npy + OUT.ids.txt, gallery labels, queries,
+class predictions into CSV or JSON)."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +15,7 @@ import numpy as np
 
 from edgeclr.errors import ImageError, ModelError
 from edgeclr.lock import hold
-from edgeclr.runtime.embedder import Embedder
+from edgeclr.runtime.embedder import Classifier, Embedder
 from edgeclr.runtime.images import list_inputs
 from edgeclr.runtime.index import Index
 
@@ -170,3 +174,44 @@ def search_main(cfg) -> list[dict]:
               for s, j in zip(scores[i], idx[i])]
         out.append({"query": qid, "neighbours": nb, **({"class": str(classes[i])} if classes is not None else {})})
     return out
+
+
+PREDICT_SUFFIXES = (".csv", ".json")
+
+
+def predict_files_to(model: str | Path, inputs: Sequence[str | Path], out: str | Path, top_k: int = 1, batch_size: int = 32,
+                     threads: int = 0, on_error: str = "skip", precision: str = "f32") -> dict:
+    """Classify image files with an exported classifier into OUT: .csv (path, top1, p_top1, top2,
+    p_top2, ...: one row per readable image) or .json (a list of {path, top: [[class, p], ...]}).
+
+    Unreadable images are skipped and returned in `errors` (on_error="raise": the first raises
+    ImageError). OUT is written whole under a temporary name and renamed, under a lock: a killed run
+    leaves the previous OUT (or none), never half a file.
+    """
+    out = Path(out)
+    if out.suffix.lower() not in PREDICT_SUFFIXES:
+        raise ImageError(f"--out {out}: predictions are written as .csv or .json")
+    if top_k < 1:
+        raise ImageError(f"--top-k must be >= 1, got {top_k}")
+    clf = Classifier.load(model, threads=threads, precision=precision)
+    files = list_inputs(inputs)
+    with hold(out, "the predictions file", is_dir=False):
+        rows, errors = [], []
+        for ids, probs, errs in clf.embed_files(files, batch_size, on_error):
+            rows += [(i, r) for i, r in zip(ids, clf.rank(probs, top_k))]
+            errors += errs
+        k = min(top_k, clf.dim)
+        if out.suffix.lower() == ".json":
+            text = json.dumps([{"path": i, "top": [[c, round(p, 6)] for c, p in r]} for i, r in rows], indent=1) + "\n"
+        else:
+            buf = io.StringIO()
+            w = csv.writer(buf, lineterminator="\n")
+            w.writerow(["path"] + [x for j in range(1, k + 1) for x in (f"top{j}", f"p_top{j}")])
+            for i, r in rows:
+                w.writerow([i] + [x for c, p in r for x in (c, f"{p:.6f}")])
+            text = buf.getvalue()
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out)
+    return {"out": str(out), "predicted": len(rows), "errors": errors, "classes": clf.classes, "model": str(model),
+            "rows": [{"path": i, "top": r} for i, r in rows]}

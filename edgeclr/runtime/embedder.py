@@ -36,6 +36,8 @@ class ModelMeta:
     model_spec: dict | None = None
     macs: int | None = None  # multiply-accumulates of one image at input_size (Conv2d + Linear)
     params: int | None = None
+    task: str = "embed"  # embed: (N, D) embeddings | classify: (N, K) softmax probabilities over `classes`
+    classes: list | None = None  # classify: the class names, in output order
 
     def to_props(self) -> dict[str, str]:
         """Flat string map (every value JSON-encoded), the form both file formats store."""
@@ -170,6 +172,12 @@ def read_sidecar(path: Path) -> dict[str, str]:
     return {}
 
 
+TASKS = ("embed", "classify")
+# what to use for a file of each task: the message when a file reaches the wrong class
+USE_FOR = {"embed": "an embedding model: use `edgeclr embed` / `edgeclr search` (runtime.Embedder)",
+           "classify": "a classifier: use `edgeclr predict` (runtime.Classifier)"}
+
+
 def _check_consistent(meta: ModelMeta, in_shape, out_shape, path: Path) -> None:
     """The metadata must describe this graph: (C, S, S) input and D-wide output where static."""
     pp = meta.preprocess
@@ -182,13 +190,46 @@ def _check_consistent(meta: ModelMeta, in_shape, out_shape, path: Path) -> None:
                                     ("input width", pp.input_size, in_shape[3])):
                 if got is not None and got != want:
                     problems.append(f"metadata {name} {want}, model {got}")
-    if out_shape is not None and len(out_shape) == 2 and out_shape[1] is not None and out_shape[1] != meta.embedding_dim:
-        problems.append(f"metadata embedding_dim {meta.embedding_dim}, model output {out_shape[1]}")
+    width, what = (len(meta.classes or []), "classes") if meta.task == "classify" else (meta.embedding_dim, "embedding_dim")
+    if out_shape is not None and len(out_shape) == 2 and out_shape[1] is not None and out_shape[1] != width:
+        problems.append(f"metadata {what} {width}, model output {out_shape[1]}")
+    if meta.task not in TASKS:
+        problems.append(f"unknown task {meta.task!r} (this edgeclr reads {', '.join(TASKS)})")
+    if meta.task == "classify" and len(meta.classes or []) < 2:
+        problems.append("a classifier needs the names of >= 2 classes")
     if meta.embedding_dim < 1 or pp.input_size < 1:
         problems.append("embedding_dim and input_size must be >= 1")
     if problems:
         raise ModelError(f"{path}: its metadata does not match the model ({'; '.join(problems)}): the file was edited, or the "
                          "metadata belongs to another model. Re-export it with `edgeclr export`")
+
+
+def load_model_file(path: str | Path, threads: int = 0, precision: str = "f32") -> tuple[object, ModelMeta, Path]:
+    """(backend, metadata, path) of an exported edgeclr file: the backend from the suffix (.onnx:
+    onnxruntime, .xml: OpenVINO), the metadata from the file (or metadata.json beside it), checked
+    against the graph."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".onnx":
+            backend = _OnnxBackend(path, threads)
+        elif suffix == ".xml":
+            backend = _OpenVinoBackend(path, threads, precision)
+        else:
+            raise ModelError(f"{path}: unknown model format {suffix!r}; the runtime reads .onnx (onnxruntime) and .xml (OpenVINO)")
+    except ImportError as e:
+        pkg = "onnxruntime" if suffix == ".onnx" else "openvino"
+        raise ModelError(f"{path} needs {pkg}: pip install 'edgeclr[{'runtime' if pkg == 'onnxruntime' else 'openvino'}]'") from e
+    except ModelError:
+        raise
+    except Exception as e:  # the runtimes raise their own types on corrupt files
+        raise ModelError(f"cannot load model {path}: {type(e).__name__}: {str(e)[:300]}") from e
+    props = backend.props or read_sidecar(path)
+    meta = ModelMeta.from_props(props, str(path))
+    _check_consistent(meta, getattr(backend, "input_shape", None), getattr(backend, "output_shape", None), path)
+    return backend, meta, path
 
 
 class Embedder:
@@ -201,30 +242,14 @@ class Embedder:
     def __init__(self, backend, meta: ModelMeta, path: Path):
         self.backend, self.meta, self.path = backend, meta, path
 
+    TASK = "embed"
+
     @classmethod
-    def load(cls, path: str | Path, threads: int = 0, precision: str = "f32") -> Embedder:
+    def load(cls, path: str | Path, threads: int = 0, precision: str = "f32"):
         """Args: threads: CPU threads (0 = the runtime's default); precision (OpenVINO): f32 | bf16 | f16 | default."""
-        path = Path(path)
-        if not path.is_file():
-            raise ModelError(f"model file {path} does not exist")
-        suffix = path.suffix.lower()
-        try:
-            if suffix == ".onnx":
-                backend = _OnnxBackend(path, threads)
-            elif suffix == ".xml":
-                backend = _OpenVinoBackend(path, threads, precision)
-            else:
-                raise ModelError(f"{path}: unknown model format {suffix!r}; the runtime reads .onnx (onnxruntime) and .xml (OpenVINO)")
-        except ImportError as e:
-            pkg = "onnxruntime" if suffix == ".onnx" else "openvino"
-            raise ModelError(f"{path} needs {pkg}: pip install 'edgeclr[{'runtime' if pkg == 'onnxruntime' else 'openvino'}]'") from e
-        except ModelError:
-            raise
-        except Exception as e:  # the runtimes raise their own types on corrupt files
-            raise ModelError(f"cannot load model {path}: {type(e).__name__}: {str(e)[:300]}") from e
-        props = backend.props or read_sidecar(path)
-        meta = ModelMeta.from_props(props, str(path))
-        _check_consistent(meta, getattr(backend, "input_shape", None), getattr(backend, "output_shape", None), path)
+        backend, meta, path = load_model_file(path, threads, precision)
+        if meta.task != cls.TASK:
+            raise ModelError(f"{path} is {USE_FOR[meta.task]}, not {USE_FOR[cls.TASK].split(':')[0]}")
         return cls(backend, meta, path)
 
     @property
@@ -264,3 +289,41 @@ class Embedder:
                 ids, arrays, errors = [], [], []
         if arrays or errors:
             yield ids, (self.embed_arrays(np.stack(arrays), batch_size) if arrays else np.zeros((0, self.dim), np.float32)), errors
+
+
+class Classifier(Embedder):
+    """Images -> (N, K) softmax probabilities with an exported edgeclr classifier (`edgeclr finetune`); no torch.
+
+    `Classifier.load(path)` reads the class names and the preprocessing from the file:
+
+        clf = Classifier.load("classifier.onnx")
+        clf.predict(["a.png", "b.png"])          # ["sandal", "bag"]
+        clf.top_k(["a.png"], k=3)                # [[("sandal", 0.91), ("sneaker", 0.06), ("bag", 0.01)]]
+    """
+
+    TASK = "classify"
+
+    @property
+    def classes(self) -> list[str]:
+        return [str(c) for c in self.meta.classes]
+
+    @property
+    def dim(self) -> int:
+        return len(self.meta.classes)
+
+    def predict_proba(self, images: Sequence[str | Path | Image.Image], batch_size: int = 32) -> np.ndarray:
+        """(N, K) probabilities; an unreadable file raises ImageError (predict_files skips them)."""
+        return self.embed(images, batch_size)
+
+    def predict(self, images: Sequence[str | Path | Image.Image], batch_size: int = 32) -> list[str]:
+        """The most probable class name of each image."""
+        return [self.classes[i] for i in self.predict_proba(images, batch_size).argmax(1)]
+
+    def top_k(self, images: Sequence[str | Path | Image.Image], k: int = 1, batch_size: int = 32) -> list[list[tuple[str, float]]]:
+        """The k most probable (class name, probability) pairs of each image, most probable first."""
+        return self.rank(self.predict_proba(images, batch_size), k)
+
+    def rank(self, probs: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        k = min(k, self.dim)
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [[(self.classes[j], float(p[j])) for j in row] for p, row in zip(probs, order)]

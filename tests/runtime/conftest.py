@@ -15,3 +15,11 @@ def model(tmp_path_factory):
     run(["train", *TINY, "--out", str(d / "run")])
     run(["export", str(d / "run"), "--check-images", "4"])
     return d / "run" / "export" / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def classifier(model):
+    """The tiny teacher fine-tuned on 5 labelled digits per class (`edgeclr finetune`), exported to ONNX."""
+    out = model.parent.parent / "finetune"
+    run(["finetune", str(model.parent.parent), "--labels-per-class", "5", "--steps", "20", "--threads", "1", "--out", str(out)])
+    return out / "export" / "classifier.onnx"

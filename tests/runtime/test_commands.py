@@ -113,8 +113,9 @@ def test_search_cli_finds_the_image_itself_and_classifies(model, gallery, tmp_pa
     assert r.exit_code == 2 and "need --model" in r.output
 
 
-def test_a_runtime_only_install_has_no_torch_and_embeds(model, gallery, tmp_path):
-    """`pip install .[runtime]` in a fresh virtual environment: no torch, and `edgeclr embed` works."""
+def test_a_runtime_only_install_has_no_torch_and_embeds(model, classifier, gallery, tmp_path):
+    """`pip install .[runtime]` in a fresh virtual environment: no torch, and `edgeclr embed`, `bench`
+    and `predict` work."""
     repo = Path(__file__).resolve().parents[2]
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -133,6 +134,16 @@ def test_a_runtime_only_install_has_no_torch_and_embeds(model, gallery, tmp_path
     assert r.returncode == 0, r.stderr[-2000:]
     row = json.loads((tmp_path / "bench" / "bench.json").read_text())["rows"][0]
     assert row["format"] == "onnx" and row["p50_ms"] > 0 and row["runtime"].startswith("onnxruntime")
+    # and `edgeclr predict` with a fine-tuned classifier
+    r = subprocess.run([str(venv / "bin" / "edgeclr"), "predict", str(gallery), "--model", str(classifier), "--top-k", "2",
+                        "--out", str(tmp_path / "p.csv")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert rows[0] == "path,top1,p_top1,top2,p_top2" and len(rows) == 31
+    from edgeclr.runtime import Classifier
+
+    first = rows[1].split(",")
+    assert first[1] == Classifier.load(classifier).predict([first[0]])[0]
 
 
 # -- one writer per output (edgeclr.lock) -------------------------------------------------------

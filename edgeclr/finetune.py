@@ -1,0 +1,546 @@
+"""`edgeclr finetune --task classify`: few-label classification on any stage's encoder, and the
+label-efficiency curve of `edgeclr eval --label-efficiency`.
+
+    draw_labeled -> ClassifierNet(encoder, standardise, linear head)
+      linear: logistic regression on frozen, clean features (the linear probe), copied into the head
+      frozen: the head trained on augmented views through the frozen encoder
+      full:   linear probe first, then encoder and head trained together (LP-FT, Kumar et al. 2022),
+              the encoder at --backbone-lr-ratio of the head's learning rate
+    -> early stopping on held-out labelled images -> test accuracy -> checkpoint, export, INT8
+
+The labelled images are a stratified draw of the labeled train split (--labels-per-class N or
+--labels-fraction F); with >= 20 per class, --val-fraction of each class is held out for early
+stopping (never trained on); below that every label trains and the schedule runs to its end (on
+Fashion-MNIST-like data at 10 per class, holding 2 per class out cost more than early stopping saved). Test accuracy is on the
+whole test split. BatchNorm: with few labelled images (--bn auto: fewer than 2,000) the encoder's
+running statistics stay as pretraining left them and only its affine parameters train: batch
+statistics of a few dozen images are noise.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import signal
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import edgeclr
+from edgeclr import checkpoint, config, data, faults
+from edgeclr.augment import SimCLRAugment, get_preset, preset_for, view_generator
+from edgeclr.engine import build_scheduler, exit_for_signal, prepare_stage_dir, resolve_device
+from edgeclr.errors import ConfigError, DataError, NonFiniteLoss
+from edgeclr.heldout import batchnorms, eval_inputs
+from edgeclr.loading import load_encoder, open_like_run
+from edgeclr.lock import hold
+from edgeclr.models import ClassifierNet, Encoder, create_model
+from edgeclr.rundir import MetricsLog, write_json_atomic, write_manifest
+from edgeclr.runtime import Preprocess
+
+log = logging.getLogger("edgeclr.finetune")
+
+VAL_FROM = 20  # labelled images per class from which a validation split is held out
+BN_FROZEN_BELOW = 2000  # --bn auto: labelled training images under which BatchNorm statistics stay frozen
+SOURCE_STAGES = {"teacher": "train", "student": "distill", "pruned": "compress"}
+
+
+# ----------------------------------------------------------------------------------------------
+# the labelled images
+
+
+def draw_labeled(labels: np.ndarray, per_class: int | None = None, fraction: float | None = None, seed: int = 0,
+                 val_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """A stratified draw of the labeled images: (train indices, validation indices), sorted.
+
+    per_class images of every class (or `fraction` of each class, at least 1); with >= VAL_FROM per
+    class, floor(val_fraction * n) of each class go to validation instead of training.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        n = per_class if per_class else max(1, int(round(fraction * len(idx))))
+        if n > len(idx):
+            raise DataError(f"class {c} has {len(idx)} labeled image(s), fewer than the {n} asked for: lower "
+                            "--labels-per-class (or label more images of that class)")
+        pick = rng.permutation(idx)[:n]
+        n_val = int(val_fraction * n) if n >= VAL_FROM else 0
+        val.append(pick[:n_val])
+        train.append(pick[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val)).astype(np.int64)
+
+
+def to_uint8(x: torch.Tensor, pp: Preprocess) -> torch.Tensor:
+    """Preprocessed inputs (N, C, S, S) back to uint8 pixels, the augmentation's input."""
+    mean = torch.tensor(pp.mean).view(1, -1, 1, 1)
+    std = torch.tensor(pp.std).view(1, -1, 1, 1)
+    return ((x * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def finetune_augment(run_cfg: dict, pp: Preprocess) -> SimCLRAugment:
+    """Supervised views: the pretraining preset's flips and rotations, milder crops and colour
+    jitter, no blur and no grayscale (a class must survive its view)."""
+    base = get_preset(run_cfg.get("augment") or preset_for(pp.channels, pp.input_size))
+    aug = replace(base, crop_scale=(0.5, 1.0), jitter_strength=min(base.jitter_strength, 0.4), jitter_p=0.5, gray_p=0.0,
+                  blur_p=0.0, stain_jitter=min(base.stain_jitter, 0.03))
+    return SimCLRAugment(aug, pp.input_size, pp.mean, pp.std)
+
+
+# ----------------------------------------------------------------------------------------------
+# the model
+
+
+def fit_linear(train_f: np.ndarray, train_y: np.ndarray, seed: int = 0, c: float = 1.0):
+    """The linear probe: logistic regression on standardised features (the one edgeclr fits everywhere)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, C=c, random_state=seed))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(np.asarray(train_f), np.asarray(train_y))
+    return clf
+
+
+def linear_head(clf, num_classes: int) -> dict:
+    """A fitted fit_linear pipeline as ClassifierNet head state (mean, std, weight (K, D), bias (K,))."""
+    scaler, lr = clf[0], clf[-1]
+    d = len(scaler.mean_)
+    w, b = np.zeros((num_classes, d)), np.zeros(num_classes)
+    coef, icpt = lr.coef_, lr.intercept_
+    if len(lr.classes_) == 2 and coef.shape[0] == 1:  # binary: sigmoid(w.x + b) = softmax([0, w.x + b])[1]
+        coef, icpt = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], icpt])
+    for row, c in enumerate(lr.classes_):
+        w[int(c)], b[int(c)] = coef[row], icpt[row]
+    b[[c for c in range(num_classes) if c not in set(int(k) for k in lr.classes_)]] = -1e4  # never-seen classes
+    f = torch.float32
+    return {"mean": torch.as_tensor(scaler.mean_, dtype=f), "std": torch.as_tensor(np.maximum(scaler.scale_, 1e-8), dtype=f),
+            "weight": torch.as_tensor(w, dtype=f), "bias": torch.as_tensor(b, dtype=f)}
+
+
+@torch.no_grad()
+def embed_all(fn, x: torch.Tensor, device, batch_size: int = 512) -> torch.Tensor:
+    return torch.cat([fn(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]) if len(x) else torch.zeros(0)
+
+
+@torch.no_grad()
+def accuracy(net: ClassifierNet, x: torch.Tensor, y: torch.Tensor, device, batch_size: int = 512) -> float:
+    was = net.training
+    net.eval()
+    try:
+        pred = embed_all(net.logits, x, device, batch_size).argmax(1)
+    finally:
+        net.train(was)
+    return 100.0 * float((pred == y).float().mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+@dataclasses.dataclass
+class Recipe:
+    """How one classifier is trained (the fields of FinetuneConfig that shape training)."""
+
+    mode: str = "full"  # linear | frozen | full
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 1e-3
+    backbone_lr_ratio: float = 0.1
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    eval_every: int = 25
+    patience: int = 4
+    bn: str = "auto"  # auto | frozen | train
+    augment: bool = True
+    seed: int = 0
+    max_minutes: float = 0.0
+
+
+class Tuner:
+    """One fine-tuning run's state: the net, optimiser, schedule, step, best weights; a checkpoint
+    dict of all of it (resume continues the same schedule) and the SIGTERM / SIGINT stop."""
+
+    def __init__(self, net: ClassifierNet, recipe: Recipe, x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor,
+                 pp: Preprocess, run_cfg: dict, device):
+        self.net, self.r, self.device = net.to(device), recipe, device
+        self.x_raw, self.y, self.xv, self.yv = to_uint8(x, pp), y, xv, yv
+        self.augment = finetune_augment(run_cfg, pp) if recipe.augment else None
+        self.pp = pp
+        self.bn_frozen = recipe.bn == "frozen" or (recipe.bn == "auto" and len(y) < BN_FROZEN_BELOW)
+        full = recipe.mode == "full"
+        net.encoder.requires_grad_(full)
+        groups = [{"params": list(net.head.parameters()), "lr": recipe.lr, "weight_decay": recipe.weight_decay}]
+        if full:
+            enc = [p for p in net.encoder.parameters() if p.requires_grad]
+            decay = [p for p in enc if p.ndim > 1]
+            groups += [{"params": decay, "lr": recipe.lr * recipe.backbone_lr_ratio, "weight_decay": recipe.weight_decay},
+                       {"params": [p for p in enc if p.ndim <= 1], "lr": recipe.lr * recipe.backbone_lr_ratio, "weight_decay": 0.0}]
+        self.opt = torch.optim.AdamW(groups)
+        self.sched = build_scheduler(self.opt, recipe.steps, max(1, recipe.steps // 20))
+        self.step, self.best_acc, self.best_step, self.bad_evals = 0, -1.0, 0, 0
+        self.best = copy.deepcopy(net.state_dict())
+        self.history: list[dict] = []
+        self.stop_signal: int | None = None
+
+    def state(self) -> dict:
+        return {"net": self.net.state_dict(), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "step": self.step, "best": self.best, "best_acc": self.best_acc, "best_step": self.best_step,
+                "bad_evals": self.bad_evals, "history": list(self.history), "rng": checkpoint.rng_state()}
+
+    def restore(self, s: dict) -> None:
+        self.net.load_state_dict(s["net"])
+        self.opt.load_state_dict(s["optimizer"])
+        self.sched.load_state_dict(s["scheduler"])
+        self.step, self.best, self.best_acc = s["step"], s["best"], s["best_acc"]
+        self.best_step, self.bad_evals, self.history = s["best_step"], s["bad_evals"], list(s["history"])
+        checkpoint.set_rng_state(s.get("rng") or {})
+
+    def train_mode(self) -> None:
+        self.net.train()
+        if self.r.mode != "full":
+            self.net.encoder.eval()  # frozen: the encoder is a fixed feature extractor
+        elif self.bn_frozen:
+            for m in batchnorms(self.net.encoder):
+                m.eval()  # running statistics stay; the affine parameters still train
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n, bs = len(self.y), min(self.r.batch_size, len(self.y))
+        g = np.random.default_rng([self.r.seed, self.step])
+        idx = torch.as_tensor(g.choice(n, bs, replace=False))
+        if self.augment is None:
+            xb = ((self.x_raw[idx].float() / 255 - torch.tensor(self.pp.mean).view(1, -1, 1, 1))
+                  / torch.tensor(self.pp.std).view(1, -1, 1, 1))
+        else:
+            xb = self.augment(self.x_raw[idx], view_generator(self.r.seed, 0, self.step, 0))
+        return xb.to(self.device), self.y[idx].to(self.device)
+
+    def run(self, metrics: MetricsLog | None = None, save=None, stage: str = "finetune") -> bool:
+        """Train to the end of the schedule, early stopping or a signal; the best-validation weights
+        are loaded at the end. Returns whether it finished (False: stopped by a signal or the clock)."""
+        r = self.r
+        if r.mode == "linear" or r.steps == 0:
+            return True
+        deadline = time.time() + 60 * r.max_minutes if r.max_minutes else None
+        if self.step == 0 and len(self.yv) and not self.history:
+            self.evaluate(metrics)  # the linear-probe start is a candidate: fine-tuning must beat it on validation
+        done = self.bad_evals >= r.patience
+        self.train_mode()
+        while self.step < r.steps and not done:
+            xb, yb = self.batch()
+            loss = F.cross_entropy(self.net.logits(xb), yb, label_smoothing=r.label_smoothing)
+            loss = faults.poison_loss(loss, stage, self.step, 0)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"the fine-tuning loss became {loss.item()} at step {self.step}; nothing past the last "
+                                    f"checkpoint was written. Lower --lr (now {r.lr}) or --backbone-lr-ratio, then --resume")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.sched.step()
+            self.step += 1
+            if metrics is not None and (self.step % 10 == 0 or self.step == r.steps):
+                metrics.log({"loss": float(loss.detach()), "lr": self.opt.param_groups[0]["lr"]}, None, self.step)
+            if self.step % r.eval_every == 0 or self.step == r.steps:
+                done = self.evaluate(metrics)
+                self.train_mode()
+                if save is not None:
+                    save()
+            faults.maybe_kill(stage, self.step, 0)
+            if self.stop_signal is not None or (deadline is not None and time.time() > deadline):
+                if save is not None:
+                    save()
+                return False
+        self.net.load_state_dict(self.best)
+        return True
+
+    def evaluate(self, metrics) -> bool:
+        """Validation accuracy now; keeps the best weights; True when patience ran out."""
+        if not len(self.yv):  # no validation images: the last step's weights are the result
+            self.best, self.best_step = copy.deepcopy(self.net.state_dict()), self.step
+            return False
+        acc = accuracy(self.net, self.xv, self.yv, self.device)
+        self.history.append({"step": self.step, "val_top1": acc})
+        if metrics is not None:
+            metrics.log({"val_top1": acc}, None, self.step)
+        if acc >= self.best_acc:  # a tie goes to the later, longer-trained weights
+            self.best_acc, self.best_step, self.bad_evals = acc, self.step, 0
+            self.best = copy.deepcopy(self.net.state_dict())
+        else:
+            self.bad_evals += 1
+        return self.bad_evals >= self.r.patience
+
+
+def build_classifier(encoder: Encoder, x: torch.Tensor, y: torch.Tensor, num_classes: int, recipe: Recipe, device) -> ClassifierNet:
+    """ClassifierNet with the linear probe of the clean labelled images as its head (every mode starts there)."""
+    net = ClassifierNet(encoder, num_classes).to(device)
+    encoder.eval()
+    f = embed_all(encoder.embed, x, device).numpy()
+    net.load_head(linear_head(fit_linear(f, y.numpy(), recipe.seed), num_classes))
+    return net
+
+
+def train_classifier(encoder: Encoder, x, y, xv, yv, num_classes: int, recipe: Recipe, pp: Preprocess, run_cfg: dict,
+                     device) -> tuple[ClassifierNet, Tuner]:
+    """A classifier trained without checkpoints (the label-efficiency curve's runs)."""
+    net = build_classifier(encoder, x, y, num_classes, recipe, device)
+    tuner = Tuner(net, recipe, x, y, xv, yv, pp, run_cfg, device)
+    tuner.run()
+    return tuner.net.eval(), tuner
+
+
+# ----------------------------------------------------------------------------------------------
+# the label-efficiency curve (`edgeclr eval --label-efficiency`)
+
+LE_METHODS = {"knn": "kNN", "linear": "linear probe", "finetune": "full fine-tuning"}
+
+
+def random_encoder(spec, sck: dict, device, seed: int) -> Encoder:
+    """The source's architecture (its pruning plan included) with random weights: the baseline."""
+    torch.manual_seed(seed)
+    return (_random_like(sck, device) if sck.get("pruning") else create_model(spec)).to(device)
+
+
+def label_efficiency(encoder: Encoder, sck: dict, pp: Preprocess, held, feats: dict, levels: list[int], draws: int,
+                     finetune_steps: int, run_cfg: dict, device, seed: int = 0) -> dict:
+    """Accuracy on the whole query split against labelled images per class, over `draws` stratified
+    draws of the bank (seeds seed .. seed+draws-1): kNN and the linear probe on each of `feats`
+    ({key: (name, bank features, query features)}), and, with finetune_steps, full fine-tuning
+    (the `edgeclr finetune` recipe) from the encoder and from random weights."""
+    from edgeclr.heldout import knn_accuracy
+
+    y_bank, y_query = held.bank_y.numpy(), held.query_y.numpy()
+    counts = np.bincount(y_bank)
+    short = [n for n in levels if n > counts[counts > 0].min()]
+    if short:
+        raise DataError(f"--label-efficiency {','.join(map(str, short))}: the smallest class has {counts[counts > 0].min()} "
+                        "labelled bank images; give levels up to that")
+    cells: dict[tuple[str, str], dict[int, list[float]]] = {}
+    names = {key: name for key, (name, _, _) in feats.items()}
+    t0 = time.time()
+    for n in levels:
+        for d in range(draws):
+            s = seed + d
+            tr, va = draw_labeled(y_bank, per_class=n, seed=s, val_fraction=0.2)
+            every = np.sort(np.concatenate([tr, va]))  # kNN and the probe use every drawn label; fine-tuning holds va out
+            for key, (_, fb, fq) in feats.items():
+                acc_knn = knn_accuracy(fb[every], held.bank_y[every], fq, held.query_y, held.k, held.t)
+                clf = fit_linear(fb[every].numpy(), y_bank[every], s)
+                acc_lin = 100.0 * float((clf.predict(fq.numpy()) == y_query).mean())
+                cells.setdefault(("knn", key), {}).setdefault(n, []).append(acc_knn)
+                cells.setdefault(("linear", key), {}).setdefault(n, []).append(acc_lin)
+            for init in (("model", "random") if finetune_steps else ()):
+                enc = copy.deepcopy(encoder) if init == "model" else random_encoder(encoder.spec, sck, device, s)
+                recipe = Recipe(mode="full", steps=finetune_steps, seed=s)
+                net, _ = train_classifier(enc, held.bank_x[tr], held.bank_y[tr], held.bank_x[va], held.bank_y[va],
+                                          held.num_classes, recipe, pp, run_cfg, device)
+                cells.setdefault(("finetune", init), {}).setdefault(n, []).append(accuracy(net, held.query_x, held.query_y, device))
+                names.setdefault(init, f"{sck['spec']['name']} random init")
+        log.info("label efficiency: %d per class done (%.0f s)", n, time.time() - t0)
+    rows = [{"method": m, "features": key, "name": names[key],
+             "points": [{"per_class": n, "mean": float(np.mean(v)), "std": float(np.std(v)), "values": v} for n, v in sorted(pts.items())]}
+            for (m, key), pts in cells.items()]
+    return {"levels": list(levels), "draws": draws, "finetune_steps": finetune_steps, "bank_images": int(len(y_bank)),
+            "query_images": int(len(y_query)), "knn_k": held.k, "knn_t": held.t, "rows": rows, "wall_time_s": round(time.time() - t0, 1)}
+
+
+# ----------------------------------------------------------------------------------------------
+# `edgeclr finetune`
+
+
+def source_checkpoint(cfg) -> Path:
+    """The encoder to start from: a checkpoint file, or a run / stage folder's --stage checkpoint."""
+    p = Path(cfg.source)
+    if p.is_file():
+        return p
+    stage = SOURCE_STAGES[cfg.stage]
+    if (p / stage / "checkpoints").is_dir():
+        return checkpoint.find(p / stage)
+    if (p / "checkpoints").is_dir():
+        return checkpoint.find(p)
+    raise checkpoint.CheckpointError(f"{p} holds no {cfg.stage} checkpoint ({stage}/checkpoints/last.pt): give a run folder "
+                                     "with that stage, a stage folder, or a checkpoint file (--stage teacher|student|pruned)")
+
+
+def labeled_splits(data_spec: str, pp: Preprocess, run_cfg: dict, seed: int):
+    train = open_like_run(data_spec, "train", pp.resize_size, run_cfg, seed)
+    test = open_like_run(data_spec, "test", pp.resize_size, run_cfg, seed)
+    if not (data.has_labels(train) and data.has_labels(test)):
+        raise DataError(f"{data_spec} has no class labels: fine-tuning a classifier needs labelled images (a folder with a "
+                        "sub-folder per class, or a labelled dataset via --data)")
+    return train, test
+
+
+def class_names(ds, num_classes: int) -> list[str]:
+    names = getattr(ds, "classes", None)
+    return [str(c) for c in names] if names and len(names) == num_classes else [str(i) for i in range(num_classes)]
+
+
+def main(cfg) -> dict:
+    """`edgeclr finetune`: train, test, checkpoint and export one few-label classifier."""
+    t0 = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    src = source_checkpoint(cfg)
+    encoder, sck, src = load_encoder(src, device)
+    if sck["stage"] == "finetune":
+        raise ConfigError(f"{src} is already a fine-tuned classifier: fine-tune from its source run instead")
+    pp = Preprocess.from_dict(sck["preprocess"])
+    run_cfg = sck.get("config") or {}
+    data_spec = cfg.data or run_cfg.get("data")
+    if not data_spec:
+        raise ConfigError(f"{src} does not record its dataset: pass --data")
+    out_dir = Path(cfg.out) if cfg.out else checkpoint.run_dir_of(src) / "finetune"
+    with hold(out_dir, "the fine-tuning folder", is_dir=True):
+        return _finetune(cfg, encoder, sck, src, pp, run_cfg, data_spec, out_dir, device, t0)
+
+
+def _finetune(cfg, encoder, sck, src, pp, run_cfg, data_spec, out_dir, device, t0) -> dict:
+    train_ds, test_ds = labeled_splits(data_spec, pp, run_cfg, cfg.seed)  # before anything is written or trained
+    resume_from = prepare_stage_dir(out_dir, cfg.resume)
+    k = int(max(train_ds.labels.max(), test_ds.labels.max())) + 1
+    classes = class_names(train_ds, k)
+    tr_idx, va_idx = draw_labeled(train_ds.labels, cfg.labels_per_class, cfg.labels_fraction, cfg.seed,
+                                  0.0 if cfg.mode == "linear" else cfg.val_fraction)  # the probe has nothing to stop early
+    x, kept = eval_inputs(train_ds, pp, tr_idx)
+    xv, kept_v = eval_inputs(train_ds, pp, va_idx) if len(va_idx) else (torch.zeros(0, *x.shape[1:]), va_idx)
+    y, yv = torch.as_tensor(train_ds.labels[kept]), torch.as_tensor(train_ds.labels[kept_v])
+    xt, kept_t = eval_inputs(test_ds, pp, _subsample(len(test_ds), cfg.max_test, cfg.seed))
+    yt = torch.as_tensor(test_ds.labels[kept_t])
+    if cfg.init == "random":
+        encoder = random_encoder(encoder.spec, sck, device, cfg.seed)
+    recipe = Recipe(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Recipe)})
+    log.info("%s: %d labelled training images (%d classes), %d for validation, %d test; mode %s, init %s",
+             data_spec, len(y), k, len(yv), len(yt), cfg.mode, cfg.init)
+    net = build_classifier(encoder, x, y, k, recipe, device)
+    tuner = Tuner(net, recipe, x, y, xv, yv, pp, run_cfg, device)
+    ckpt_path = out_dir / "checkpoints" / "last.pt"
+    if resume_from is not None:
+        ck, _ = checkpoint.load_for_resume(resume_from)
+        if ck.get("draw") != {"train": tr_idx.tolist(), "val": va_idx.tolist()} or ck.get("source", {}).get("sha256") != checkpoint.sha256(src):
+            raise checkpoint.CheckpointError(f"cannot resume {ckpt_path}: it was fine-tuned from other labelled images or another "
+                                             "encoder; use the same --labels-per-class/--seed/source, or another --out")
+        tuner.restore(ck["tuner"])
+
+    def ckpt_dict(final: bool) -> dict:
+        n = tuner.net
+        return {"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, "stage": "finetune",
+                "task": "classify", "edgeclr_version": edgeclr.__version__, "model": n.encoder.state_dict(),
+                "spec": n.encoder.spec.to_dict(), "preprocess": pp.to_dict(), "pruning": sck.get("pruning"),
+                "head": n.head_state(), "classes": classes, "config": {**run_cfg, "data": data_spec, "finetune": config.to_dict(cfg)},
+                "source": {"path": str(src), "sha256": checkpoint.sha256(src), "stage": sck["stage"], "init": cfg.init},
+                "draw": {"train": tr_idx.tolist(), "val": va_idx.tolist()}, "tuner": None if final else tuner.state(),
+                "completed": final, "step": tuner.step, "epoch": 0}
+
+    def save():
+        checkpoint.save(ckpt_dict(False), ckpt_path)
+
+    metrics = MetricsLog(out_dir / "metrics.csv", "finetune")
+    old = {s: signal.signal(s, lambda signum, frame: setattr(tuner, "stop_signal", signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        finished = tuner.run(metrics, save)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        metrics.close()
+    if not finished:
+        log.warning("stopped at step %d with a checkpoint: --resume continues", tuner.step)
+        exit_for_signal(tuner.stop_signal)
+        return {"stage_dir": str(out_dir), "checkpoint": str(ckpt_path), "completed": False, "step": tuner.step}
+    net = tuner.net.eval()
+    result = {"test_top1": accuracy(net, xt, yt, device), "val_top1": tuner.best_acc if len(yv) else None,
+              "best_step": tuner.best_step, "steps_run": tuner.step, "train_images": len(y), "val_images": len(yv),
+              "test_images": len(yt), "classes": classes, "mode": cfg.mode, "init": cfg.init, "source_stage": sck["stage"],
+              "bn_frozen": tuner.bn_frozen}
+    checkpoint.save(ckpt_dict(True), ckpt_path)
+    log.info("test accuracy %.2f%% (%d labelled images, mode %s)", result["test_top1"], len(y), cfg.mode)
+    artifacts = export_classifier(cfg, ckpt_path, out_dir, data_spec, pp, run_cfg, net, xt, yt)
+    result["artifacts"] = artifacts
+    write_json_atomic(result, out_dir / "result.json")
+    write_manifest(out_dir, "finetune", inputs={"source": str(src), "source_sha256": checkpoint.sha256(src), "data": data_spec},
+                   spec=sck["spec"], preprocess=pp.to_dict(), embed_dim=encoder.embed_dim,
+                   metrics={k_: v for k_, v in result.items() if isinstance(v, (int, float)) and v is not None},
+                   wall_time_s=time.time() - t0, artifacts={"checkpoint": str(ckpt_path), **{k_: a["path"] for k_, a in artifacts.items()}})
+    return {"stage_dir": str(out_dir), "checkpoint": str(ckpt_path), "completed": True, **result}
+
+
+def _subsample(n: int, max_n: int, seed: int) -> np.ndarray | None:
+    return np.sort(np.random.default_rng(seed).choice(n, max_n, replace=False)) if max_n and n > max_n else None
+
+
+def _random_like(sck: dict, device) -> Encoder:
+    """A random-init encoder with a pruned checkpoint's channel plan (the same architecture)."""
+    from edgeclr.models import ModelSpec, apply_pruning
+
+    m = create_model(ModelSpec.from_dict(sck["spec"]))
+    apply_pruning(m, sck["pruning"], sck["preprocess"])
+    return m.to(device)
+
+
+HEAD_OPS = {"Gemm", "MatMul", "Softmax", "SoftMax", "Sub", "Subtract", "Div", "Divide", "Add"}
+
+
+def head_nodes(path: Path) -> list[str]:
+    """Names of the nodes after the encoder's global pooling in an exported classifier (the
+    standardisation, the linear head, the softmax): what INT8 leaves in float."""
+    if path.suffix == ".onnx":
+        import onnx
+
+        nodes = [(n.op_type, n.name) for n in onnx.load(str(path)).graph.node]
+    else:
+        from edgeclr.runtime import openvino_core
+
+        nodes = [(op.get_type_name(), op.get_friendly_name()) for op in openvino_core().read_model(str(path)).get_ordered_ops()]
+    pool = max((i for i, (t, _) in enumerate(nodes) if t in ("GlobalAveragePool", "ReduceMean", "AvgPool", "ReduceMean")), default=-1)
+    return [name for t, name in nodes[pool + 1:] if t in HEAD_OPS]
+
+
+def export_classifier(cfg, ckpt_path: Path, out_dir: Path, data_spec: str, pp: Preprocess, run_cfg: dict, net: ClassifierNet,
+                      xt: torch.Tensor, yt: torch.Tensor) -> dict[str, dict]:
+    """classifier.onnx / .xml (FP32, parity-checked), and with --int8 their INT8 models through
+    compress's quantisers; each file's test accuracy through the runtime."""
+    from edgeclr import export
+    from edgeclr.compress.quantize import calibration_inputs, quantize_onnx, quantize_openvino
+    from edgeclr.runtime import Classifier
+
+    def test_acc(path: Path) -> float:
+        clf = Classifier.load(path, threads=0, precision="f32")
+        return 100.0 * float((clf.embed_arrays(xt.numpy(), 256).argmax(1) == yt.numpy()).mean())
+
+    out: dict[str, dict] = {}
+    calib = None
+    for fmt in [f for f in cfg.formats.split(",") if f]:
+        e = export.main(config.ExportConfig(target=str(ckpt_path), format=fmt, out=str(out_dir / "export"), name="classifier",
+                                            data=data_spec))
+        p = Path(e["path"])
+        out[f"{fmt}-fp32"] = {"path": str(p), "test_top1": test_acc(p), "parity": e["parity"]}
+        if not cfg.int8:
+            continue
+        if calib is None:
+            calib = calibration_inputs(data_spec, pp, cfg.calib_images, cfg.seed, run_cfg)
+        q = p.with_name(f"classifier-int8{p.suffix}")
+        tmp = p.with_name(f".classifier-int8.partial{p.suffix}")
+        try:
+            head = head_nodes(p)  # the standardisation, head and softmax stay in float: a few hundred MACs
+            (quantize_onnx(p, tmp, calib, cfg.int8_target, head) if fmt == "onnx" else quantize_openvino(p, tmp, calib, head))
+            from edgeclr.formats import format_of
+
+            for f in format_of(tmp).files(tmp):
+                f.replace(q.with_suffix(f.suffix))
+        finally:
+            for f in p.parent.glob(".classifier-int8.partial*"):
+                f.unlink()
+        out[f"{fmt}-int8"] = {"path": str(q), "test_top1": test_acc(q)}
+    for k_, a in out.items():
+        log.info("%s: %s, test accuracy %.2f%%", k_, a["path"], a["test_top1"])
+    return out
