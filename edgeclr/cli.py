@@ -48,10 +48,29 @@ def config_options(cls, none_default: str = "from the dataset preset"):
     return deco
 
 
+# how each command continues after a native crash (edgeclr.crash reports it)
+RESUME = {"train": "run the same command with --resume", "distill": "run the same command with --resume",
+          "compress": "run the same command with --resume", "finetune": "run the same command with --resume",
+          "embed": "re-run the same command (the images already embedded are kept)"}
+_ENTRY = False  # set by main(): a real `edgeclr` process, not a test's CliRunner
+
+
+def watch_crashes(out: str | None = None, pipeline: bool = False) -> None:
+    """In the edgeclr process itself, report a native crash of this command as one line (edgeclr.crash)."""
+    if not _ENTRY:
+        return
+    from edgeclr import crash
+
+    name = click.get_current_context().info_name
+    crash.arm(f"edgeclr {name}", RESUME.get(name, "re-run the same command"), out, pipeline)
+
+
 def run_stage(fn, *args, interrupted: str | None = None, **kwargs):
     """Call a stage; user errors become one line on stderr and exit code 2; with `interrupted`,
     Ctrl-C prints that line and exits with 130. Processes started by --devices that failed: their
-    exit code (they printed why)."""
+    exit code (they printed why). A native crash is one line too (watch_crashes)."""
+    if fn not in (config.build, api.pipeline):  # the pipeline watches with its OUT and stages (pipeline())
+        watch_crashes(kwargs.get("out"))
     try:
         return fn(*args, **kwargs)
     except KeyboardInterrupt:
@@ -291,6 +310,7 @@ def pipeline(config_file, **options):
     """
     cfg = run_stage(config.build, config.PipelineConfig, config_file, **options)  # to name OUT when interrupted
     try:
+        watch_crashes(cfg.out, pipeline=True)
         r = run_stage(api.pipeline, config_file=config_file, **options)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: re-run the same command to continue ({cfg.out}/pipeline.json records where it stopped)",
@@ -302,6 +322,8 @@ def pipeline(config_file, **options):
 
 
 def main():
+    global _ENTRY
+    _ENTRY = True
     cli(prog_name="edgeclr")
 
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from edgeclr import checkpoint, config, data, faults
 from edgeclr.augment import view_generator
-from edgeclr.engine import Trainer, build_monitor, channels_last_ok, exit_for_signal, fit, prepare_stage_dir, resolve_device
+from edgeclr.engine import Trainer, build_monitor, exit_for_signal, fit, prepare_stage_dir, resolve_device, set_layout
 from edgeclr.heldout import HeldOut, agreement, embed, eval_inputs, recalibrate_bn
 from edgeclr.loading import load_data, load_encoder
 from edgeclr.lock import hold
@@ -200,8 +200,8 @@ def _distill(cfg: config.DistillConfig, teacher: Encoder, tck: dict, tpath: Path
     torch.manual_seed(cfg.seed)
     student, adapter = build_student(cfg, ds.channels, teacher.embed_dim)
     student = student.to(device)
-    if channels_last_ok(cfg, student, device):
-        student = student.to(memory_format=torch.channels_last)
+    student = set_layout(cfg, student, device)
+    if cfg.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
     targets = teacher_targets(teacher, ds, pp, device, stage_dir, teacher_info["sha256"]) if cfg.cache_teacher else None
     tr = DistillTrainer(cfg, student, adapter, teacher, ds, pp, device, stage_dir, teacher_info, targets)

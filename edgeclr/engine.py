@@ -54,25 +54,56 @@ def resolve_device(name: str, d: dist_.Dist = dist_.SINGLE) -> torch.device:
     return dev
 
 
-# oneDNN's AVX-512 1x1-convolution weight gradient in channels_last corrupted the heap (a "double
-# free or corruption" abort inside jit_avx512_common_1x1_convolution_bwd_weights_t, torch 2.14.1, Intel
-# Xeon) when a 1x1 convolution had 8 channels: a ResNet student at width 8, or one pruned to 8-channel
-# layers. On the CPU such models train in the default (NCHW) layout.
-NARROW_CHANNELS = 16
+# oneDNN's 1x1-convolution weight gradient writes past its workspace when the convolution is strided
+# (its "reduce to unit stride" copy), its source is channels_last (NHWC) and it has fewer input
+# channels than the kernel's channel block: 16 with AVX-512, 8 with AVX2. The heap is corrupted
+# ("double free or corruption", SIGSEGV) or, on AVX2, the gradient is silently wrong. Upstream:
+# https://github.com/uxlfoundation/oneDNN/issues/6035 (open; torch 2.14.1 ships the affected code).
+# What edgeclr makes hits it: a pruned or narrow ResNet's strided 1x1 downsample with 8 input channels,
+# and a channels_last source reaches it even when the model is NCHW (the augmented views are NHWC).
+# docs/reliability.md has the standalone reproducer and the measured sweep.
+IC_BLOCK = 16  # the widest channel block of the affected kernel (AVX-512); narrower convolutions are guarded on any CPU
 
 
-def channels_last_ok(cfg, model: torch.nn.Module, device: torch.device) -> bool:
-    """cfg.channels_last, except on the CPU for a model with a 1x1 convolution narrower than
-    NARROW_CHANNELS (see above); sets cfg.channels_last to the answer and says why when it is off."""
-    if cfg.channels_last and device.type == "cpu":
-        narrow = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)
-                  and min(m.in_channels, m.out_channels) < NARROW_CHANNELS]
-        if narrow:
-            log.info("training in the NCHW layout, not channels_last: a 1x1 convolution with %d channels (oneDNN's "
-                     "channels_last weight gradient for such layers crashed on AVX-512 CPUs)",
-                     min(min(m.in_channels, m.out_channels) for m in narrow))
-            cfg.channels_last = False
-    return cfg.channels_last
+def rtus_convs(model: torch.nn.Module) -> list[torch.nn.Conv2d]:
+    """The convolutions oneDNN #6035 can hit: 1x1, strided, ungrouped, fewer than IC_BLOCK input channels."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1
+            and max(m.stride) > 1 and m.in_channels < IC_BLOCK]
+
+
+def _nchw(t: torch.Tensor) -> torch.Tensor:
+    """t with NCHW strides (a tensor with 1x1 planes counts as contiguous in both layouts, so compare the strides)."""
+    want, acc = [], 1
+    for n in reversed(t.shape):
+        want.append(acc)
+        acc *= n
+    return t if tuple(t.stride()) == tuple(reversed(want)) else t.clone(memory_format=torch.contiguous_format)
+
+
+def _nchw_input(module, args):
+    return (_nchw(args[0]), *args[1:])
+
+
+def set_layout(cfg, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The one memory-layout rule of every training path (train, distill, compress's recovery,
+    finetune): channels_last when cfg.channels_last (a config without the field: NCHW), and on the CPU
+    the convolutions of rtus_convs() run in NCHW, their weights and their inputs, whatever the layout
+    around them (oneDNN's NCHW kernel for them is correct). Call it again after anything that replaces
+    parameters (pruning); returns the model."""
+    if getattr(cfg, "channels_last", False):
+        model = model.to(memory_format=torch.channels_last)
+    if device.type != "cpu":
+        return model
+    guarded = rtus_convs(model)
+    for m in guarded:
+        m.weight.data = _nchw(m.weight.data)
+        if not getattr(m, "_edgeclr_nchw", False):
+            m.register_forward_pre_hook(_nchw_input)
+            m._edgeclr_nchw = True
+    if guarded:
+        log.info("%d strided 1x1 convolution(s) with fewer than %d input channels run in NCHW (oneDNN issue 6035: "
+                 "their channels_last weight gradient corrupts memory)", len(guarded), IC_BLOCK)
+    return model
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

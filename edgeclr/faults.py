@@ -7,6 +7,7 @@ environment variable so that a test can hit them in a real process (tests/faults
     EDGECLR_FAULT="nan_batch:step=3"           one image of the batch becomes NaN there (inf_batch: +Inf)
     EDGECLR_FAULT="kill:stage=distill:step=5"  SIGKILL this process after global step 5 of `distill`
     EDGECLR_FAULT="term:stage=train:step=5"    SIGTERM (likewise `int`: SIGINT) to itself there
+    EDGECLR_FAULT="segv:stage=compress:step=2" SIGSEGV there (likewise `abort`: SIGABRT), a native library's crash
 
 Unset (always, outside tests), every check is one dict lookup that returns False.
 """
@@ -33,12 +34,14 @@ def armed(kind: str, **where) -> bool:
     return k == kind and all(str(where.get(key)) == value for key, value in cond.items())
 
 
-SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
+SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT, "segv": signal.SIGSEGV,
+           "abort": signal.SIGABRT}
 
 
 def maybe_kill(stage: str, step: int, rank: int = 0) -> None:
     """Signal this process here when EDGECLR_FAULT says so: `kill` = SIGKILL (no handler, no
-    cleanup: a power cut), `term` = SIGTERM (a preemption), `int` = SIGINT (Ctrl-C)."""
+    cleanup: a power cut), `term` = SIGTERM (a preemption), `int` = SIGINT (Ctrl-C), `segv` / `abort` =
+    SIGSEGV / SIGABRT (what a native kernel's memory error does)."""
     for kind, sig in SIGNALS.items():
         if armed(kind, stage=stage, step=step, rank=rank):
             os.kill(os.getpid(), sig)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import edgeclr
 from edgeclr import checkpoint, config, data, faults
 from edgeclr.augment import SimCLRAugment, get_preset, preset_for, view_generator
-from edgeclr.engine import build_scheduler, exit_for_signal, prepare_stage_dir, resolve_device
+from edgeclr.engine import build_scheduler, exit_for_signal, prepare_stage_dir, resolve_device, set_layout
 from edgeclr.errors import ConfigError, DataError, NonFiniteLoss
 from edgeclr.heldout import batchnorms, eval_inputs
 from edgeclr.loading import load_encoder, open_like_run
@@ -173,7 +173,7 @@ class Tuner:
 
     def __init__(self, net: ClassifierNet, recipe: Recipe, x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor,
                  pp: Preprocess, run_cfg: dict, device):
-        self.net, self.r, self.device = net.to(device), recipe, device
+        self.net, self.r, self.device = set_layout(recipe, net.to(device), device), recipe, device  # NCHW: the recipe has no channels_last
         self.x_raw, self.y, self.xv, self.yv = to_uint8(x, pp), y, xv, yv
         self.augment = finetune_augment(run_cfg, pp) if recipe.augment else None
         self.pp = pp

@@ -22,7 +22,7 @@ import torch
 from edgeclr import checkpoint, config, faults
 from edgeclr import distributed as dist_
 from edgeclr.augment import view_generator
-from edgeclr.engine import Trainer, build_monitor, channels_last_ok, exit_for_signal, fit, prepare_stage_dir, resolve_device
+from edgeclr.engine import Trainer, build_monitor, exit_for_signal, fit, prepare_stage_dir, resolve_device, set_layout
 from edgeclr.loading import load_data
 from edgeclr.lock import hold
 from edgeclr.losses import nt_xent
@@ -101,8 +101,7 @@ def _main(cfg: config.TrainConfig, d: dist_.Dist) -> dict:
     model = build_model(cfg, ds.channels).to(device)
     if cfg.sync_bn and d.enabled:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if channels_last_ok(cfg, model, device):
-        model = model.to(memory_format=torch.channels_last)
+    model = set_layout(cfg, model, device)
     if resume_from is not None:  # weights before DDP wraps the model, so every rank starts from them
         ckpt, resume_from = checkpoint.load_for_resume(resume_from, map_location=device)
     tr = SimCLRTrainer(cfg, "train", model, ds, pp, device, stage_dir, dist=d)

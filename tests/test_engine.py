@@ -47,18 +47,42 @@ def test_exit_for_signal_maps_sigterm_to_143_and_sigint_to_keyboardinterrupt():
         engine.exit_for_signal(signal.SIGINT)
 
 
-def test_a_model_with_8_channel_1x1_convolutions_trains_in_nchw_on_the_cpu():
+def test_the_layout_rule_keeps_channels_last_and_runs_only_the_onednn_6035_convolutions_in_nchw():
     from types import SimpleNamespace
 
     from edgeclr.models import ModelSpec, create_model
 
     narrow = create_model(ModelSpec("resnet18", in_chans=1, stem_stride=1, width=8))
     wide = create_model(ModelSpec("resnet18", in_chans=1, stem_stride=1, width=16))
+    assert engine.rtus_convs(wide) == []
+    hit = engine.rtus_convs(narrow)  # layer2's downsample: 1x1, stride 2, 8 input channels
+    assert [(m.in_channels, m.stride) for m in hit] == [(8, (2, 2))]
     cfg = SimpleNamespace(channels_last=True)
-    assert engine.channels_last_ok(cfg, wide, torch.device("cpu")) and cfg.channels_last
-    assert not engine.channels_last_ok(cfg, narrow, torch.device("cpu")) and not cfg.channels_last
-    cfg.channels_last = True
-    assert engine.channels_last_ok(cfg, narrow, torch.device("cuda"))  # the GPU keeps it
+    m = engine.set_layout(cfg, narrow, torch.device("cpu"))
+    assert cfg.channels_last and m.backbone.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    w = hit[0].weight
+    assert w.stride() == (8, 1, 1, 1)  # NCHW strides, though a 1x1 weight reads as contiguous in both layouts
+    seen = []
+    hit[0].register_forward_hook(lambda mod, args, out: seen.append(args[0].stride()))
+    x = torch.randn(3, 1, 32, 32).contiguous(memory_format=torch.channels_last)
+    m(x).sum().backward()  # the views arrive channels_last: the guarded convolution still gets NCHW
+    assert seen and seen[0] == (8 * 32 * 32, 32 * 32, 32, 1)
+    assert engine.set_layout(SimpleNamespace(channels_last=True), m, torch.device("cpu")) is m  # idempotent
+    assert len(hit[0]._forward_pre_hooks) == 1
+
+
+def test_the_guarded_convolution_survives_the_shape_that_crashed_compress():
+    """oneDNN #6035 in the shape `edgeclr compress` met on 59 stained-tissue tiles (8 input channels,
+    stride 2, batch 59, 2 threads): raw channels_last died with SIGSEGV on an AVX-512 Xeon; through
+    set_layout it must finish with the exact weight gradient. In a child process: a crash is a failure."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("sweep", Path(__file__).parents[1] / "scripts" / "conv_backward_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    todo = [dict(layout="guarded", threads=2, batch=b, cin=8, cout=24, k=1, stride=2, hw=16) for b in (7, 59)]
+    assert [r["result"] for r in sweep.sweep(todo)] == ["ok", "ok"]
 
 
 def test_distilling_a_width_8_resnet_on_two_threads_does_not_crash(tmp_path):
@@ -74,7 +98,7 @@ def test_distilling_a_width_8_resnet_on_two_threads_does_not_crash(tmp_path):
                                                      "--bn-recalibrate", "0", *common[2:]]):
         r = subprocess.run([sys.executable, "-m", "edgeclr", *cmd], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-1500:]
-    assert "training in the NCHW layout" in r.stderr
+    assert "run in NCHW (oneDNN issue 6035" in r.stderr
 
 
 def test_the_manifest_and_checkpoint_say_which_precision_ran(tmp_path):

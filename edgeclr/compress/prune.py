@@ -22,7 +22,7 @@ from torch import nn
 
 from edgeclr import checkpoint, config, models
 from edgeclr.distill import DistillTrainer
-from edgeclr.engine import channels_last_ok, exit_for_signal, fit
+from edgeclr.engine import exit_for_signal, fit, set_layout
 from edgeclr.errors import CompressError
 from edgeclr.heldout import recalibrate_bn
 from edgeclr.loading import load_data, load_encoder
@@ -211,8 +211,7 @@ def prune_and_recover(cfg, student, sck, spath, device, stage_dir, resume_from) 
             if ratio > 0:
                 history += prune_step(student, x, ratio, cfg.global_pruning)
             log.info("prune step %d/%d: %s", k + 1, cfg.prune_steps, step_summary(student, x, ratio, channels, base_macs, goal))
-        if channels_last_ok(dcfg, student, device):  # pruning replaces the parameters: restore the views' layout
-            student = student.to(memory_format=torch.channels_last)
+        student = set_layout(dcfg, student, device)  # pruning replaces the parameters: the layout rule again
         adapter = nn.Identity() if student.embed_dim == teacher.embed_dim else nn.Linear(student.embed_dim, teacher.embed_dim)
         tr = PruneTrainer(dcfg, student, adapter, teacher, ds, pp, device, stage_dir, teacher_info,
                           history=history, info=info, prune_step=k + 1, ckpt_path=ckpt_path)
