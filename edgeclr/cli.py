@@ -19,6 +19,18 @@ from edgeclr import __version__, api, config, stages
 from edgeclr.errors import EdgeclrError
 
 
+class InputPath(click.ParamType):
+    """An input file or folder (a config field with path=True): shown as PATH, checked by the command."""
+
+    name = "path"
+
+    def convert(self, value, param, ctx):
+        return str(value)
+
+
+INPUT_PATH = InputPath()
+
+
 def _option(fld: dataclasses.Field, none_default: str):
     name = fld.name.replace("_", "-")
     help_ = fld.metadata.get("help", "")
@@ -32,6 +44,8 @@ def _option(fld: dataclasses.Field, none_default: str):
         return click.option(f"--{name}", nargs=2, type=float, default=None, help=help_)
     choices = fld.metadata.get("choices")
     typ = click.Choice(choices) if choices else int if t.startswith("int") else float if t.startswith("float") else str
+    if fld.metadata.get("path"):
+        typ = INPUT_PATH
     return click.option(f"--{name}", type=typ, default=None, help=help_)
 
 

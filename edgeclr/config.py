@@ -20,10 +20,12 @@ from edgeclr.errors import ConfigError  # noqa: F401  (raised here; defined with
 from edgeclr.formats import EXPORT_FORMATS
 
 
-def opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True, off: str | None = None):
+def opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True, off: str | None = None, path: bool = False):
     """A config field with its help line (and allowed values, checked in __post_init__; for a
-    bool, `off` names the negative flag, e.g. "static-batch" for --dynamic-batch)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "cli": cli, "off": off})
+    bool, `off` names the negative flag, e.g. "static-batch" for --dynamic-batch). `path`: the value
+    names an input file or folder (the CLI's bad-input sweep, tests/faults/test_bad_inputs.py, feeds it
+    missing, empty, garbage and wrong-kind paths)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "cli": cli, "off": off, "path": path})
 
 
 def data_kind(spec: str) -> str:
@@ -59,7 +61,7 @@ DATA_PRESETS: dict[str, dict[str, Any]] = {
 class TrainConfig:
     """`edgeclr train`: SimCLR pretraining of an encoder on unlabeled images."""
 
-    data: str = opt("digits", "dataset: digits | fashion-mnist[:DIR] | cifar10:DIR | stl10:DIR | tiles:IMAGE[,IMAGE] | a folder of images")
+    data: str = opt("digits", "dataset: digits | fashion-mnist[:DIR] | cifar10:DIR | stl10:DIR | tiles:IMAGE[,IMAGE] | a folder of images", path=True)
     out: str = opt("runs/default", "run folder; this stage writes into OUT/train")
     model: str | None = opt(None, "registry name of the encoder (resnet18, resnet34, resnet50, mobilenet_*)")
     width: int | None = opt(None, "ResNet base width (64 = the paper's ResNet; smaller is faster on a CPU)")
@@ -166,7 +168,7 @@ class DistillConfig(TrainConfig):
     fills them once the teacher is loaded.
     """
 
-    data: str | None = opt(None, "dataset (default: the teacher's); same forms as `edgeclr train --data`")
+    data: str | None = opt(None, "dataset (default: the teacher's); same forms as `edgeclr train --data`", path=True)
     out: str | None = opt(None, "run folder; this stage writes into OUT/distill (default: the teacher's run folder)")
     model: str | None = opt("mobilenet_v3_small", "student: registry name (mobilenet_v3_small, mobilenet_v3_large, mobilenet_v2, ...)")
     stem_stride: int | None = opt(None, "student stem stride: the architecture's (MobileNet 2, ResNet 4) by default, 1 for images under 64 px")
@@ -178,7 +180,7 @@ class DistillConfig(TrainConfig):
     head_out: int = opt(128, "", cli=False)
     devices: int = opt(1, "", cli=False)  # distillation runs in one process
     sync_bn: bool = opt(False, "", cli=False)
-    teacher: str = opt("", "teacher: a `edgeclr train` checkpoint, stage folder or run folder")
+    teacher: str = opt("", "teacher: a `edgeclr train` checkpoint, stage folder or run folder", path=True)
     embed_dim: int | None = opt(None, "student embedding width (default: the teacher's; a linear adapter maps it to the teacher's when different)")
     cosine_weight: float = opt(1.0, "weight of the cosine regression of student onto teacher embeddings")
     relational_weight: float = opt(1.0, "weight of the relational (SEED) loss: KL between similarity distributions over a queue")
@@ -204,6 +206,9 @@ class DistillConfig(TrainConfig):
         self.input_size = teacher_input_size
         self.fill({k: teacher_cfg[k] for k in FROM_TEACHER if teacher_cfg.get(k) is not None})
         self.fill(DISTILL_DEFAULTS)
+        # a teacher whose config lacks a field (written by hand or by an older edgeclr): the data's preset
+        self.fill({k: v for k, v in DATA_PRESETS[data_kind(self.data or teacher_cfg.get("data") or "")].items()
+                   if k not in ("model", "width", "stem_stride", "input_size")})
         resnet = str(self.model).startswith("resnet")
         if self.stem_stride is None:
             self.stem_stride = 1 if self.input_size < 64 else 4 if resnet else 2  # the architecture's
@@ -225,7 +230,7 @@ class EvalConfig:
     """`edgeclr eval`: kNN and linear-probe accuracy of embeddings, with baselines."""
 
     target: str = opt("", "checkpoint file, stage folder or run folder to evaluate", cli=False)
-    data: str | None = opt(None, "labeled dataset (default: the one the checkpoint was trained on)")
+    data: str | None = opt(None, "labeled dataset (default: the one the checkpoint was trained on)", path=True)
     baselines: str = opt("random,pixels", "comma list of baselines: random (same spec, random init), pixels; '' for none")
     knn_k: int = opt(20, "kNN neighbours")
     knn_t: float = opt(0.1, "kNN temperature of the similarity weights")
@@ -271,7 +276,7 @@ class FinetuneConfig:
     source: str = opt("", "run folder, stage folder or checkpoint whose encoder is fine-tuned", cli=False)
     task: str = opt("classify", "classify (a softmax classifier over the dataset's classes)", ("classify",))
     stage: str = opt("teacher", "which encoder of a run folder: teacher | student | pruned", ("teacher", "student", "pruned"))
-    data: str | None = opt(None, "labelled dataset (default: the source's)")
+    data: str | None = opt(None, "labelled dataset (default: the source's)", path=True)
     out: str | None = opt(None, "folder to write into (default: RUN/finetune)")
     labels_per_class: int | None = opt(None, "labelled images drawn per class (default 10 unless --labels-fraction)")
     labels_fraction: float | None = opt(None, "instead: this fraction of each class's labelled images")
@@ -335,7 +340,7 @@ class ExportConfig:
     dynamic_batch: bool = opt(True, "a dynamic batch dimension (--static-batch: fixed batch 1)", off="static-batch")
     opset: int = opt(17, "ONNX opset (13-17)")
     normalize: bool = opt(True, "L2-normalise the embedding inside the model")
-    data: str | None = opt(None, "images for the parity check (default: the checkpoint's dataset)")
+    data: str | None = opt(None, "images for the parity check (default: the checkpoint's dataset)", path=True)
     check_images: int = opt(32, "real images in the parity check against torch")
     min_cosine: float = opt(0.9999, "the parity check fails below this per-image cosine to torch")
 
@@ -355,8 +360,8 @@ class CompressConfig:
 
     student: str = opt("", "distilled student: checkpoint, stage folder or run folder", cli=False)
     out: str | None = opt(None, "run folder; writes OUT/compress (default: the student's run folder)")
-    teacher: str | None = opt(None, "teacher for recovery and the report (default: the one the student was distilled from)")
-    data: str | None = opt(None, "data for recovery and evaluation (default: the student's)")
+    teacher: str | None = opt(None, "teacher for recovery and the report (default: the one the student was distilled from)", path=True)
+    data: str | None = opt(None, "data for recovery and evaluation (default: the student's)", path=True)
     prune_ratio: float | None = opt(None, "fraction of channels to remove (0 = no pruning); parameters shrink ~1-(1-r)^2")
     target_macs: float | None = opt(None, "prune until MACs are this fraction of the student's (default 0.5 unless --prune-ratio)")
     prune_steps: int = opt(2, "iterative pruning steps, each followed by recovery")
@@ -369,7 +374,7 @@ class CompressConfig:
                       ("x86", "arm"))
     auto_exclude: bool = opt(True, "leave the first conv, the embedding layer and squeeze-excitation blocks in float "
                                    "(--quantize-all: quantise every supported node)", off="quantize-all")
-    calib_data: str | None = opt(None, "images for INT8 calibration (default: the student's data)")
+    calib_data: str | None = opt(None, "images for INT8 calibration (default: the student's data)", path=True)
     calib_images: int = opt(300, "calibration images")
     max_drop: float | None = opt(None, "refuse an artifact whose kNN accuracy is more than this many points below the FP32 student's")
     eval_images: int = opt(10000, "labeled bank / query images for the retention report (at most)")
@@ -411,7 +416,8 @@ class DeployConfig:
     run: str = opt("", "run folder (runs/NAME) with a teacher, and usually a distilled and a compressed student", cli=False)
     out: str | None = opt(None, "folder for the selection and the shipped model (default: RUN/deploy)")
     also: str | None = opt(None, "comma list of other run folders whose students were distilled from RUN's teacher (another "
-                                 "student family, e.g. a MobileNet beside a narrow ResNet): their levels join the candidates")
+                                 "student family, e.g. a MobileNet beside a narrow ResNet): their levels join the candidates",
+                                 path=True)
     max_drop: float = opt(1.5, "accuracy budget: kNN top-1 points a candidate may lose against the teacher")
     max_latency_ms: float | None = opt(None, "instead of the fastest within --max-drop: the most accurate candidate whose p50 "
                                              "latency is at most this")
@@ -469,7 +475,7 @@ class SelectConfig:
     """`edgeclr select`: re-rank a deployment selection with latencies measured elsewhere (on the board)."""
 
     selection: str = opt("", "RUN/deploy (or its selection.json) written by `edgeclr deploy`", cli=False)
-    bench: str = opt("", "bench.json from `edgeclr bench CANDIDATES --profile pi5` run on the board")
+    bench: str = opt("", "bench.json from `edgeclr bench CANDIDATES --profile pi5` run on the board", path=True)
     max_drop: float | None = opt(None, "accuracy budget in kNN points (default: the selection's)")
     max_latency_ms: float | None = opt(None, "the most accurate candidate under this p50 latency instead")
     threads: int | None = opt(None, "the board's thread count to rank at (default: the selection's)")
@@ -531,7 +537,7 @@ class RuntimeFilesConfig:
 class EmbedConfig(RuntimeFilesConfig):
     """`edgeclr embed`: image files -> embeddings with an exported model (torch-free)."""
 
-    model: str = opt("", "exported model: .onnx (onnxruntime) or .xml (OpenVINO)")
+    model: str = opt("", "exported model: .onnx (onnxruntime) or .xml (OpenVINO)", path=True)
     out: str = opt("embeddings.npy", "output .npy (N, D) float32; ids (file paths) go to OUT.ids.txt")
     progress: bool | None = opt(None, "progress bar (default: only when stderr is a terminal)")
 
@@ -543,7 +549,7 @@ class EmbedConfig(RuntimeFilesConfig):
 class PredictConfig(RuntimeFilesConfig):
     """`edgeclr predict`: image files -> class predictions with an exported classifier (torch-free)."""
 
-    model: str = opt("", "exported classifier: .onnx (onnxruntime) or .xml (OpenVINO) from `edgeclr finetune`")
+    model: str = opt("", "exported classifier: .onnx (onnxruntime) or .xml (OpenVINO) from `edgeclr finetune`", path=True)
     out: str = opt("predictions.csv", "output: .csv (path, top1, p_top1, top2, p_top2, ...) or .json")
     top_k: int = opt(1, "classes per image, most probable first")
 
@@ -558,10 +564,10 @@ class SearchConfig:
     """`edgeclr search`: nearest gallery images (and kNN class) of query images or embeddings."""
 
     queries: tuple = opt((), "query image files or folders", cli=False)
-    gallery: str = opt("", "gallery: OUT.npy from `edgeclr embed` (with OUT.ids.txt) or an index .npz")
-    model: str | None = opt(None, "exported model to embed query images with")
+    gallery: str = opt("", "gallery: OUT.npy from `edgeclr embed` (with OUT.ids.txt) or an index .npz", path=True)
+    model: str | None = opt(None, "exported model to embed query images with", path=True)
     query_embeddings: str | None = opt(None, "query embeddings (.npy) instead of images")
-    labels: str | None = opt(None, "gallery labels: 'folder' (parent folder of each gallery file) or a text file, one per row")
+    labels: str | None = opt(None, "gallery labels: 'folder' (parent folder of each gallery file) or a text file, one per row", path=True)
     k: int = opt(5, "neighbours to return")
     knn_k: int = opt(20, "neighbours voting in kNN classification")
     knn_t: float = opt(0.1, "kNN temperature of the similarity weights")
@@ -629,7 +635,7 @@ class PipelineConfig:
 
     preset: str = opt("demo", "demo (embedded digits, minutes) | fashion-mnist (the CPU benchmark) | gpu (STL-10, ResNet-50)",
                       tuple(PIPELINE_PRESETS))
-    data: str | None = opt(None, "dataset, as `edgeclr train --data`")
+    data: str | None = opt(None, "dataset, as `edgeclr train --data`", path=True)
     out: str | None = opt(None, "run folder; the preset's is runs/PRESET")
     from_stage: str | None = opt(None, "re-run this stage and every later one", stages.NAMES, cli=False)
     until: str | None = opt(None, "stop after this stage", stages.NAMES, cli=False)
@@ -680,21 +686,30 @@ def check_choices(cfg) -> None:
             raise ConfigError(f"{f.name}={v!r} is not one of {', '.join(choices)}")
 
 
+CONFIG_SUFFIXES = (".yaml", ".yml", ".toml", ".json")
+
+
 def load_file(path: str | Path) -> dict:
-    """Read a YAML (.yaml/.yml) or TOML (.toml) config file into a dict."""
+    """Read a YAML (.yaml/.yml, or JSON) or TOML (.toml) config file into a dict."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
-    text = p.read_text()
+        raise ConfigError(f"config file {p} does not exist" if not p.exists() else f"config file {p} is a folder, not a file")
+    if p.suffix.lower() not in CONFIG_SUFFIXES:
+        raise ConfigError(f"config file {p}: a config is YAML (.yaml, .yml), JSON (.json) or TOML (.toml), "
+                          f"not {p.suffix or 'a file without a suffix'}")
     try:
-        d = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+        text = p.read_text()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not text (UTF-8): {e.reason} at byte {e.start}") from e
+    try:
+        d = tomllib.loads(text) if p.suffix.lower() == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot parse config file {p}: {e}") from e
+        raise ConfigError(f"cannot parse config file {p}: {' '.join(str(e).split())}") from e
     if d is None:
-        return {}
+        raise ConfigError(f"config file {p} is empty: write option: value lines in it, or leave out --config")
     if not isinstance(d, dict):
-        raise ConfigError(f"config file {p} must hold a mapping of option: value")
-    return {k.replace("-", "_"): v for k, v in d.items()}
+        raise ConfigError(f"config file {p} must hold a mapping of option: value, not a {type(d).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in d.items()}
 
 
 def build(cls, file: str | Path | None = None, **overrides):

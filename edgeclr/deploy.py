@@ -46,7 +46,7 @@ from edgeclr.heldout import HeldOut, agreement, eval_inputs
 from edgeclr.loading import load_encoder, open_like_run, stage_checkpoints
 from edgeclr.lock import hold
 from edgeclr.report import deploy_table
-from edgeclr.rundir import make_writable_dir, write_json_atomic, write_manifest
+from edgeclr.rundir import make_writable_dir, read_json, write_json_atomic, write_manifest
 from edgeclr.runtime import Preprocess
 
 log = logging.getLogger("edgeclr.deploy")
@@ -489,10 +489,11 @@ def rerank(cfg: config.SelectConfig) -> dict:
     path = p / "selection.json" if p.is_dir() else p
     if not path.is_file():
         raise ConfigError(f"{path} does not exist: pass the folder `edgeclr deploy` wrote (RUN/deploy)")
-    sel = json.loads(path.read_text())
-    board = json.loads(Path(cfg.bench).read_text()) if Path(cfg.bench).is_file() else None
-    if not board or "rows" not in board:
-        raise ConfigError(f"{cfg.bench} is not a bench.json written by `edgeclr bench`")
+    sel = read_json(path, "the selection.json `edgeclr deploy` wrote (RUN/deploy)", ("candidates", "threads", "batch", "rule"))
+    board = read_json(cfg.bench, "a bench.json written by `edgeclr bench` on the board", ("rows",))
+    if not isinstance(board["rows"], list) or not all(isinstance(r, dict) and {"path", "threads", "batch", "p50_ms"} <= set(r)
+                                                      for r in board["rows"]):
+        raise ConfigError(f"{cfg.bench} is not a bench.json written by `edgeclr bench`: its rows lack path, threads, batch, p50_ms")
     threads, batch = cfg.threads or sel["threads"], cfg.batch or sel["batch"]
     timed = {"/".join(Path(r["path"]).parts[-2:]): r for r in board["rows"] if r["threads"] == threads and r["batch"] == batch}
     rows = []

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import edgeclr
-from edgeclr.errors import OutputError  # noqa: F401  (raised here; defined with the others)
+from edgeclr.errors import DataError, OutputError  # noqa: F401  (raised here; defined with the others)
 from edgeclr.formats import RUNTIME_SUFFIXES
 
 METRICS_HEADER = ["time", "stage", "epoch", "step", "name", "value"]
@@ -113,6 +113,23 @@ def exported_files(run_dir: str | Path, suffixes=RUNTIME_SUFFIXES) -> list[Path]
     return sorted(f for f in root.rglob("*") if f.suffix in suffixes
                   and not any(part.startswith(".") for part in f.relative_to(root).parts)
                   and f.relative_to(root).parts[0] != "deploy")
+
+
+def read_json(path: str | Path, what: str, keys: tuple[str, ...] = ()) -> dict:
+    """A JSON object file that edgeclr wrote (`what` says which, with the command that writes it); an
+    empty, damaged, non-JSON file, or one without `keys`, is a DataError naming the file and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: give {what}")
+    try:
+        d = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not JSON ({' '.join(str(e).split())[:120]}): give {what}") from e
+    missing = [k for k in keys if not isinstance(d, dict) or k not in d]
+    if not isinstance(d, dict) or missing:
+        raise DataError(f"{path} is JSON but not {what.split(' (')[0]} ({'no ' + ', '.join(missing) if missing else 'not an object'}): "
+                        f"give {what}")
+    return d
 
 
 def read_manifest(stage_dir: str | Path) -> dict:

@@ -109,7 +109,7 @@ def test_a_pi_target_builds_s8_onnxruntime_candidates_and_select_reranks_with_th
              json.loads((tmp_path / "board" / "bench.json").read_text())["rows"]}
     assert again["winner"]["p50_ms"] == board[again["winner"]["name"]]
     r = run(["select", str(out), "--bench", str(tmp_path / "nothing.json")], ok=False)
-    assert r.exit_code == 2 and "is not a bench.json" in r.output
+    assert r.exit_code == 2 and "nothing.json does not exist: give a bench.json written by `edgeclr bench`" in r.output
 
 
 def test_a_search_budget_that_ran_out_still_measures_the_teacher(tiny_run, tmp_path):

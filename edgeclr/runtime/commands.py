@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,8 +31,18 @@ def read_embeddings(path: str | Path) -> tuple[np.ndarray, list[str]]:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"embeddings file {path} does not exist")
-    emb = np.load(path, allow_pickle=False)
-    ids = ids_path(path).read_text().splitlines() if ids_path(path).exists() else [str(i) for i in range(len(emb))]
+    hint = "give the .npy written by `edgeclr embed` (or an index .npz from `edgeclr search --save-index`)"
+    try:
+        emb = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:  # empty, truncated, not a .npy, or an object array
+        raise ModelError(f"{path} is not an embeddings file ({type(e).__name__}: {' '.join(str(e).split())[:200]}): {hint}") from e
+    if not isinstance(emb, np.ndarray) or emb.ndim != 2 or not np.issubdtype(emb.dtype, np.floating):
+        raise ModelError(f"{path} holds a {getattr(emb, 'shape', '?')} {getattr(emb, 'dtype', '')} array, not (N, D) float "
+                         f"embeddings: {hint}")
+    try:
+        ids = ids_path(path).read_text().splitlines() if ids_path(path).exists() else [str(i) for i in range(len(emb))]
+    except UnicodeDecodeError as e:
+        raise ModelError(f"{ids_path(path)} is not a text file of ids, one per line: re-run `edgeclr embed`") from e
     if len(ids) != len(emb):
         raise ModelError(f"{path} holds {len(emb)} embeddings but {ids_path(path)} {len(ids)} ids")
     return emb, ids
@@ -119,6 +130,10 @@ def _embed_files_to(out: Path, model, inputs, batch_size, threads, on_error, pre
         bar.close()
     part_emb, part_ids = part.read()
     all_ids = done_ids + part_ids
+    if not all_ids and errors:  # nothing to write: every input was unreadable
+        part.clear()
+        raise ImageError(f"none of the {len(errors)} input file(s) could be read as an image (first: {errors[0]}); "
+                         "give image files or folders of images")
     tmp = out.with_name(f".{out.name}.tmp.npy")
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(all_ids), emb.dim))
     arr[: len(done_ids)], arr[len(done_ids):] = done_emb, part_emb
@@ -142,7 +157,10 @@ def labels_for(ids: Sequence[str], spec: str | None) -> list[str] | None:
     p = Path(spec)
     if not p.is_file():
         raise ModelError(f"--labels {spec}: give 'folder' or a text file with one label per gallery row")
-    labels = p.read_text().splitlines()
+    try:
+        labels = p.read_text().splitlines()
+    except UnicodeDecodeError as e:
+        raise ModelError(f"--labels {spec} is not a text file (UTF-8): give 'folder' or one label per gallery row") from e
     if len(labels) != len(ids):
         raise ModelError(f"--labels {spec} has {len(labels)} lines for {len(ids)} gallery rows")
     return labels
@@ -200,6 +218,9 @@ def predict_files_to(model: str | Path, inputs: Sequence[str | Path], out: str |
         for ids, probs, errs in clf.embed_files(files, batch_size, on_error):
             rows += [(i, r) for i, r in zip(ids, clf.rank(probs, top_k))]
             errors += errs
+        if not rows and errors:  # nothing to write: every input was unreadable
+            raise ImageError(f"none of the {len(errors)} input file(s) could be read as an image (first: {errors[0]}); "
+                             "give image files or folders of images")
         k = min(top_k, clf.dim)
         if out.suffix.lower() == ".json":
             text = json.dumps([{"path": i, "top": [[c, round(p, 6)] for c, p in r]} for i, r in rows], indent=1) + "\n"

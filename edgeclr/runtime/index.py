@@ -99,5 +99,6 @@ class Index:
         try:
             with np.load(path, allow_pickle=False) as f:
                 return cls(f["embeddings"], f["ids"], f["labels"] if "labels" in f.files else None, backend)
-        except (OSError, KeyError, ValueError) as e:
-            raise ModelError(f"cannot read index {path}: {e}") from e
+        except (OSError, EOFError, KeyError, ValueError) as e:
+            raise ModelError(f"cannot read index {path}: {' '.join(str(e).split())[:200]} (an index .npz is written by "
+                             "`edgeclr search --save-index`)") from e
