@@ -47,7 +47,7 @@ def test_exit_for_signal_maps_sigterm_to_143_and_sigint_to_keyboardinterrupt():
         engine.exit_for_signal(signal.SIGINT)
 
 
-def test_the_layout_rule_keeps_channels_last_and_runs_only_the_onednn_6035_convolutions_in_nchw():
+def test_the_layout_rule_runs_the_onednn_6035_convolutions_in_nchw_whatever_the_input_layout():
     from types import SimpleNamespace
 
     from edgeclr.models import ModelSpec, create_model
@@ -58,8 +58,13 @@ def test_the_layout_rule_keeps_channels_last_and_runs_only_the_onednn_6035_convo
     hit = engine.rtus_convs(narrow)  # layer2's downsample: 1x1, stride 2, 8 input channels
     assert [(m.in_channels, m.stride) for m in hit] == [(8, (2, 2))]
     cfg = SimpleNamespace(channels_last=True)
+    assert engine.set_layout(cfg, wide, torch.device("cpu")) is not None and cfg.channels_last  # wide: channels_last
+    assert wide.backbone.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
     m = engine.set_layout(cfg, narrow, torch.device("cpu"))
-    assert cfg.channels_last and m.backbone.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not cfg.channels_last  # narrow 1x1 convolutions: the whole model in NCHW (faster there)
+    cfg = SimpleNamespace(channels_last=True)
+    assert engine.set_layout(cfg, create_model(ModelSpec("resnet18", in_chans=1, stem_stride=1, width=8)),
+                             torch.device("cuda")) is not None and cfg.channels_last  # the GPU keeps it (no .to: no GPU here)
     w = hit[0].weight
     assert w.stride() == (8, 1, 1, 1)  # NCHW strides, though a 1x1 weight reads as contiguous in both layouts
     seen = []
