@@ -29,7 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edgeclr import config, stages
+from edgeclr import config
+from edgeclr.pipeline import stage_main
 
 __all__ = ["train", "distill", "compress", "export", "evaluate", "bench", "deploy", "select", "pipeline", "finetune", "embed",
            "search", "predict"]
@@ -55,7 +56,7 @@ def _with_options(cls):
 
 def _run(name: str, cls, config_file, options) -> dict:
     cfg = config.build(cls, config_file, **options)
-    return stages.get(name).function()(cfg)
+    return stage_main(name)(cfg)
 
 
 @_with_options(config.TrainConfig)

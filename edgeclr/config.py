@@ -625,6 +625,12 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
 PIPELINE_SECTIONS = stages.SECTIONS
 
 
+def stage_config(name: str) -> type | None:
+    """The config class of a stage of the stage table (None: the stage takes no options)."""
+    cls = stages.get(name).config
+    return globals()[cls] if cls else None
+
+
 def _section(help: str):
     return field(default_factory=dict, metadata={"help": help, "choices": None, "cli": False, "off": None})
 

@@ -40,6 +40,30 @@ _NOT_IN_KEY = {"resume", "progress", "device", "devices", "threads", "tensorboar
 _IN_KEY = {"bench": {"threads"}, "deploy": {"threads", "target"}}
 
 
+def stage_main(name: str):
+    """The function a stage's command runs (the stage table's `main`), imported when asked for: the
+    CLI's start stays torch-free."""
+    if name == "train":
+        from edgeclr.train import main
+    elif name == "distill":
+        from edgeclr.distill import main
+    elif name == "compress":
+        from edgeclr.compress import main
+    elif name == "export":
+        from edgeclr.export import main
+    elif name == "eval":
+        from edgeclr.evaluate import main
+    elif name == "bench":
+        from edgeclr.bench import main
+    elif name == "deploy":
+        from edgeclr.deploy import main
+    elif name == "report":
+        from edgeclr.report import write as main
+    else:
+        raise KeyError(f"no stage {name!r}; stages: {', '.join(STAGES)}")
+    return main
+
+
 def stage_configs(cfg: config.PipelineConfig) -> dict[str, Any]:
     """The config object (or dict) of every stage, from the preset, the file's sections and the
     pipeline's own options."""
@@ -50,7 +74,7 @@ def stage_configs(cfg: config.PipelineConfig) -> dict[str, Any]:
 
     def build(section: str, base: dict | None = None, **fixed):
         values = {**(sec[section] if base is None else base), **fixed}
-        return config.from_values(stages.get(section).config_class(), values, f"pipeline section '{section}'")
+        return config.from_values(config.stage_config(section), values, f"pipeline section '{section}'")
 
     exp = dict(sec["export"])
     formats = exp.pop("formats", "onnx,openvino")
@@ -124,7 +148,7 @@ class State:
 
 def _run_training(name: str, c, resume: bool) -> dict:
     c.resume = resume
-    r = stages.get(name).function()(c)
+    r = stage_main(name)(c)
     if name != "compress" and not r["completed"]:
         raise ConfigError(f"{'training' if name == 'train' else 'distillation'} stopped before its schedule ended "
                           "(--max-minutes): re-run the pipeline to continue")
@@ -136,7 +160,7 @@ def _run_training(name: str, c, resume: bool) -> dict:
 
 
 def _run_eval(c, resume: bool) -> dict:
-    main = stages.get("eval").function()
+    main = stage_main("eval")
     out = Path(c.target)
     if not _labeled(out, c):  # accuracy needs labels; agreement is in compress/report.md, speed in bench
         log.warning("eval: %s has no class labels (sub-folders per class): kNN / linear-probe accuracy and the "
@@ -155,11 +179,11 @@ RUNNERS = {
     "train": lambda c, resume: _run_training("train", c, resume),
     "distill": lambda c, resume: _run_training("distill", c, resume),
     "compress": lambda c, resume: _run_training("compress", c, resume),
-    "export": lambda c, resume: {Path(e["path"]).name: e["parity"] for e in map(stages.get("export").function(), c)},
+    "export": lambda c, resume: {Path(e["path"]).name: e["parity"] for e in map(stage_main("export"), c)},
     "eval": _run_eval,
-    "bench": lambda c, resume: {"configurations": len(stages.get("bench").function()(c)["rows"])},
-    "deploy": lambda c, resume: _deploy_summary(stages.get("deploy").function()(c)),
-    "report": lambda c, resume: {k: v for k, v in stages.get("report").function()(Path(c["out"])).items() if k in ("html", "md")},
+    "bench": lambda c, resume: {"configurations": len(stage_main("bench")(c)["rows"])},
+    "deploy": lambda c, resume: _deploy_summary(stage_main("deploy")(c)),
+    "report": lambda c, resume: {k: v for k, v in stage_main("report")(Path(c["out"])).items() if k in ("html", "md")},
 }
 
 

@@ -1,33 +1,26 @@
 """The stage table: the one list of edgeclr's stages, in pipeline order.
 
 The CLI's --from/--until choices, the pipeline's order, keys, skip and resume rules, the run
-folder's "most downstream model" and the report all derive from it. Torch-free, and it imports no
-stage: a stage's config class and function are named here and imported when they are used.
+folder's "most downstream model" and the report all derive from it. Torch-free, and it imports
+nothing of edgeclr: a stage's config class is resolved by edgeclr.config.stage_config and its
+function by edgeclr.pipeline.stage_main (import statements, so the import-cycle test sees them).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
     name: str
     config: str | None  # class name in edgeclr.config (None: the report takes the run folder only)
-    main: str  # "module:function" the stage's command runs
+    main: str  # "module:function" the stage's command runs (pipeline.stage_main imports it)
     outputs: tuple[str, ...]  # files (relative to the run folder) that a finished stage leaves
     owned: tuple[str, ...]  # what it writes: set aside in OUT/.replaced/ when it runs again from scratch
     resumable: bool = False  # an interrupted run continues from its checkpoint
     model: bool = False  # writes a model checkpoint (RUN/NAME/checkpoints/last.pt)
     help: str = ""
-
-    def function(self):
-        module, _, fn = self.main.partition(":")
-        return getattr(importlib.import_module(module), fn)
-
-    def config_class(self):
-        return getattr(importlib.import_module("edgeclr.config"), self.config) if self.config else None
 
 
 STAGES: tuple[Stage, ...] = (
