@@ -114,6 +114,10 @@ def write_torchscript(model: nn.Module, x: torch.Tensor, dynamic: bool, opset: i
     return [path]
 
 
+# each export format's writer (model, example input, dynamic batch, opset, metadata, path) -> written files
+WRITERS = {"onnx": write_onnx, "openvino": write_openvino, "torchscript": write_torchscript}
+
+
 # ----------------------------------------------------------------------------------------------
 # checks
 
@@ -190,7 +194,7 @@ def _export(cfg: config.ExportConfig, fmt: ExportFormat, encoder: nn.Module, ckp
     x = parity_images(data_spec, pp, cfg.check_images, ckpt.get("config") or {})
     example = x[:1]
     try:
-        written = fmt.write(model, example, meta.dynamic_batch, cfg.opset, meta, tmp)
+        written = WRITERS[fmt.name](model, example, meta.dynamic_batch, cfg.opset, meta, tmp)
         with torch.no_grad():
             ref = model(x).numpy()
         check = compare(ref, exported_embeddings(fmt, tmp, x))

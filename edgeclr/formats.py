@@ -1,6 +1,6 @@
-"""The export-format table: each format's files, options, packages, runtime and writer. Torch-free.
+"""The export-format table: each format's files, options, packages and runtime. Torch-free.
 
-`edgeclr export` writes with the format's writer (edgeclr.export, imported when used); the size of
+`edgeclr export` writes with the format's writer (export.WRITERS, keyed by the format's name); the size of
 an exported model, what `bench` and the runtime accept, and which files travel together (an
 OpenVINO IR is model.xml + model.bin) are read from here.
 """
@@ -8,7 +8,6 @@ OpenVINO IR is model.xml + model.bin) are read from here.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from pathlib import Path
 
 
@@ -20,7 +19,6 @@ class ExportFormat:
     options: frozenset[str]  # ExportConfig fields this format honours
     needs: tuple[str, ...]  # Python packages
     runtime: str  # what runs it: the parity check uses the same
-    writer: str  # "module:function" (model, example input, dynamic batch, opset, metadata, path) -> written files
 
     def files(self, path: str | Path) -> list[Path]:
         """Every file of the model whose main file is `path`."""
@@ -30,18 +28,13 @@ class ExportFormat:
     def size_bytes(self, path: str | Path) -> int:
         return sum(f.stat().st_size for f in self.files(path))
 
-    def write(self, *args, **kwargs) -> list[Path]:
-        module, _, fn = self.writer.partition(":")
-        return getattr(importlib.import_module(module), fn)(*args, **kwargs)
-
 
 EXPORT_FORMATS: dict[str, ExportFormat] = {
     "onnx": ExportFormat("onnx", ".onnx", (), frozenset({"opset", "dynamic_batch", "normalize", "input_size"}),
-                         ("onnx", "onnxruntime"), "onnxruntime", "edgeclr.export:write_onnx"),
+                         ("onnx", "onnxruntime"), "onnxruntime"),
     "openvino": ExportFormat("openvino", ".xml", (".bin",), frozenset({"opset", "dynamic_batch", "normalize", "input_size"}),
-                             ("onnx", "openvino"), "openvino", "edgeclr.export:write_openvino"),
-    "torchscript": ExportFormat("torchscript", ".pt", (), frozenset({"normalize", "input_size"}), (), "torch",
-                                "edgeclr.export:write_torchscript"),
+                             ("onnx", "openvino"), "openvino"),
+    "torchscript": ExportFormat("torchscript", ".pt", (), frozenset({"normalize", "input_size"}), (), "torch"),
 }
 # formats the torch-free runtime runs (edgeclr.runtime): what `bench`, `embed` and `eval --compare` pick up
 RUNTIME_SUFFIXES: tuple[str, ...] = tuple(f.suffix for f in EXPORT_FORMATS.values() if f.runtime != "torch")

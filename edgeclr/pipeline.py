@@ -41,8 +41,8 @@ _IN_KEY = {"bench": {"threads"}, "deploy": {"threads", "target"}}
 
 
 def stage_main(name: str):
-    """The function a stage's command runs (the stage table's `main`), imported when asked for: the
-    CLI's start stays torch-free."""
+    """The function a stage of the stage table runs, imported when asked for: the CLI's start stays
+    torch-free."""
     if name == "train":
         from edgeclr.train import main
     elif name == "distill":

@@ -2,8 +2,8 @@
 
 The CLI's --from/--until choices, the pipeline's order, keys, skip and resume rules, the run
 folder's "most downstream model" and the report all derive from it. Torch-free, and it imports
-nothing of edgeclr: a stage's config class is resolved by edgeclr.config.stage_config and its
-function by edgeclr.pipeline.stage_main (import statements, so the import-cycle test sees them).
+nothing of edgeclr and names no module: a stage's config class is resolved by
+edgeclr.config.stage_config and its function by edgeclr.pipeline.stage_main.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import dataclasses
 class Stage:
     name: str
     config: str | None  # class name in edgeclr.config (None: the report takes the run folder only)
-    main: str  # "module:function" the stage's command runs (pipeline.stage_main imports it)
     outputs: tuple[str, ...]  # files (relative to the run folder) that a finished stage leaves
     owned: tuple[str, ...]  # what it writes: set aside in OUT/.replaced/ when it runs again from scratch
     resumable: bool = False  # an interrupted run continues from its checkpoint
@@ -24,21 +23,21 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("train", "TrainConfig", "edgeclr.train:main", ("train/manifest.json", "train/checkpoints/last.pt"), ("train",),
+    Stage("train", "TrainConfig", ("train/manifest.json", "train/checkpoints/last.pt"), ("train",),
           resumable=True, model=True, help="SimCLR pretraining of the teacher"),
-    Stage("distill", "DistillConfig", "edgeclr.distill:main", ("distill/manifest.json", "distill/checkpoints/last.pt"),
+    Stage("distill", "DistillConfig", ("distill/manifest.json", "distill/checkpoints/last.pt"),
           ("distill",), resumable=True, model=True, help="the teacher's embeddings distilled into a small student"),
-    Stage("compress", "CompressConfig", "edgeclr.compress:main", ("compress/manifest.json", "compress/report.json"),
+    Stage("compress", "CompressConfig", ("compress/manifest.json", "compress/report.json"),
           ("compress",), resumable=True, model=True, help="pruning with recovery, FP32 and INT8 exports"),
-    Stage("export", "ExportConfig", "edgeclr.export:main", ("export/manifest.json",), ("export",),
+    Stage("export", "ExportConfig", ("export/manifest.json",), ("export",),
           help="the teacher's own exports, for same-runtime comparisons"),
-    Stage("eval", "EvalConfig", "edgeclr.evaluate:main", ("compare.json", "train/eval.json"), ("compare.json", "compare.md"),
+    Stage("eval", "EvalConfig", ("compare.json", "train/eval.json"), ("compare.json", "compare.md"),
           help="teacher vs random init and raw pixels; the retention table of every artifact"),
-    Stage("bench", "BenchConfig", "edgeclr.bench:main", ("bench/bench.json",), ("bench",),
+    Stage("bench", "BenchConfig", ("bench/bench.json",), ("bench",),
           help="latency, throughput, memory and size of every model"),
-    Stage("deploy", "DeployConfig", "edgeclr.deploy:main", ("deploy/selection.json",), ("deploy",), resumable=True,
+    Stage("deploy", "DeployConfig", ("deploy/selection.json",), ("deploy",), resumable=True,
           help="every candidate measured on the deployment settings; the fastest within the accuracy budget shipped"),
-    Stage("report", None, "edgeclr.report:write", ("report.html", "report.md"), (), help="report.md and report.html"),
+    Stage("report", None, ("report.html", "report.md"), (), help="report.md and report.html"),
 )
 NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 # stages that write a model, most downstream last: a run folder's deployable model is its last one

@@ -23,6 +23,4 @@ def test_an_unknown_suffix_names_the_known_ones():
 def test_every_writer_exists():
     from edgeclr import export
 
-    for f in EXPORT_FORMATS.values():
-        module, _, fn = f.writer.partition(":")
-        assert module == "edgeclr.export" and callable(getattr(export, fn))
+    assert set(export.WRITERS) == set(EXPORT_FORMATS) and all(map(callable, export.WRITERS.values()))

@@ -13,8 +13,8 @@ PKG = ROOT / "edgeclr"
 
 def import_graph() -> dict[str, set[str]]:
     """{module: edgeclr modules it imports}, counting imports anywhere in the file (inside functions
-    too) and modules loaded by name (importlib.import_module("edgeclr.x")). The package face
-    (edgeclr/__init__.py) is left out."""
+    too) and modules named in strings, the way a module is loaded by name (importlib.import_module(
+    "edgeclr.x"), a "edgeclr.x:function" table entry). The package face (edgeclr/__init__.py) is left out."""
     mods = {}
     for p in PKG.rglob("*.py"):
         name = ".".join(p.relative_to(ROOT).with_suffix("").parts)
@@ -25,10 +25,9 @@ def import_graph() -> dict[str, set[str]]:
         for node in ast.walk(ast.parse(p.read_text())):
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
-            elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
-                  and isinstance(node.args[0].value, str) and node.args[0].value.startswith("edgeclr")
-                  and ast.unparse(node.func).split(".")[-1] in ("import_module", "__import__", "find_spec")):
-                targets = [node.args[0].value]  # a module loaded by name: importlib.import_module("edgeclr.x")
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.partition(":")[0] in mods:
+                # a module named in a string ("edgeclr.x", "edgeclr.x:function"): loaded by name somewhere
+                targets = [node.value.partition(":")[0]]
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
@@ -93,9 +92,11 @@ def test_the_cycle_check_counts_a_module_loaded_by_name(tmp_path, monkeypatch):
     (pkg / "__init__.py").write_text("")
     (pkg / "a.py").write_text("import edgeclr.b\n")
     (pkg / "b.py").write_text("import importlib\n\n\ndef f():\n    return importlib.import_module('edgeclr.a')\n")
+    (pkg / "c.py").write_text("import edgeclr.d\n")
+    (pkg / "d.py").write_text("TABLE = {'x': 'edgeclr.c:main'}\n")
     monkeypatch.setitem(globals(), "ROOT", tmp_path)
     monkeypatch.setitem(globals(), "PKG", pkg)
-    assert cycles(import_graph()) == [["edgeclr.a", "edgeclr.b"]]
+    assert sorted(cycles(import_graph())) == [["edgeclr.a", "edgeclr.b"], ["edgeclr.c", "edgeclr.d"]]
 
 
 def test_the_torch_free_modules_import_with_torch_blocked():

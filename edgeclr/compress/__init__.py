@@ -56,7 +56,7 @@ from edgeclr.report import compress_table
 from edgeclr.rundir import make_writable_dir, write_json_atomic, write_manifest
 from edgeclr.runtime import Embedder, ModelMeta, Preprocess, median_latency_ms
 
-log = logging.getLogger("edgeclr.compress")
+log = logging.getLogger(__name__)
 # the package's face: the pruning and INT8 steps a script composes (benchmarks/ do)
 __all__ = ["main", "count_macs", "prune_step", "ratio_for_macs", "prune_and_recover", "calibration_inputs", "float_scope",
            "quantize_onnx", "quantize_openvino"]

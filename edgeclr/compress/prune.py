@@ -29,7 +29,7 @@ from edgeclr.loading import load_data, load_encoder
 from edgeclr.models import Encoder, count_params, example_input, model_from_checkpoint, torch_pruning
 from edgeclr.runtime import Preprocess
 
-log = logging.getLogger("edgeclr.compress")
+log = logging.getLogger(__package__)  # compress's logger: one name for the whole stage
 WORK = "prune.pt"  # the checkpoint of a pruning run in progress (resumable; not yet a stage result)
 
 

@@ -26,7 +26,7 @@ from edgeclr.runtime import Preprocess
 if TYPE_CHECKING:
     from torch import nn
 
-log = logging.getLogger("edgeclr.compress")
+log = logging.getLogger(__package__)  # compress's logger: one name for the whole stage
 
 
 def calibration_inputs(spec: str, pp: Preprocess, n: int, seed: int, ckpt_cfg: dict) -> np.ndarray:
