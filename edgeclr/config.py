@@ -321,9 +321,7 @@ class FinetuneConfig:
             raise ConfigError("val_fraction is in [0, 1); steps >= 0, batch_size >= 1, lr > 0 and eval_every >= 1")
         if self.patience < 1 or not 0 <= self.label_smoothing < 1 or self.backbone_lr_ratio < 0:
             raise ConfigError("patience >= 1, label_smoothing in [0, 1) and backbone_lr_ratio >= 0 are required")
-        bad = [f for f in self.formats.split(",") if f and f not in ("onnx", "openvino")]
-        if bad:
-            raise ConfigError(f"formats: comma list of onnx, openvino; got {self.formats!r}")
+        check_runtime_formats(self.formats, allow_none=True)
         if self.int8:
             check_calib_images(self.calib_images)
 
@@ -400,9 +398,7 @@ class CompressConfig:
         if self.prune_steps < 1 or self.recover_epochs < 0 or self.latency_runs < 1 or self.eval_images < 10:
             raise ConfigError("prune_steps >= 1, recover_epochs >= 0, latency_runs >= 1 and eval_images >= 10 are required")
         check_calib_images(self.calib_images)
-        bad = [f for f in self.formats.split(",") if f and f not in ("onnx", "openvino")]
-        if bad or not self.formats.strip(","):
-            raise ConfigError(f"formats: comma list of onnx, openvino; got {self.formats!r}")
+        check_runtime_formats(self.formats, allow_none=False)
 
     @property
     def pruning(self) -> bool:
@@ -682,6 +678,13 @@ def check_calib_images(n: int) -> None:
     """compress's and deploy's --calib-images: at least CompressConfig.MIN_CALIB."""
     if n < CompressConfig.MIN_CALIB:
         raise ConfigError(f"calib_images must be >= {CompressConfig.MIN_CALIB} for a usable INT8 calibration, got {n}")
+
+
+def check_runtime_formats(formats: str, allow_none: bool) -> None:
+    """compress's and finetune's --formats: a comma list of onnx, openvino ('' only where allow_none)."""
+    bad = [f for f in formats.split(",") if f and f not in ("onnx", "openvino")]
+    if bad or not (allow_none or formats.strip(",")):
+        raise ConfigError(f"formats: comma list of onnx, openvino; got {formats!r}")
 
 
 def check_choices(cfg) -> None:

@@ -40,7 +40,7 @@ from edgeclr.compress import Scorecard, int8_scope, quantize_one, runtime_embed
 from edgeclr.compress.prune import level_checkpoint
 from edgeclr.compress.quantize import calibration_inputs
 from edgeclr.errors import ConfigError, DataError
-from edgeclr.evaluate import linear_probe
+from edgeclr.finetune import linear_probe
 from edgeclr.formats import EXPORT_FORMATS, format_of
 from edgeclr.heldout import HeldOut, agreement, eval_inputs
 from edgeclr.loading import load_encoder, open_like_run, stage_checkpoints

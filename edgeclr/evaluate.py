@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from edgeclr import checkpoint, finetune
 from edgeclr.engine import resolve_device
 from edgeclr.errors import CheckpointError, DataError
+from edgeclr.finetune import linear_probe
 from edgeclr.formats import format_of
 from edgeclr.heldout import HeldOut, agreement
 from edgeclr.loading import load_encoder, stage_checkpoints
@@ -30,12 +31,6 @@ from edgeclr.rundir import MetricsLog, exported_files, write_atomic, write_json_
 from edgeclr.runtime import Embedder, Preprocess, median_latency_ms
 
 log = logging.getLogger("edgeclr.evaluate")
-
-
-def linear_probe(train_f, train_y, test_f, test_y, seed: int = 0) -> float:
-    """Logistic regression on standardised frozen features (finetune.fit_linear); test accuracy in percent."""
-    clf = finetune.fit_linear(train_f, train_y, seed)
-    return 100.0 * float((clf.predict(np.asarray(test_f)) == np.asarray(test_y)).mean())
 
 
 def tsne_plot(feats, labels, path: str | Path, classes: list[str] | None = None, title: str = "", seed: int = 0,

@@ -112,6 +112,12 @@ def fit_linear(train_f: np.ndarray, train_y: np.ndarray, seed: int = 0, c: float
     return clf
 
 
+def linear_probe(train_f, train_y, test_f, test_y, seed: int = 0) -> float:
+    """Test accuracy in percent of fit_linear on the training features."""
+    clf = fit_linear(train_f, train_y, seed)
+    return 100.0 * float((clf.predict(np.asarray(test_f)) == np.asarray(test_y)).mean())
+
+
 def linear_head(clf, num_classes: int) -> dict:
     """A fitted fit_linear pipeline as ClassifierNet head state (mean, std, weight (K, D), bias (K,))."""
     scaler, lr = clf[0], clf[-1]
@@ -334,8 +340,7 @@ def label_efficiency(encoder: Encoder, sck: dict, pp: Preprocess, held, feats: d
             every = np.sort(np.concatenate([tr, va]))  # kNN and the probe use every drawn label; fine-tuning holds va out
             for key, (_, fb, fq) in feats.items():
                 acc_knn = knn_accuracy(fb[every], held.bank_y[every], fq, held.query_y, held.k, held.t)
-                clf = fit_linear(fb[every].numpy(), y_bank[every], s)
-                acc_lin = 100.0 * float((clf.predict(fq.numpy()) == y_query).mean())
+                acc_lin = linear_probe(fb[every].numpy(), y_bank[every], fq.numpy(), y_query, s)
                 cells.setdefault(("knn", key), {}).setdefault(n, []).append(acc_knn)
                 cells.setdefault(("linear", key), {}).setdefault(n, []).append(acc_lin)
             for init in (("model", "random") if finetune_steps else ()):
