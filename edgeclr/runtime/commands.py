@@ -132,8 +132,7 @@ def _embed_files_to(out: Path, model, inputs, batch_size, threads, on_error, pre
     all_ids = done_ids + part_ids
     if not all_ids and errors:  # nothing to write: every input was unreadable
         part.clear()
-        raise ImageError(f"none of the {len(errors)} input file(s) could be read as an image (first: {errors[0]}); "
-                         "give image files or folders of images")
+        raise none_readable(errors)
     tmp = out.with_name(f".{out.name}.tmp.npy")
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(all_ids), emb.dim))
     arr[: len(done_ids)], arr[len(done_ids):] = done_emb, part_emb
@@ -146,6 +145,12 @@ def _embed_files_to(out: Path, model, inputs, batch_size, threads, on_error, pre
     part.clear()
     return {"out": str(out), "ids": str(ids_path(out)), "total": len(all_ids), "new": len(part_ids), "skipped_done": len(files) - len(todo),
             "errors": errors, "dim": emb.dim, "model": str(model)}
+
+
+def none_readable(errors: list[str]) -> ImageError:
+    """The error of a run whose every input image was unreadable (embed and predict write nothing then)."""
+    return ImageError(f"none of the {len(errors)} input file(s) could be read as an image (first: {errors[0]}); "
+                      "give image files or folders of images")
 
 
 def labels_for(ids: Sequence[str], spec: str | None) -> list[str] | None:
@@ -219,8 +224,7 @@ def predict_files_to(model: str | Path, inputs: Sequence[str | Path], out: str |
             rows += [(i, r) for i, r in zip(ids, clf.rank(probs, top_k))]
             errors += errs
         if not rows and errors:  # nothing to write: every input was unreadable
-            raise ImageError(f"none of the {len(errors)} input file(s) could be read as an image (first: {errors[0]}); "
-                             "give image files or folders of images")
+            raise none_readable(errors)
         k = min(top_k, clf.dim)
         if out.suffix.lower() == ".json":
             text = json.dumps([{"path": i, "top": [[c, round(p, 6)] for c, p in r]} for i, r in rows], indent=1) + "\n"
