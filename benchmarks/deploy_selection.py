@@ -2,7 +2,7 @@
 
 The pipeline from scratch (or an existing run), then the shipped model against the teacher's own
 exports, timed in the same interleaved run (1 thread, batch 1), with raw pixels and a random-init
-network as the accuracy baselines when the run evaluated them.
+network as the accuracy baselines when the run evaluated them, and the run's few-label curve when it has one.
 
     python benchmarks/deploy_selection.py --tag demo-CPU                       # the demo preset, fresh (3-8 min on 2 cores)
     python benchmarks/deploy_selection.py --out runs/fm --tag fashion-mnist-CPU  # an existing run (its deploy stage is run if missing)
@@ -88,6 +88,13 @@ def main() -> None:
               f"| size on disk against the same-runtime export | {c['size_vs_teacher_export']:.2f} | < 1 |",
               f"| kNN points below the teacher | {drop} | <= 1.5 |",
               "", f"Result: {'PASS' if ok else 'FAIL'}.", "", "Every candidate:", "", deploy_table(sel), ""]
+    le = out / "train" / "label_efficiency.md"
+    if le.exists():  # the run's few-label curve (eval --label-efficiency): accuracy on the test split, mean ± std over draws
+        d = json.loads(le.with_suffix(".json").read_text())
+        rec["label_efficiency"] = d
+        lines += [f"The few-label curve of the teacher (`{le.relative_to(out)}`: {d['draws']} draws of the labelled images per level, "
+                  f"{d['query_images']} test images, full fine-tuning {d['finetune_steps']} steps):", "", le.read_text().rstrip(), ""]
+        record_path("deploy_selection", args.tag, "json").write_text(json.dumps(rec, indent=2) + "\n")
     record_path("deploy_selection", args.tag).write_text("\n".join(lines))
     print("\n".join(lines))
 
