@@ -106,12 +106,12 @@ def export_set(model, pp, folder, name: str, calib, runtimes=("onnx", "openvino"
     import torch
 
     from edgeclr import compress, export
-    from edgeclr.models import count_macs, count_params
+    from edgeclr.models import EmbeddingModel, count_macs, count_params
     from edgeclr.runtime import ModelMeta
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    em = export.EmbeddingModel(model, True).eval()
+    em = EmbeddingModel(model, True).eval()
     shape = (pp.channels, pp.input_size, pp.input_size)
     meta = ModelMeta(preprocess=pp, embedding_dim=model.embed_dim, normalized=True, macs=count_macs(model, shape),
                      params=count_params(model))

@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import export_set, interleaved_ms, machine, record_path  # noqa: E402
 
-from edgeclr import compress, data, export  # noqa: E402
+from edgeclr import compress, data  # noqa: E402
 from edgeclr.compress import prune  # noqa: E402
-from edgeclr.models import ModelSpec, create_model, list_models  # noqa: E402
+from edgeclr.models import EmbeddingModel, ModelSpec, create_model, list_models  # noqa: E402
 from edgeclr.runtime import Embedder, Preprocess  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -75,7 +75,7 @@ def main():
             files = export_set(model, pp, tmp, name, calib, runtimes=rt, target=a.target)
             f32, i8 = files[rt[0]], files[key]
             i8all = export_set(model, pp, tmp, f"{name}-all", calib, runtimes=rt, target=a.target, exclude=[])[key]
-            scope = compress.float_scope(Path(tmp) / f"{name}-fp32.onnx", export.EmbeddingModel(model, True).eval())
+            scope = compress.float_scope(Path(tmp) / f"{name}-fp32.onnx", EmbeddingModel(model, True).eval())
             macs = compress.count_macs(model, torch.from_numpy(calib[:1]))[0]
             sess = {k: Embedder.load(p, threads=1) for k, p in (("fp32", f32), ("int8", i8), ("int8-all", i8all))}
             ref = sess["fp32"].embed_arrays(calib[:64], 64)

@@ -194,8 +194,8 @@ def _load(cfg: Config):
             net = model = _torchvision_model(cfg.path[len(TORCHVISION):])
             shape = (cfg.batch, 3, cfg.input_size or 224, cfg.input_size or 224)
         else:
-            from edgeclr.export import EmbeddingModel
             from edgeclr.loading import load_encoder
+            from edgeclr.models import EmbeddingModel
 
             net, ck, _ = load_encoder(cfg.path, "cpu")
             model = EmbeddingModel(net, True).eval()

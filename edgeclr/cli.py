@@ -151,7 +151,7 @@ def export(target, config_file, **options):
     r = run_stage(api.export, config_file=config_file, target=target, **options)
     p = r["parity"]
     click.echo(f"{r['path']}  ({', '.join(Path(f).name for f in r['files'])}); parity vs torch on {r['parity_images']} images: "
-               f"min cosine {p['min_cosine']:.6f}, max abs diff {p['max_abs_diff']:.2e}")
+               + ", ".join(f"{k.replace('_', ' ')} {v:.6g}" for k, v in p.items()))
 
 
 @cli.command()

@@ -1,10 +1,12 @@
-"""Export: `edgeclr export` writes the encoder (no projection head) as a self-describing FP32 file.
+"""Export: `edgeclr export` writes a checkpoint's model as a self-describing FP32 file: for an
+embedding model the encoder without its projection head, for a classifier encoder + head (the task
+table, `edgeclr.tasks`, says what each task exports and how its parity is checked).
 
-    load_model -> EmbeddingModel (embed + optional L2 norm) -> EXPORT_FORMATS[fmt].write -> parity check -> main
+    load_model -> the task's module (tasks.TASKS) -> WRITERS[fmt] -> the task's parity check -> main
 
 `edgeclr.formats.EXPORT_FORMATS` is the single source of truth for formats, their files, the
 options each allows and their writers (below). Every export is written under a temporary name, checked (onnx.checker, then its
-embeddings against torch's on real images of the run's data, through `edgeclr.runtime`, the code
+outputs against torch's on real images of the run's data, through `edgeclr.runtime`, the code
 the device runs), and only then renamed into place: a failed check is an error and leaves nothing
 that looks finished.
 
@@ -23,35 +25,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import edgeclr
-from edgeclr import checkpoint, config, data
+from edgeclr import checkpoint, config, data, tasks
 from edgeclr.errors import ExportError
 from edgeclr.formats import EXPORT_FORMATS, ExportFormat
 from edgeclr.heldout import eval_inputs
 from edgeclr.loading import load_encoder, open_like_run
 from edgeclr.lock import hold
-from edgeclr.models import classifier_from_checkpoint, count_macs, count_params
+from edgeclr.models import count_macs, count_params
 from edgeclr.rundir import make_writable_dir, read_manifest, write_json_atomic, write_manifest
-from edgeclr.runtime import Embedder, ModelMeta, Preprocess, load_model_file
+from edgeclr.runtime import ModelMeta, Preprocess, open_model
 from edgeclr.stages import MODEL_STAGES
 
 log = logging.getLogger("edgeclr.export")
 
-
-
-class EmbeddingModel(nn.Module):
-    """What is exported: images (B, C, S, S) -> embeddings (B, D), L2-normalised when asked."""
-
-    def __init__(self, encoder: nn.Module, normalize: bool):
-        super().__init__()
-        self.encoder, self.normalize = encoder, normalize
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        e = self.encoder.embed(images)  # (B, D)
-        return F.normalize(e, dim=1) if self.normalize else e
 
 
 def newest_checkpoint(target: str | Path) -> Path:
@@ -63,15 +52,6 @@ def load_model(target: str | Path) -> tuple[nn.Module, dict, Path]:
     """(encoder in eval mode on CPU, checkpoint, path) from any stage's checkpoint or a run folder
     (whose most downstream stage is taken)."""
     return load_encoder(newest_checkpoint(target), "cpu")
-
-
-def exported_module(encoder: nn.Module, ckpt: dict, normalize: bool) -> tuple[nn.Module, dict]:
-    """What a checkpoint exports and the metadata that says so: an embedding model, or for a
-    fine-tuned classifier (`edgeclr finetune`) encoder + head with softmax probabilities."""
-    if ckpt.get("task") == "classify":
-        return classifier_from_checkpoint(ckpt), {"task": "classify", "classes": list(ckpt["classes"]),
-                                                  "output_name": "probabilities", "normalized": False}
-    return EmbeddingModel(encoder, normalize).eval(), {"normalized": normalize}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,24 +113,14 @@ def parity_images(data_spec: str, pp: Preprocess, n: int, ckpt_cfg: dict) -> tor
     return x
 
 
-def exported_embeddings(fmt: ExportFormat, path: Path, x: torch.Tensor) -> np.ndarray:
-    """Run the exported file the way the device will: edgeclr.runtime (or torch.jit for TorchScript)."""
+def exported_outputs(fmt: ExportFormat, path: Path, x: torch.Tensor) -> np.ndarray:
+    """Run the exported file the way the device will: edgeclr.runtime's front end of its task (or
+    torch.jit for TorchScript)."""
     if fmt.runtime == "torch":
         m = torch.jit.load(str(path))
         with torch.no_grad():
             return m(x).numpy()
-    backend, meta, _ = load_model_file(path, threads=0, precision="f32")  # an embedding model or a classifier
-    return Embedder(backend, meta, path).embed_arrays(x.numpy(), batch_size=len(x))
-
-
-def compare(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    """Per-image cosine (min, mean) and max absolute difference between two (N, D) embeddings."""
-    if ref.shape != got.shape:
-        raise ExportError(f"the exported model returns shape {got.shape}, torch {ref.shape}")
-    a = ref / np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-12)
-    b = got / np.maximum(np.linalg.norm(got, axis=1, keepdims=True), 1e-12)
-    cos = (a * b).sum(1)
-    return {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()), "max_abs_diff": float(np.abs(ref - got).max())}
+    return open_model(path, threads=0, precision="f32").run_arrays(x.numpy(), batch_size=len(x))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,9 +149,11 @@ def _export(cfg: config.ExportConfig, fmt: ExportFormat, encoder: nn.Module, ckp
     if cfg.input_size and cfg.input_size != pp.input_size:
         pp = pp.at_size(cfg.input_size)
         log.warning("exporting at %d px; the model was trained at %d px", cfg.input_size, ckpt["preprocess"]["input_size"])
-    model, task = exported_module(encoder, ckpt, cfg.normalize)
+    task = tasks.of_checkpoint(ckpt, str(ckpt_path))
+    model, fields = task.module(encoder, ckpt, cfg.normalize)
     path = out_dir / f"{cfg.name}{fmt.suffix}"
-    meta = ModelMeta(preprocess=pp, embedding_dim=encoder.embed_dim, **task,
+    meta = ModelMeta(preprocess=pp, embedding_dim=encoder.embed_dim, task=task.name, output_name=task.output_name,
+                     **{"normalized": False, **fields},
                      dynamic_batch=cfg.dynamic_batch or fmt.name == "torchscript", precision="fp32",
                      source_stage=ckpt["stage"], checkpoint_sha256=checkpoint.sha256(ckpt_path),
                      edgeclr_version=edgeclr.__version__, model_spec=ckpt["spec"],
@@ -197,11 +169,14 @@ def _export(cfg: config.ExportConfig, fmt: ExportFormat, encoder: nn.Module, ckp
         written = WRITERS[fmt.name](model, example, meta.dynamic_batch, cfg.opset, meta, tmp)
         with torch.no_grad():
             ref = model(x).numpy()
-        check = compare(ref, exported_embeddings(fmt, tmp, x))
-        if check["min_cosine"] < cfg.min_cosine:
+        got = exported_outputs(fmt, tmp, x)
+        if ref.shape != got.shape:
+            raise ExportError(f"the exported model returns shape {got.shape}, torch {ref.shape}")
+        check = task.parity(ref, got)
+        failure = task.parity_failure(check, cfg.min_cosine)
+        if failure:
             raise ExportError(f"{fmt.name} export of {ckpt_path} fails the parity check on {len(x)} real images: "
-                              f"min cosine to torch {check['min_cosine']:.6f} < {cfg.min_cosine} (max abs diff "
-                              f"{check['max_abs_diff']:.3g}); nothing was written. Try another --opset or report it")
+                              f"{failure}; nothing was written. Try another --opset or report it")
         final = []
         for f in written:
             dest = path.with_suffix(f.suffix) if f.suffix != fmt.suffix else path
@@ -221,7 +196,7 @@ def _export(cfg: config.ExportConfig, fmt: ExportFormat, encoder: nn.Module, ckp
     write_manifest(out_dir, "export", inputs={"checkpoint": str(ckpt_path), "checkpoint_sha256": meta.checkpoint_sha256},
                    spec=ckpt["spec"], preprocess=pp.to_dict(), embed_dim=encoder.embed_dim, metrics={},
                    wall_time_s=time.time() - t0, artifacts=artifacts)
-    log.info("%s: parity on %d images: min cosine %.6f, max abs diff %.2e", path, len(x), check["min_cosine"], check["max_abs_diff"])
+    log.info("%s: parity on %d images: %s", path, len(x), ", ".join(f"{k} {v:.3g}" for k, v in check.items()))
     return {"path": str(path), "files": [str(f) for f in final], "parity": check, "parity_images": len(x), "meta": meta.to_dict()}
 
 

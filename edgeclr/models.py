@@ -308,6 +308,18 @@ def apply_pruning(model: Encoder, plan: dict, pp: Preprocess | dict) -> Encoder:
     return model
 
 
+class EmbeddingModel(nn.Module):
+    """What an embedding model exports: images (B, C, S, S) -> embeddings (B, D), L2-normalised when asked."""
+
+    def __init__(self, encoder: nn.Module, normalize: bool):
+        super().__init__()
+        self.encoder, self.normalize = encoder, normalize
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        e = self.encoder.embed(images)  # (B, D)
+        return F.normalize(e, dim=1) if self.normalize else e
+
+
 class ClassifierNet(nn.Module):
     """encoder -> embedding (B, D) -> standardise (fixed mean / std) -> linear head -> logits (B, K).
 

@@ -373,7 +373,8 @@ def quantize_int8(fp32: Path, run: Path, out: Path, target: str, calib_images: i
     """INT8 exactly as `edgeclr compress` makes its ONNX file: calibration_inputs (real digits through
     the runtime's preprocessing) -> float_scope (first conv, embedding layer, SE stay float) -> quantize_onnx."""
     from edgeclr.compress.quantize import calibration_inputs, float_scope, quantize_onnx
-    from edgeclr.export import EmbeddingModel, load_model
+    from edgeclr.export import load_model
+    from edgeclr.models import EmbeddingModel
     from edgeclr.runtime import Preprocess
 
     encoder, ckpt, _ = load_model(run)

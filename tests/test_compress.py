@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import TINY, run
 
-from edgeclr import config
+from edgeclr import config, models
 from edgeclr.compress import prune, quantize
 from edgeclr.loading import load_encoder
 from edgeclr.models import ModelSpec, create_model, model_from_checkpoint
@@ -93,7 +93,7 @@ def test_float_scope_names_every_squeeze_excitation_node_of_the_exported_graph(t
     from edgeclr.runtime import ModelMeta, Preprocess
 
     m = create_model(ModelSpec("mobilenet_v3_small", in_chans=1, stem_stride=1, embed_dim=16, head_layers=0)).eval()
-    em = export.EmbeddingModel(m, True).eval()
+    em = models.EmbeddingModel(m, True).eval()
     pp = Preprocess(input_size=32, resize_size=32, mean=(0.5,), std=(0.5,), channels=1)
     f = tmp_path / "m.onnx"
     export.write_onnx(em, torch.zeros(1, 1, 32, 32), True, 17, ModelMeta(preprocess=pp, embedding_dim=16, normalized=True), f)
@@ -118,7 +118,7 @@ def test_the_stem_pooling_stays_float_with_the_first_conv(tmp_path):
 
     pytest.importorskip("nncf")
     m = create_model(ModelSpec("resnet18", in_chans=1, stem_stride=2, width=8, embed_dim=16, head_layers=0)).eval()
-    em = export.EmbeddingModel(m, True).eval()
+    em = models.EmbeddingModel(m, True).eval()
     pp = Preprocess(input_size=32, resize_size=32, mean=(0.5,), std=(0.5,), channels=1)
     meta, x = ModelMeta(preprocess=pp, embedding_dim=16, normalized=True), torch.zeros(1, 1, 32, 32)
     export.write_onnx(em, x, True, 17, meta, tmp_path / "m.onnx")
@@ -126,7 +126,7 @@ def test_the_stem_pooling_stays_float_with_the_first_conv(tmp_path):
     scope = quantize.float_scope(tmp_path / "m.onnx", em)
     assert scope["first_conv"] == ["/backbone/conv1/Conv", "/backbone/relu/Relu", "/backbone/maxpool/MaxPool"]
     mobilenet = create_model(ModelSpec("mobilenet_v2", in_chans=1, embed_dim=16, head_layers=0)).eval()
-    export.write_onnx(export.EmbeddingModel(mobilenet, True).eval(), x, True, 17, meta, tmp_path / "mb.onnx")
+    export.write_onnx(models.EmbeddingModel(mobilenet, True).eval(), x, True, 17, meta, tmp_path / "mb.onnx")
     assert [n.rsplit("/", 1)[1] for n in quantize.float_scope(tmp_path / "mb.onnx", mobilenet)["first_conv"]] == ["Conv", "Clip"]
 
     calib = np.random.default_rng(0).standard_normal((16, 1, 32, 32)).astype(np.float32)

@@ -52,8 +52,8 @@ def test_static_batch_and_torchscript_and_no_normalize(tmp_path):
 
 def test_a_failed_parity_check_is_an_error_and_writes_nothing(tmp_path, monkeypatch):
     make_checkpoint(tmp_path / "run" / "train" / "checkpoints" / "last.pt", "resnet18", width=8)
-    real = export.exported_embeddings
-    monkeypatch.setattr(export, "exported_embeddings", lambda f, p, x: real(f, p, x) + np.float32(0.3) * np.roll(real(f, p, x), 1, 1))
+    real = export.exported_outputs
+    monkeypatch.setattr(export, "exported_outputs", lambda f, p, x: real(f, p, x) + np.float32(0.3) * np.roll(real(f, p, x), 1, 1))
     r = run(["export", str(tmp_path / "run"), "--check-images", "4"], ok=False)
     assert r.exit_code == 2 and "fails the parity check" in r.output
     assert not [p for p in (tmp_path / "run" / "export").iterdir() if "model" in p.name]

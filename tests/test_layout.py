@@ -102,7 +102,7 @@ def test_the_cycle_check_counts_a_module_loaded_by_name(tmp_path, monkeypatch):
 def test_the_torch_free_modules_import_with_torch_blocked():
     """The device path, the CLI's start, the API's face and the report: no torch (a board has none)."""
     mods = ["edgeclr", "edgeclr.api", "edgeclr.cli", "edgeclr.errors", "edgeclr.stages", "edgeclr.formats", "edgeclr.config",
-            "edgeclr.rundir", "edgeclr.report", "edgeclr.bench", "edgeclr.runtime"]
+            "edgeclr.rundir", "edgeclr.report", "edgeclr.bench", "edgeclr.runtime", "edgeclr.tasks"]
     code = "import sys; sys.modules['torch'] = None\n" + "".join(f"import {m}\n" for m in mods)
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -51,7 +51,7 @@ from edgeclr.formats import format_of
 from edgeclr.heldout import HeldOut, public
 from edgeclr.loading import load_encoder
 from edgeclr.lock import hold
-from edgeclr.models import Encoder, example_input, model_from_checkpoint
+from edgeclr.models import EmbeddingModel, Encoder, example_input, model_from_checkpoint
 from edgeclr.report import compress_table
 from edgeclr.rundir import make_writable_dir, write_json_atomic, write_manifest
 from edgeclr.runtime import Embedder, ModelMeta, Preprocess, median_latency_ms
@@ -201,10 +201,10 @@ def int8_scope(model: Encoder, fp32_path: Path, models_dir: Path, calib: np.ndar
     (or, for OpenVINO, from an ONNX export of the same model: OpenVINO keeps the node names)."""
     onnx_fp32 = fp32_path if fp32_path.suffix == ".onnx" else models_dir / ".scope.onnx"
     if onnx_fp32 != fp32_path:
-        export.write_onnx(export.EmbeddingModel(model, True).eval(), torch.from_numpy(calib[:1]), True, 17,
+        export.write_onnx(EmbeddingModel(model, True).eval(), torch.from_numpy(calib[:1]), True, 17,
                           ModelMeta(preprocess=pp, embedding_dim=model.embed_dim, normalized=True), onnx_fp32)
     try:
-        return float_scope(onnx_fp32, export.EmbeddingModel(model, True))
+        return float_scope(onnx_fp32, EmbeddingModel(model, True))
     finally:
         if onnx_fp32 != fp32_path:
             onnx_fp32.unlink()

@@ -3,7 +3,8 @@ inside the functions that need them.
 
     images         image files -> decoded PIL images (load_image, list_inputs)
     preprocessing  the one preprocessing path (Preprocess, preprocess), shared with evaluation
-    embedder       exported models: ModelMeta, the onnxruntime / OpenVINO backends, Embedder, Classifier
+    embedder       exported models: ModelMeta, the onnxruntime / OpenVINO backends, open_model and the
+                   task front ends (Embedder, Classifier; FRONT_ENDS)
     index          Index: cosine nearest-neighbour search and kNN classification
     commands       `edgeclr embed`, `edgeclr search` and `edgeclr predict` (embed_files_to, search_main, predict_files_to)
 
@@ -23,7 +24,17 @@ from edgeclr.runtime.commands import (
     read_embeddings,
     search_main,
 )
-from edgeclr.runtime.embedder import Classifier, Embedder, ModelMeta, load_model_file, median_latency_ms, openvino_core, read_sidecar
+from edgeclr.runtime.embedder import (
+    FRONT_ENDS,
+    Classifier,
+    Embedder,
+    ModelMeta,
+    load_model_file,
+    median_latency_ms,
+    open_model,
+    openvino_core,
+    read_sidecar,
+)
 from edgeclr.runtime.images import (
     GRAY_MODES,
     IMAGE_SUFFIXES,
@@ -38,9 +49,9 @@ from edgeclr.runtime.index import INDEX_BACKENDS, Index, l2_normalize
 from edgeclr.runtime.preprocessing import Preprocess, preprocess, preprocess_batch, resize_center_crop
 
 __all__ = [
-    "GRAY_MODES", "IMAGE_SUFFIXES", "INDEX_BACKENDS", "MAX_ASPECT",
+    "FRONT_ENDS", "GRAY_MODES", "IMAGE_SUFFIXES", "INDEX_BACKENDS", "MAX_ASPECT",
     "Classifier", "Embedder", "ImageError", "Index", "ModelError", "ModelMeta", "PartialEmbeddings", "Preprocess",
     "check_aspect", "embed_files_to", "ids_path", "l2_normalize", "labels_for", "list_images", "list_inputs", "load_image", "load_model_file",
-    "median_latency_ms", "openvino_core", "predict_files_to", "preprocess", "preprocess_batch", "read_embeddings", "read_sidecar",
+    "median_latency_ms", "open_model", "openvino_core", "predict_files_to", "preprocess", "preprocess_batch", "read_embeddings", "read_sidecar",
     "resize_center_crop", "search_main", "to_mode",
 ]

@@ -172,10 +172,9 @@ def read_sidecar(path: Path) -> dict[str, str]:
     return {}
 
 
-TASKS = ("embed", "classify")
-# what to use for a file of each task: the message when a file reaches the wrong class
-USE_FOR = {"embed": "an embedding model: use `edgeclr embed` / `edgeclr search` (runtime.Embedder)",
-           "classify": "a classifier: use `edgeclr predict` (runtime.Classifier)"}
+# task name -> its runtime front end (Embedder, Classifier, ...): every front-end class registers
+# itself by defining TASK; edgeclr.tasks pairs each with its torch side (export module, parity, scorer)
+FRONT_ENDS: dict[str, type] = {}
 
 
 def _check_consistent(meta: ModelMeta, in_shape, out_shape, path: Path) -> None:
@@ -190,13 +189,11 @@ def _check_consistent(meta: ModelMeta, in_shape, out_shape, path: Path) -> None:
                                     ("input width", pp.input_size, in_shape[3])):
                 if got is not None and got != want:
                     problems.append(f"metadata {name} {want}, model {got}")
-    width, what = (len(meta.classes or []), "classes") if meta.task == "classify" else (meta.embedding_dim, "embedding_dim")
-    if out_shape is not None and len(out_shape) == 2 and out_shape[1] is not None and out_shape[1] != width:
-        problems.append(f"metadata {what} {width}, model output {out_shape[1]}")
-    if meta.task not in TASKS:
-        problems.append(f"unknown task {meta.task!r} (this edgeclr reads {', '.join(TASKS)})")
-    if meta.task == "classify" and len(meta.classes or []) < 2:
-        problems.append("a classifier needs the names of >= 2 classes")
+    front = FRONT_ENDS.get(meta.task)
+    if front is None:
+        problems.append(f"unknown task {meta.task!r} (this edgeclr reads {', '.join(FRONT_ENDS)})")
+    else:
+        problems += front.meta_problems(meta, out_shape)
     if meta.embedding_dim < 1 or pp.input_size < 1:
         problems.append("embedding_dim and input_size must be >= 1")
     if problems:
@@ -232,25 +229,51 @@ def load_model_file(path: str | Path, threads: int = 0, precision: str = "f32") 
     return backend, meta, path
 
 
+def open_model(path: str | Path, threads: int = 0, precision: str = "f32"):
+    """Any exported edgeclr file, opened by the front end of its task (Embedder, Classifier, ...)."""
+    backend, meta, path = load_model_file(path, threads, precision)
+    return FRONT_ENDS[meta.task](backend, meta, path)
+
+
 class Embedder:
     """Images -> (N, D) float32 embeddings with an exported edgeclr model; no torch.
 
     Use `Embedder.load(path)`: the backend comes from the suffix (.onnx: onnxruntime, .xml:
     OpenVINO) and the preprocessing from the file's own metadata.
+
+    The base of every task's front end: a subclass sets TASK (its name in the task table),
+    OUTPUT (the exported graph's output name), USE (what a file of the task is and which command
+    runs it) and, where its output is not (N, embedding_dim), meta_problems; it registers itself.
     """
+
+    TASK = "embed"
+    OUTPUT = "embeddings"
+    USE = "an embedding model: use `edgeclr embed` / `edgeclr search` (runtime.Embedder)"
 
     def __init__(self, backend, meta: ModelMeta, path: Path):
         self.backend, self.meta, self.path = backend, meta, path
 
-    TASK = "embed"
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "TASK" in cls.__dict__:
+            FRONT_ENDS[cls.TASK] = cls
+
+    @classmethod
+    def meta_problems(cls, meta: ModelMeta, out_shape) -> list[str]:
+        """What in a file's metadata contradicts this task or the graph's output shape (static dims)."""
+        return _width_problem("embedding_dim", meta.embedding_dim, out_shape)
 
     @classmethod
     def load(cls, path: str | Path, threads: int = 0, precision: str = "f32"):
         """Args: threads: CPU threads (0 = the runtime's default); precision (OpenVINO): f32 | bf16 | f16 | default."""
         backend, meta, path = load_model_file(path, threads, precision)
         if meta.task != cls.TASK:
-            raise ModelError(f"{path} is {USE_FOR[meta.task]}, not {USE_FOR[cls.TASK].split(':')[0]}")
+            raise ModelError(f"{path} is {FRONT_ENDS[meta.task].USE}, not {cls.USE.split(':')[0]}")
         return cls(backend, meta, path)
+
+    def run_arrays(self, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Preprocessed inputs (N, C, S, S) -> the model's output, whatever the task."""
+        return self.embed_arrays(x, batch_size)
 
     @property
     def dim(self) -> int:
@@ -291,6 +314,15 @@ class Embedder:
             yield ids, (self.embed_arrays(np.stack(arrays), batch_size) if arrays else np.zeros((0, self.dim), np.float32)), errors
 
 
+FRONT_ENDS[Embedder.TASK] = Embedder
+
+
+def _width_problem(what: str, width: int, out_shape) -> list[str]:
+    if out_shape is not None and len(out_shape) == 2 and out_shape[1] is not None and out_shape[1] != width:
+        return [f"metadata {what} {width}, model output {out_shape[1]}"]
+    return []
+
+
 class Classifier(Embedder):
     """Images -> (N, K) softmax probabilities with an exported edgeclr classifier (`edgeclr finetune`); no torch.
 
@@ -302,6 +334,14 @@ class Classifier(Embedder):
     """
 
     TASK = "classify"
+    OUTPUT = "probabilities"
+    USE = "a classifier: use `edgeclr predict` (runtime.Classifier)"
+
+    @classmethod
+    def meta_problems(cls, meta: ModelMeta, out_shape) -> list[str]:
+        if len(meta.classes or []) < 2:
+            return ["a classifier needs the names of >= 2 classes"]
+        return _width_problem("classes", len(meta.classes), out_shape)
 
     @property
     def classes(self) -> list[str]:
