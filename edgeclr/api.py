@@ -33,7 +33,7 @@ from edgeclr import config
 from edgeclr.pipeline import stage_main
 
 __all__ = ["train", "distill", "compress", "export", "evaluate", "bench", "deploy", "select", "pipeline", "finetune", "embed",
-           "search", "predict"]
+           "search", "predict", "segment"]
 
 
 def _with_options(cls):
@@ -170,11 +170,12 @@ def pipeline(config_file=None, **options) -> dict:
 
 @_with_options(config.FinetuneConfig)
 def finetune(config_file=None, **options) -> dict:
-    """A few-label classifier on the encoder of `source=` (a run folder's `stage=` teacher | student | pruned):
-    linear probe, frozen encoder or full fine-tuning, from its weights or (`init="random"`) from random ones;
-    tested on the whole test split and exported (softmax probabilities, class names in the file).
+    """A few-label classifier (`task="classify"`) or segmenter (`task="segment"`, `data=` images, `masks=` label
+    maps) on the encoder of `source=` (a run folder's `stage=` teacher | student | pruned): linear probe, frozen
+    encoder or full fine-tuning, from its weights or (`init="random"`) from random ones; tested and exported
+    (softmax probabilities, class names in the file).
 
-    Returns {"stage_dir", "checkpoint", "test_top1", "val_top1", "artifacts", ...}."""
+    Returns {"stage_dir", "checkpoint", "task", "test_top1" or "test_miou", "artifacts", ...}."""
     cfg = config.build(config.FinetuneConfig, config_file, **options)
     from edgeclr import finetune as stage
 
@@ -192,6 +193,19 @@ def predict(config_file=None, **options) -> dict:
 
     return runtime.predict_files_to(cfg.model, cfg.inputs, cfg.out, cfg.top_k, cfg.batch_size, cfg.threads, cfg.on_error,
                                     cfg.precision)
+
+
+@_with_options(config.SegmentConfig)
+def segment(config_file=None, **options) -> dict:
+    """Segment image files and folders (`inputs=`) with an exported segmenter `model=` into the folder `out=`
+    (label-map PNGs, overlays, classes.txt, segments.csv); torch-free.
+
+    Returns {"out", "segmented", "errors", "classes"}."""
+    cfg = config.build(config.SegmentConfig, config_file, **options)
+    from edgeclr import runtime
+
+    return runtime.segment_files_to(cfg.model, cfg.inputs, cfg.out, cfg.overlay, cfg.overlap, cfg.threads, cfg.on_error,
+                                    cfg.precision, cfg.batch_size)
 
 
 @_with_options(config.EmbedConfig)

@@ -174,23 +174,28 @@ def compress(student, config_file, **options):
 @click.argument("source")
 @config_options(config.FinetuneConfig, "none")
 def finetune(source, config_file, **options):
-    """Few-label classifier on SOURCE's encoder (a run folder's --stage, a stage folder or a checkpoint).
+    """Few-label classifier or segmenter on SOURCE's encoder (a run folder's --stage, a stage folder or a checkpoint).
 
-    Draws --labels-per-class labelled images, trains (--mode linear | frozen | full; --init random for
-    the baseline), tests on the whole test split and exports the classifier (softmax probabilities,
-    class names and preprocessing in the file). Writes OUT/{checkpoints/last.pt, result.json,
-    metrics.csv, manifest.json, export/classifier.*}.
+    classify: draws --labels-per-class labelled images, trains (--mode linear | frozen | full; --init
+    random for the baseline), tests on the whole test split and exports the classifier (softmax
+    probabilities, class names and preprocessing in the file). segment: --data IMAGES with --masks
+    (label maps), cut into tiles at the encoder's input size; a DeepLabV3 head (--mode frozen | full),
+    tested by mIoU on --test-data / --test-masks or held-out tiles, exported as a segmenter. Writes
+    OUT/{checkpoints/last.pt, result.json, metrics.csv, manifest.json, export/classifier.* or segmenter.*}.
     """
+    from edgeclr.tasks import describe_score
+
     r = run_stage(api.finetune, config_file=config_file, source=source, **options,
                   interrupted="interrupted: the checkpoint is written; add --resume to continue")
     if not r["completed"]:
         click.echo(f"stopped at step {r['step']}: {r['checkpoint']} (add --resume to continue)")
         return
-    val = f", validation {r['val_top1']:.2f}%" if r.get("val_top1") is not None else ""
-    click.echo(f"test accuracy {r['test_top1']:.2f}% on {r['test_images']} images ({r['train_images']} labelled for training{val}); "
+    val = next((f", validation {v:.2f}%" for k, v in r.items() if k.startswith("val_") and k != "val_images" and v is not None), "")
+    unit = "tiles" if r.get("task") == "segment" else "images"
+    click.echo(f"test {describe_score(r)} on {r['test_images']} {unit} ({r['train_images']} labelled for training{val}); "
                f"checkpoint: {r['checkpoint']}")
     for k, a in r["artifacts"].items():
-        click.echo(f"  {k}: {a['path']}  test accuracy {a['test_top1']:.2f}%")
+        click.echo(f"  {k}: {a['path']}  test {describe_score(a)}")
 
 
 @cli.command()
@@ -205,6 +210,22 @@ def predict(inputs, config_file, **options):
     for e in r["errors"]:
         click.echo(f"skipped: {e}", err=True)
     click.echo(f"{r['out']}: {r['predicted']} image(s) classified into {len(r['classes'])} classes ({len(r['errors'])} unreadable)")
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@config_options(config.SegmentConfig)
+def segment(inputs, config_file, **options):
+    """Segment image files and folders (INPUTS) of any size with an exported segmenter; torch-free.
+
+    Writes into the folder --out: per image STEM.png (8-bit label map, one class id per pixel) and
+    STEM.overlay.png, classes.txt and segments.csv (each image's share of every class). Large images
+    are tiled at the model's input size with overlap and stitched; unreadable images are skipped.
+    """
+    r = run_stage(api.segment, config_file=config_file, inputs=tuple(inputs), **options)
+    for e in r["errors"]:
+        click.echo(f"skipped: {e}", err=True)
+    click.echo(f"{r['out']}: {r['segmented']} image(s) segmented into {len(r['classes'])} classes ({len(r['errors'])} unreadable)")
 
 
 @cli.command()

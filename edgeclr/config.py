@@ -271,12 +271,24 @@ class EvalConfig:
 
 @dataclass
 class FinetuneConfig:
-    """`edgeclr finetune`: a few-label classifier on a pretrained (or random-init) encoder."""
+    """`edgeclr finetune`: a few-label classifier or segmenter on a pretrained (or random-init) encoder."""
 
     source: str = opt("", "run folder, stage folder or checkpoint whose encoder is fine-tuned", cli=False)
-    task: str = opt("classify", "classify (a softmax classifier over the dataset's classes)", ("classify",))
+    task: str = opt("classify", "classify (a softmax classifier over the dataset's classes) | segment (DeepLabV3 on --data "
+                                "images labelled by --masks)", ("classify", "segment"))
     stage: str = opt("teacher", "which encoder of a run folder: teacher | student | pruned", ("teacher", "student", "pruned"))
-    data: str | None = opt(None, "labelled dataset (default: the source's)", path=True)
+    data: str | None = opt(None, "labelled dataset (default: the source's); segment: the images (a folder or files)", path=True)
+    masks: str | None = opt(None, "segment: folder of label maps (PNG / TIFF of class ids, 0 = background, 255 = unlabelled) "
+                                  "with the images' file stems", path=True)
+    classes: str | None = opt(None, "segment: class names, one per line, line 1 = id 0 (default: MASKS/classes.txt)", path=True)
+    test_data: str | None = opt(None, "segment: test images (another image or slide; default: --test-fraction of the tiles)",
+                                path=True)
+    test_masks: str | None = opt(None, "segment: the test images' label maps", path=True)
+    test_fraction: float = opt(0.25, "segment without --test-data: this share of the tiles is held out for the test")
+    tiles: int = opt(0, "segment: labelled training tiles drawn (0 = every tile of the images; the tile is the encoder's "
+                        "input size)")
+    output_stride: int = opt(8, "segment: output stride of the encoder's feature maps (ResNet stages dilated to reach it)",
+                             (8, 16))
     out: str | None = opt(None, "folder to write into (default: RUN/finetune)")
     labels_per_class: int | None = opt(None, "labelled images drawn per class (default 10 unless --labels-fraction)")
     labels_fraction: float | None = opt(None, "instead: this fraction of each class's labelled images")
@@ -324,6 +336,18 @@ class FinetuneConfig:
         check_runtime_formats(self.formats, allow_none=True)
         if self.int8:
             check_calib_images(self.calib_images)
+        seg_only = [f"--{k.replace('_', '-')}" for k in ("masks", "classes", "test_data", "test_masks") if getattr(self, k)]
+        if self.task != "segment" and seg_only:
+            raise ConfigError(f"{', '.join(seg_only)} belong to --task segment")
+        if self.task == "segment":
+            if not self.data or not self.masks:
+                raise ConfigError("--task segment needs --data IMAGES and --masks DIR (label maps with the images' file stems)")
+            if bool(self.test_data) != bool(self.test_masks):
+                raise ConfigError("give --test-data and --test-masks together")
+            if self.mode == "linear":
+                raise ConfigError("--task segment trains its head: --mode frozen or full")
+            if self.tiles < 0 or not 0 < self.test_fraction < 1:
+                raise ConfigError("tiles >= 0 and test_fraction in (0, 1) are required")
 
 
 @dataclass
@@ -553,6 +577,22 @@ class PredictConfig(RuntimeFilesConfig):
         self.check("an exported classifier (.onnx or .xml) from `edgeclr finetune`")
         if self.top_k < 1:
             raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
+
+
+@dataclass
+class SegmentConfig(RuntimeFilesConfig):
+    """`edgeclr segment`: image files of any size -> label maps with an exported segmenter (torch-free)."""
+
+    model: str = opt("", "exported segmenter: .onnx (onnxruntime) or .xml (OpenVINO) from `edgeclr finetune --task segment`",
+                     path=True)
+    out: str = opt("segments", "output folder: STEM.png label maps, STEM.overlay.png, classes.txt, segments.csv")
+    overlay: bool = opt(True, "also write each image with the class colours blended in", off="no-overlay")
+    overlap: int | None = opt(None, "pixels shared by neighbouring tiles (default: a quarter of the tile)")
+
+    def __post_init__(self):
+        self.check("an exported segmenter (.onnx or .xml) from `edgeclr finetune --task segment`")
+        if self.overlap is not None and self.overlap < 0:
+            raise ConfigError(f"overlap must be >= 0, got {self.overlap}")
 
 
 @dataclass

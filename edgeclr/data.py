@@ -501,3 +501,117 @@ def iterate_batches(ds: Dataset, batch_size: int, seed: int, epoch: int, start_s
             skip = set(bad)
             b = np.asarray([i for i in b if str(ds.paths[i]) not in skip], np.int64)
         yield step, x, bad, b
+
+
+# ----------------------------------------------------------------------------------------------
+# images with masks (segmentation): IMAGES/x.png + MASKS/x.png, cut into tiles together
+
+MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+IGNORE = 255  # a mask value that no loss or score counts (unlabelled pixels)
+
+
+@dataclass
+class MaskedTiles:
+    """Tiles of images and of their label maps, cut at the images' own resolution."""
+
+    images: np.ndarray  # (N, S, S, C) uint8
+    masks: np.ndarray  # (N, S, S) uint8 class ids (IGNORE: unlabelled)
+    source: np.ndarray  # (N,) index into `files` of the image each tile comes from
+    files: list[str]  # the image files, in order
+    classes: list[str]  # class names, index = class id (0 = background)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A label map (PNG / TIFF of class ids, or a palette PNG's indices) -> (H, W) int64."""
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("RGB", "RGBA"):
+                raise DataError(f"mask {path} is a colour image ({im.mode}): a mask is one channel of class ids "
+                                "(0 = background, 1..K-1, 255 = unlabelled), e.g. an 8-bit grayscale or palette PNG")
+            a = np.asarray(im)
+    except DataError:
+        raise
+    except Exception as e:  # PIL raises several types on corrupt or truncated files
+        raise DataError(f"mask {path} cannot be read ({type(e).__name__}: {e})") from e
+    if a.ndim != 2:
+        raise DataError(f"mask {path} has shape {a.shape}: a mask is one channel of class ids")
+    return a.astype(np.int64)
+
+
+def read_class_names(masks_dir: Path, num_ids: int, classes_file: str | None = None) -> list[str]:
+    """Class names from --classes FILE or MASKS/classes.txt (one per line, line i = id i), else
+    background, class1, class2, ..."""
+    f = Path(classes_file) if classes_file else masks_dir / "classes.txt"
+    if f.is_file():
+        names = [line.strip() for line in f.read_text().splitlines() if line.strip()]
+        if len(names) < 2:
+            raise DataError(f"{f}: give >= 2 class names, one per line (line 1 = id 0, the background)")
+        return names
+    if classes_file:
+        raise DataError(f"--classes {classes_file} does not exist")
+    return ["background"] + [f"class{i}" for i in range(1, max(num_ids, 2))]
+
+
+def mask_pairs(images: str | Path, masks: str | Path) -> list[tuple[Path, Path]]:
+    """(image, mask) pairs: every image of IMAGES with the file of the same stem in MASKS."""
+    masks = Path(masks).expanduser()
+    _require_dir(masks, "--masks", "give the folder of label maps (same file stems as the images)")
+    try:
+        files = list_inputs([Path(images).expanduser()])
+    except ImageError as e:
+        raise DataError(f"--data {images}: {e}") from e
+    by_stem = {p.stem: p for p in sorted(masks.iterdir()) if p.suffix.lower() in MASK_SUFFIXES}
+    missing = [f.name for f in files if f.stem not in by_stem]
+    if missing:
+        raise DataError(f"{len(missing)} image(s) have no mask in {masks} (same stem, {'/'.join(MASK_SUFFIXES)}): "
+                        f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return [(f, by_stem[f.stem]) for f in files]
+
+
+def load_masked(images: str | Path, masks: str | Path, tile_size: int, stride: int, channels: int = 3,
+                classes_file: str | None = None, classes: list[str] | None = None) -> MaskedTiles:
+    """Images and their masks cut into tile_size tiles every `stride` px (the last row and column
+    of tiles end at the border); tiles whose pixels are all unlabelled are left out. The class
+    names are `classes` when given (a test set takes its training set's), else read_class_names'.
+
+    Raises:
+        DataError: a missing folder, an image without a mask, a mask whose size differs from its
+            image, a class id outside the class list, an unreadable file, an image smaller than a tile.
+    """
+    pairs = mask_pairs(images, masks)
+    loaded, top = [], 0
+    for img_path, mask_path in pairs:
+        try:
+            img = np.asarray(load_image(img_path, channels))
+        except ImageError as e:
+            raise DataError(str(e)) from e
+        m = read_mask(mask_path)
+        if m.shape != img.shape[:2]:
+            raise DataError(f"mask {mask_path} is {m.shape[1]}x{m.shape[0]}, its image {img_path} "
+                            f"{img.shape[1]}x{img.shape[0]}: a mask labels every pixel of its image")
+        if min(m.shape) < tile_size:
+            raise DataError(f"{img_path} is {m.shape[1]}x{m.shape[0]}, smaller than the tile size {tile_size}")
+        if m.min() < 0:
+            raise DataError(f"mask {mask_path} holds negative class ids")
+        top = max(top, int(m[m != IGNORE].max(initial=0)))
+        loaded.append((img, m))
+    classes = classes or read_class_names(Path(masks).expanduser(), top + 1, classes_file)
+    out_img, out_mask, out_src = [], [], []
+    for i, ((img, m), (_, mask_path)) in enumerate(zip(loaded, pairs)):
+        bad = np.unique(m[(m != IGNORE) & (m >= len(classes))])
+        if len(bad):
+            raise DataError(f"mask {mask_path} holds class ids {bad[:8].tolist()} outside the {len(classes)} classes "
+                            f"{classes}: fix the mask or the class names (255 = unlabelled)")
+        img = img if img.ndim == 3 else img[:, :, None]
+        h, w = m.shape
+        ys = sorted(set(list(range(0, h - tile_size + 1, stride)) + [h - tile_size]))
+        xs = sorted(set(list(range(0, w - tile_size + 1, stride)) + [w - tile_size]))
+        for y in ys:
+            for x in xs:
+                t = m[y:y + tile_size, x:x + tile_size]
+                if (t != IGNORE).any():
+                    out_img.append(img[y:y + tile_size, x:x + tile_size])
+                    out_mask.append(t.astype(np.uint8))
+                    out_src.append(i)
+    return MaskedTiles(np.stack(out_img), np.stack(out_mask), np.asarray(out_src, np.int64), [str(p) for p, _ in pairs],
+                       classes)

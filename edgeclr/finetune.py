@@ -1,5 +1,5 @@
-"""`edgeclr finetune --task classify`: few-label classification on any stage's encoder, and the
-label-efficiency curve of `edgeclr eval --label-efficiency`.
+"""`edgeclr finetune`: few-label classification (--task classify) and segmentation (--task
+segment) on any stage's encoder, and the label-efficiency curve of `edgeclr eval --label-efficiency`.
 
     draw_labeled -> ClassifierNet(encoder, standardise, linear head)
       linear: logistic regression on frozen, clean features (the linear probe), copied into the head
@@ -15,6 +15,13 @@ Fashion-MNIST-like data at 10 per class, holding 2 per class out cost more than 
 whole test split. BatchNorm: with few labelled images (--bn auto: fewer than 2,000) the encoder's
 running statistics stay as pretraining left them and only its affine parameters train: batch
 statistics of a few dozen images are noise.
+
+Segmentation: data.load_masked cuts IMAGES + MASKS into tiles at the images' own resolution (the
+encoder's input size); --tiles N of them train (a validation share held out from 20 on), the test
+tiles are --test-data / --test-masks (another image: the honest split) or --test-fraction of the
+pool. models.SegmenterNet: the encoder's last stages dilated to --output-stride, a DeepLabV3 (ASPP)
+head, bilinear upsampling. SegTuner is the same Tuner: tile and mask flipped and turned together,
+mild colour jitter, cross-entropy that ignores unlabelled pixels (255), early stopping on mIoU.
 """
 
 from __future__ import annotations
@@ -33,14 +40,14 @@ import torch
 import torch.nn.functional as F
 
 import edgeclr
-from edgeclr import checkpoint, config, data, faults
+from edgeclr import checkpoint, config, data, faults, tasks
 from edgeclr.augment import SimCLRAugment, get_preset, preset_for, view_generator
 from edgeclr.engine import build_scheduler, exit_for_signal, prepare_stage_dir, resolve_device, set_layout
 from edgeclr.errors import ConfigError, DataError, NonFiniteLoss
 from edgeclr.heldout import batchnorms, eval_inputs
 from edgeclr.loading import load_encoder, open_like_run
 from edgeclr.lock import hold
-from edgeclr.models import ClassifierNet, Encoder, create_model
+from edgeclr.models import ClassifierNet, Encoder, SegmenterNet, create_model
 from edgeclr.rundir import MetricsLog, write_json_atomic, write_manifest
 from edgeclr.runtime import Preprocess
 
@@ -150,6 +157,17 @@ def accuracy(net: ClassifierNet, x: torch.Tensor, y: torch.Tensor, device, batch
     return 100.0 * float((pred == y).float().mean())
 
 
+@torch.no_grad()
+def outputs(net, x: torch.Tensor, device, batch_size: int = 128) -> np.ndarray:
+    """What the exported model returns (net.forward: class probabilities) for inputs x, as numpy."""
+    was = net.training
+    net.eval()
+    try:
+        return embed_all(net, x, device, batch_size).numpy()
+    finally:
+        net.train(was)
+
+
 # ----------------------------------------------------------------------------------------------
 # training
 
@@ -175,7 +193,10 @@ class Recipe:
 
 class Tuner:
     """One fine-tuning run's state: the net, optimiser, schedule, step, best weights; a checkpoint
-    dict of all of it (resume continues the same schedule) and the SIGTERM / SIGINT stop."""
+    dict of all of it (resume continues the same schedule) and the SIGTERM / SIGINT stop. A task
+    other than classification overrides batch, loss and val_score (SegTuner)."""
+
+    VAL_KEY = "val_top1"  # the validation figure early stopping keeps the best of
 
     def __init__(self, net: ClassifierNet, recipe: Recipe, x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor,
                  pp: Preprocess, run_cfg: dict, device):
@@ -244,7 +265,7 @@ class Tuner:
         self.train_mode()
         while self.step < r.steps and not done:
             xb, yb = self.batch()
-            loss = F.cross_entropy(self.net.logits(xb), yb, label_smoothing=r.label_smoothing)
+            loss = self.loss(xb, yb)
             loss = faults.poison_loss(loss, stage, self.step, 0)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"the fine-tuning loss became {loss.item()} at step {self.step}; nothing past the last "
@@ -269,15 +290,21 @@ class Tuner:
         self.net.load_state_dict(self.best)
         return True
 
+    def loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.net.logits(xb), yb, label_smoothing=self.r.label_smoothing)
+
+    def val_score(self) -> float:
+        return accuracy(self.net, self.xv, self.yv, self.device)
+
     def evaluate(self, metrics) -> bool:
         """Validation accuracy now; keeps the best weights; True when patience ran out."""
         if not len(self.yv):  # no validation images: the last step's weights are the result
             self.best, self.best_step = copy.deepcopy(self.net.state_dict()), self.step
             return False
-        acc = accuracy(self.net, self.xv, self.yv, self.device)
-        self.history.append({"step": self.step, "val_top1": acc})
+        acc = self.val_score()
+        self.history.append({"step": self.step, self.VAL_KEY: acc})
         if metrics is not None:
-            metrics.log({"val_top1": acc}, None, self.step)
+            metrics.log({self.VAL_KEY: acc}, None, self.step)
         if acc >= self.best_acc:  # a tie goes to the later, longer-trained weights
             self.best_acc, self.best_step, self.bad_evals = acc, self.step, 0
             self.best = copy.deepcopy(self.net.state_dict())
@@ -410,42 +437,74 @@ def main(cfg) -> dict:
         return _finetune(cfg, encoder, sck, src, pp, run_cfg, data_spec, out_dir, device, t0)
 
 
-def _finetune(cfg, encoder, sck, src, pp, run_cfg, data_spec, out_dir, device, t0) -> dict:
-    train_ds, test_ds = labeled_splits(data_spec, pp, run_cfg, cfg.seed)  # before anything is written or trained
-    resume_from = prepare_stage_dir(out_dir, cfg.resume)
+@dataclasses.dataclass
+class Job:
+    """The task-specific part of one fine-tuning run: the labelled, validation and test inputs
+    (normalised, (N, C, S, S)) with their labels (classes (N,) or masks (N, S, S)), the draw
+    (checked on --resume), the class names and the exported file's name."""
+
+    task: str
+    x: torch.Tensor
+    y: torch.Tensor
+    xv: torch.Tensor
+    yv: torch.Tensor
+    xt: torch.Tensor
+    yt: torch.Tensor
+    draw: dict
+    classes: list[str]
+    name: str
+    calib: np.ndarray | None = None  # INT8 calibration inputs (None: from the dataset, as compress does)
+
+
+def classify_job(cfg, data_spec: str, pp: Preprocess, run_cfg: dict) -> Job:
+    """A classifier's labelled draw, its validation share and the test split."""
+    train_ds, test_ds = labeled_splits(data_spec, pp, run_cfg, cfg.seed)
     k = int(max(train_ds.labels.max(), test_ds.labels.max())) + 1
-    classes = class_names(train_ds, k)
     tr_idx, va_idx = draw_labeled(train_ds.labels, cfg.labels_per_class, cfg.labels_fraction, cfg.seed,
                                   0.0 if cfg.mode == "linear" else cfg.val_fraction)  # the probe has nothing to stop early
     x, kept = eval_inputs(train_ds, pp, tr_idx)
     xv, kept_v = eval_inputs(train_ds, pp, va_idx) if len(va_idx) else (torch.zeros(0, *x.shape[1:]), va_idx)
-    y, yv = torch.as_tensor(train_ds.labels[kept]), torch.as_tensor(train_ds.labels[kept_v])
     xt, kept_t = eval_inputs(test_ds, pp, _subsample(len(test_ds), cfg.max_test, cfg.seed))
-    yt = torch.as_tensor(test_ds.labels[kept_t])
+    return Job("classify", x, torch.as_tensor(train_ds.labels[kept]), xv, torch.as_tensor(train_ds.labels[kept_v]), xt,
+               torch.as_tensor(test_ds.labels[kept_t]), {"train": tr_idx.tolist(), "val": va_idx.tolist()},
+               class_names(train_ds, k), "classifier")
+
+
+def build_tuner(job: Job, encoder: Encoder, recipe: Recipe, pp: Preprocess, run_cfg: dict, device, cfg) -> Tuner:
+    if job.task == "segment":
+        net = SegmenterNet(encoder, len(job.classes), cfg.output_stride).to(device)
+        return SegTuner(net, recipe, job.x, job.y, job.xv, job.yv, pp, run_cfg, device)
+    net = build_classifier(encoder, job.x, job.y, len(job.classes), recipe, device)
+    return Tuner(net, recipe, job.x, job.y, job.xv, job.yv, pp, run_cfg, device)
+
+
+def _finetune(cfg, encoder, sck, src, pp, run_cfg, data_spec, out_dir, device, t0) -> dict:
+    job = segment_job(cfg, pp) if cfg.task == "segment" else classify_job(cfg, data_spec, pp, run_cfg)  # before anything is written
+    resume_from = prepare_stage_dir(out_dir, cfg.resume)
     if cfg.init == "random":
         encoder = random_encoder(encoder.spec, sck, device, cfg.seed)
     recipe = Recipe(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Recipe)})
-    log.info("%s: %d labelled training images (%d classes), %d for validation, %d test; mode %s, init %s",
-             data_spec, len(y), k, len(yv), len(yt), cfg.mode, cfg.init)
-    net = build_classifier(encoder, x, y, k, recipe, device)
-    tuner = Tuner(net, recipe, x, y, xv, yv, pp, run_cfg, device)
+    log.info("%s: %d labelled training %s (%d classes), %d for validation, %d test; mode %s, init %s", data_spec, len(job.y),
+             "tiles" if job.task == "segment" else "images", len(job.classes), len(job.yv), len(job.yt), cfg.mode, cfg.init)
+    tuner = build_tuner(job, encoder, recipe, pp, run_cfg, device, cfg)
     ckpt_path = out_dir / "checkpoints" / "last.pt"
     if resume_from is not None:
         ck, _ = checkpoint.load_for_resume(resume_from)
-        if ck.get("draw") != {"train": tr_idx.tolist(), "val": va_idx.tolist()} or ck.get("source", {}).get("sha256") != checkpoint.sha256(src):
-            raise checkpoint.CheckpointError(f"cannot resume {ckpt_path}: it was fine-tuned from other labelled images or another "
-                                             "encoder; use the same --labels-per-class/--seed/source, or another --out")
+        if ck.get("draw") != job.draw or ck.get("source", {}).get("sha256") != checkpoint.sha256(src) or ck.get("task") != job.task:
+            raise checkpoint.CheckpointError(f"cannot resume {ckpt_path}: it was fine-tuned from other labelled images, another "
+                                             "encoder or for another task; use the same --labels-per-class/--tiles/--seed/"
+                                             "source, or another --out")
         tuner.restore(ck["tuner"])
 
     def ckpt_dict(final: bool) -> dict:
         n = tuner.net
         return {"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, "stage": "finetune",
-                "task": "classify", "edgeclr_version": edgeclr.__version__, "model": n.encoder.state_dict(),
+                "task": job.task, "edgeclr_version": edgeclr.__version__, "model": n.encoder.state_dict(),
                 "spec": n.encoder.spec.to_dict(), "preprocess": pp.to_dict(), "pruning": sck.get("pruning"),
-                "head": n.head_state(), "classes": classes, "config": {**run_cfg, "data": data_spec, "finetune": config.to_dict(cfg)},
+                "head": n.head_state(), "classes": job.classes, **n.checkpoint_extras(),
+                "config": {**run_cfg, "data": data_spec, "finetune": config.to_dict(cfg)},
                 "source": {"path": str(src), "sha256": checkpoint.sha256(src), "stage": sck["stage"], "init": cfg.init},
-                "draw": {"train": tr_idx.tolist(), "val": va_idx.tolist()}, "tuner": None if final else tuner.state(),
-                "completed": final, "step": tuner.step, "epoch": 0}
+                "draw": job.draw, "tuner": None if final else tuner.state(), "completed": final, "step": tuner.step, "epoch": 0}
 
     def save():
         checkpoint.save(ckpt_dict(False), ckpt_path)
@@ -463,13 +522,14 @@ def _finetune(cfg, encoder, sck, src, pp, run_cfg, data_spec, out_dir, device, t
         exit_for_signal(tuner.stop_signal)
         return {"stage_dir": str(out_dir), "checkpoint": str(ckpt_path), "completed": False, "step": tuner.step}
     net = tuner.net.eval()
-    result = {"test_top1": accuracy(net, xt, yt, device), "val_top1": tuner.best_acc if len(yv) else None,
-              "best_step": tuner.best_step, "steps_run": tuner.step, "train_images": len(y), "val_images": len(yv),
-              "test_images": len(yt), "classes": classes, "mode": cfg.mode, "init": cfg.init, "source_stage": sck["stage"],
-              "bn_frozen": tuner.bn_frozen}
+    score = tasks.TASKS[job.task].score(outputs(net, job.xt, device), job.yt.numpy())
+    result = {"task": job.task, **{f"test_{k_}": v for k_, v in score.items()},
+              tuner.VAL_KEY: tuner.best_acc if len(job.yv) else None, "best_step": tuner.best_step, "steps_run": tuner.step,
+              "train_images": len(job.y), "val_images": len(job.yv), "test_images": len(job.yt), "classes": job.classes,
+              "mode": cfg.mode, "init": cfg.init, "source_stage": sck["stage"], "bn_frozen": tuner.bn_frozen}
     checkpoint.save(ckpt_dict(True), ckpt_path)
-    log.info("test accuracy %.2f%% (%d labelled images, mode %s)", result["test_top1"], len(y), cfg.mode)
-    artifacts = export_classifier(cfg, ckpt_path, out_dir, data_spec, pp, run_cfg, net, xt, yt)
+    log.info("test %s (%d labelled, mode %s)", tasks.describe_score(result), len(job.y), cfg.mode)
+    artifacts = export_model(cfg, ckpt_path, out_dir, data_spec, pp, run_cfg, job)
     result["artifacts"] = artifacts
     write_json_atomic(result, out_dir / "result.json")
     write_manifest(out_dir, "finetune", inputs={"source": str(src), "source_sha256": checkpoint.sha256(src), "data": data_spec},
@@ -510,42 +570,114 @@ def head_nodes(path: Path) -> list[str]:
     return [name for t, name in nodes[pool + 1:] if t in HEAD_OPS]
 
 
-def export_classifier(cfg, ckpt_path: Path, out_dir: Path, data_spec: str, pp: Preprocess, run_cfg: dict, net: ClassifierNet,
-                      xt: torch.Tensor, yt: torch.Tensor) -> dict[str, dict]:
-    """classifier.onnx / .xml (FP32, parity-checked), and with --int8 their INT8 models through
-    compress's quantisers; each file's test accuracy through the runtime."""
+def export_model(cfg, ckpt_path: Path, out_dir: Path, data_spec: str, pp: Preprocess, run_cfg: dict, job: Job) -> dict[str, dict]:
+    """NAME.onnx / .xml (FP32, parity-checked by export), and with --int8 their INT8 models through
+    compress's quantisers; each file's test score through the runtime and the task's scorer."""
     from edgeclr import export
     from edgeclr.compress.quantize import calibration_inputs, quantize_onnx, quantize_openvino
-    from edgeclr.runtime import Classifier
+    from edgeclr.formats import format_of
+    from edgeclr.runtime import open_model
 
-    def test_acc(path: Path) -> float:
-        clf = Classifier.load(path, threads=0, precision="f32")
-        return 100.0 * float((clf.embed_arrays(xt.numpy(), 256).argmax(1) == yt.numpy()).mean())
+    task = tasks.TASKS[job.task]
 
+    def test_score(path: Path) -> dict:
+        got = open_model(path, threads=0, precision="f32").run_arrays(job.xt.numpy(), 64)
+        return {f"test_{k}": v for k, v in task.score(got, job.yt.numpy()).items()}
+
+    parity_data = f"tiles:{data_spec}" if job.task == "segment" else data_spec  # real images at the tile size
     out: dict[str, dict] = {}
-    calib = None
+    calib = job.calib
     for fmt in [f for f in cfg.formats.split(",") if f]:
-        e = export.main(config.ExportConfig(target=str(ckpt_path), format=fmt, out=str(out_dir / "export"), name="classifier",
-                                            data=data_spec))
+        e = export.main(config.ExportConfig(target=str(ckpt_path), format=fmt, out=str(out_dir / "export"), name=job.name,
+                                            data=parity_data))
         p = Path(e["path"])
-        out[f"{fmt}-fp32"] = {"path": str(p), "test_top1": test_acc(p), "parity": e["parity"]}
+        out[f"{fmt}-fp32"] = {"path": str(p), **test_score(p), "parity": e["parity"]}
         if not cfg.int8:
             continue
         if calib is None:
             calib = calibration_inputs(data_spec, pp, cfg.calib_images, cfg.seed, run_cfg)
-        q = p.with_name(f"classifier-int8{p.suffix}")
-        tmp = p.with_name(f".classifier-int8.partial{p.suffix}")
+        q = p.with_name(f"{job.name}-int8{p.suffix}")
+        tmp = p.with_name(f".{job.name}-int8.partial{p.suffix}")
         try:
-            head = head_nodes(p)  # the standardisation, head and softmax stay in float: a few hundred MACs
+            head = head_nodes(p) if job.task == "classify" else []  # a classifier's head stays in float: a few hundred MACs
             (quantize_onnx(p, tmp, calib, cfg.int8_target, head) if fmt == "onnx" else quantize_openvino(p, tmp, calib, head))
-            from edgeclr.formats import format_of
-
             for f in format_of(tmp).files(tmp):
                 f.replace(q.with_suffix(f.suffix))
         finally:
-            for f in p.parent.glob(".classifier-int8.partial*"):
+            for f in p.parent.glob(f".{job.name}-int8.partial*"):
                 f.unlink()
-        out[f"{fmt}-int8"] = {"path": str(q), "test_top1": test_acc(q)}
+        out[f"{fmt}-int8"] = {"path": str(q), **test_score(q)}
     for k_, a in out.items():
-        log.info("%s: %s, test accuracy %.2f%%", k_, a["path"], a["test_top1"])
+        log.info("%s: %s, test %s", k_, a["path"], tasks.describe_score(a))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# segmentation: tiles with masks, SegTuner
+
+
+def tiles_tensor(t: np.ndarray, pp: Preprocess) -> torch.Tensor:
+    """(N, S, S, C) uint8 tiles -> (N, C, S, S) float32, normalised as the runtime does."""
+    x = torch.from_numpy(np.ascontiguousarray(t)).permute(0, 3, 1, 2).float() / 255
+    return (x - torch.tensor(pp.mean).view(1, -1, 1, 1)) / torch.tensor(pp.std).view(1, -1, 1, 1)
+
+
+def draw_tiles(n: int, count: int, seed: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) positions of `count` tiles drawn from n (0 = all); from VAL_FROM drawn
+    tiles on, val_fraction of them validate."""
+    idx = np.random.default_rng(seed).permutation(n)[: count or n]
+    nv = int(round(len(idx) * val_fraction)) if len(idx) >= VAL_FROM else 0
+    return np.sort(idx[nv:]), np.sort(idx[:nv])
+
+
+def segment_job(cfg, pp: Preprocess) -> Job:
+    """A segmenter's labelled tiles: the train / validation draw, the test tiles, calibration tiles."""
+    s = pp.input_size
+    pool = data.load_masked(cfg.data, cfg.masks, s, s, pp.channels, cfg.classes)
+    if cfg.test_data:
+        test = data.load_masked(cfg.test_data, cfg.test_masks, s, s, pp.channels, classes=pool.classes)
+        train_pool, xt, yt = np.arange(len(pool.masks)), test.images, test.masks
+    else:
+        order = np.random.default_rng(cfg.seed).permutation(len(pool.masks))
+        nt = max(1, int(round(len(order) * cfg.test_fraction)))
+        train_pool, xt, yt = np.sort(order[nt:]), pool.images[np.sort(order[:nt])], pool.masks[np.sort(order[:nt])]
+    if len(train_pool) < 2 or cfg.tiles > len(train_pool):
+        raise DataError(f"{cfg.data}: {len(train_pool)} labelled tile(s) of {s} px to train on (--tiles {cfg.tiles or 'all'}); "
+                        "a segmenter needs >= 2: larger or more images, --test-data for the test tiles, or fewer --tiles")
+    tr, va = draw_tiles(len(train_pool), cfg.tiles, cfg.seed, cfg.val_fraction)
+    tr, va = train_pool[tr], train_pool[va]
+    calib = np.random.default_rng(cfg.seed).permutation(len(pool.masks))[:cfg.calib_images]
+    return Job("segment", tiles_tensor(pool.images[tr], pp), torch.from_numpy(pool.masks[tr].astype(np.int64)),
+               tiles_tensor(pool.images[va], pp), torch.from_numpy(pool.masks[va].astype(np.int64)), tiles_tensor(xt, pp),
+               torch.from_numpy(yt.astype(np.int64)), {"train": tr.tolist(), "val": va.tolist()}, pool.classes, "segmenter",
+               tiles_tensor(pool.images[np.sort(calib)], pp).numpy())
+
+
+class SegTuner(Tuner):
+    """Tuner for a SegmenterNet: tiles and masks flipped and turned together, mild contrast,
+    brightness and tint jitter, a loss that ignores unlabelled pixels, validation mIoU."""
+
+    VAL_KEY = "val_miou"
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n, bs = len(self.y), min(self.r.batch_size, len(self.y))
+        g = np.random.default_rng([self.r.seed, self.step])
+        idx = torch.as_tensor(g.choice(n, bs, replace=False))
+        xb, yb = self.x_raw[idx].float() / 255, self.y[idx]  # (B, C, S, S) in [0, 1], (B, S, S)
+        if self.r.augment:
+            k = int(g.integers(4))
+            xb, yb = torch.rot90(xb, k, (2, 3)), torch.rot90(yb, k, (1, 2))
+            if g.random() < 0.5:
+                xb, yb = xb.flip(3), yb.flip(2)
+            scale = torch.from_numpy(g.uniform(0.85, 1.15, (bs, 1, 1, 1))).float()
+            shift = torch.from_numpy(g.uniform(-0.06, 0.06, (bs, xb.shape[1], 1, 1))).float()
+            mean = xb.mean((1, 2, 3), keepdim=True)
+            xb = ((xb - mean) * scale + mean + shift).clamp(0, 1)
+        xb = (xb - torch.tensor(self.pp.mean).view(1, -1, 1, 1)) / torch.tensor(self.pp.std).view(1, -1, 1, 1)
+        return xb.contiguous().to(self.device), yb.contiguous().to(self.device)
+
+    def loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.net.logits(xb), yb, ignore_index=data.IGNORE)
+
+    def val_score(self) -> float:
+        return tasks.TASKS["segment"].score(outputs(self.net, self.xv, self.device), self.yv.numpy())["miou"]

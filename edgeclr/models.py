@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeclr.errors import CheckpointError, ConfigError
-from edgeclr.runtime import Preprocess
+from edgeclr.runtime import Preprocess, default_palette
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,6 +339,9 @@ class ClassifierNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.softmax(self.logits(x), dim=1)
 
+    def checkpoint_extras(self) -> dict:
+        return {}
+
     def head_state(self) -> dict:
         return {k: v.detach().cpu().clone() for k, v in (("mean", self.mean), ("std", self.std),
                                                         ("weight", self.head.weight), ("bias", self.head.bias))}
@@ -357,4 +360,114 @@ def classifier_from_checkpoint(ck: dict) -> ClassifierNet:
         raise CheckpointError("not a classifier checkpoint (written by `edgeclr finetune --task classify`)")
     net = ClassifierNet(model_from_checkpoint(ck), len(ck["classes"]))
     net.load_head(ck["head"])
+    return net.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# the segmentation head: DeepLabV3 (ASPP) on the encoder's last feature maps
+
+
+def feature_maps(encoder: Encoder, x: torch.Tensor) -> torch.Tensor:
+    """The backbone's last feature maps before global pooling: (B, C, h, w)."""
+    b = encoder.backbone
+    if hasattr(b, "layer4"):  # torchvision ResNet
+        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        return b.layer4(b.layer3(b.layer2(b.layer1(x))))
+    return b.features(x)  # torchvision MobileNet
+
+
+def _strided_conv(block: nn.Module) -> nn.Conv2d:
+    return block.conv2 if hasattr(block, "conv3") else block.conv1  # Bottleneck strides conv2, BasicBlock conv1
+
+
+def output_stride(encoder: Encoder, size: int = 64) -> int:
+    """Input size / feature-map size of the encoder's last feature maps."""
+    was = encoder.training
+    encoder.eval()
+    with torch.no_grad():
+        h = feature_maps(encoder, torch.zeros(1, encoder.spec.in_chans, size, size, device=next(encoder.parameters()).device)).shape[-1]
+    encoder.train(was)
+    return max(1, round(size / h))
+
+
+def dilate(encoder: Encoder, target: int | None) -> int:
+    """Trade the last ResNet stages' strides for dilation (weights unchanged, as DeepLabV3 does)
+    until the output stride is <= target; returns the output stride reached. MobileNets keep their
+    strides (their output stride is returned as it is)."""
+    os_ = output_stride(encoder)
+    b = encoder.backbone
+    if not target or not hasattr(b, "layer4"):
+        return os_
+    undo = set()
+    for name in ("layer4", "layer3"):
+        if os_ <= target:
+            break
+        if _strided_conv(getattr(b, name)[0]).stride == (2, 2):
+            undo.add(name)
+            os_ //= 2
+    factor = 1
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        layer = getattr(b, name)
+        first = _strided_conv(layer[0])
+        for block in layer:
+            for conv in (m for m in block.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)):
+                d = factor if (conv is first or name not in undo) else factor * 2
+                conv.dilation, conv.padding = (d, d), (d, d)
+        if name in undo:
+            first.stride = (1, 1)
+            layer[0].downsample[0].stride = (1, 1)
+            factor *= 2
+    return os_
+
+
+def aspp_rates(os_: int) -> tuple[int, int, int]:
+    """DeepLabV3's atrous rates: (6, 12, 18) at output stride 16, doubled at 8."""
+    return (12, 24, 36) if os_ <= 8 else (6, 12, 18)
+
+
+class SegmenterNet(nn.Module):
+    """encoder's feature maps (B, C, h, w) -> DeepLabV3 head (ASPP, 3x3 conv, 1x1 classifier) ->
+    bilinear upsampling to the input -> (B, K, H, W). forward() gives softmax probabilities: what is
+    exported. The ASPP width follows the backbone's (at most DeepLabV3's 256), so an edge student
+    keeps an edge-sized head."""
+
+    def __init__(self, encoder: Encoder, num_classes: int, target_stride: int | None = 8):
+        from torchvision.models.segmentation.deeplabv3 import ASPP
+
+        super().__init__()
+        self.encoder, self.num_classes, self.target_stride = encoder, num_classes, target_stride
+        self.output_stride = dilate(encoder, target_stride)
+        was = encoder.training
+        encoder.eval()
+        with torch.no_grad():
+            c = feature_maps(encoder, torch.zeros(1, encoder.spec.in_chans, 32, 32,
+                                                  device=next(encoder.parameters()).device)).shape[1]
+        encoder.train(was)
+        width = int(min(256, max(32, c)))
+        self.head = nn.Sequential(ASPP(c, list(aspp_rates(self.output_stride)), width),
+                                  nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                                  nn.Conv2d(width, num_classes, 1))
+
+    def head_state(self) -> dict:
+        return {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
+
+    def checkpoint_extras(self) -> dict:
+        """What a segmenter checkpoint holds beyond the classifier's keys."""
+        return {"target_stride": self.target_stride, "palette": default_palette(self.num_classes).tolist()}
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.head(feature_maps(self.encoder, x))  # (B, K, h, w)
+        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)  # (B, K, H, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softmax(self.logits(x), dim=1)
+
+
+def segmenter_from_checkpoint(ck: dict) -> SegmenterNet:
+    """The SegmenterNet a `finetune --task segment` checkpoint holds (encoder from spec, pruning
+    plan and weights; dilation and head from the checkpoint)."""
+    if ck.get("task") != "segment" or "head" not in ck:
+        raise CheckpointError("not a segmenter checkpoint (written by `edgeclr finetune --task segment`)")
+    net = SegmenterNet(model_from_checkpoint(ck), len(ck["classes"]), ck.get("target_stride"))
+    net.head.load_state_dict(ck["head"])
     return net.eval()

@@ -5,6 +5,9 @@ at import (the torch side of each entry imports torch when it is called).
     embed     encoder.embed (+ L2 norm)          embeddings     min cosine to torch >= --min-cosine    kNN top-1 points
     classify  encoder -> standardise -> linear   probabilities  max |p - p_torch| <= 1e-4              top-1 points
               -> softmax (models.ClassifierNet)
+    segment   feature maps -> DeepLabV3 head     probabilities  per-pixel argmax agreement >= 0.999    mIoU points
+              -> upsampling -> softmax           (N, K, H, W)   and max |p - p_torch| <= 1e-3
+              (models.SegmenterNet)
 
 A checkpoint or an exported file without a `task` is an embedding model (everything written
 before tasks existed). `edgeclr export` builds the module, names its output and checks parity
@@ -24,7 +27,7 @@ from collections.abc import Callable
 import numpy as np
 
 from edgeclr.errors import CheckpointError
-from edgeclr.runtime import Classifier, Embedder
+from edgeclr.runtime import Classifier, Embedder, Segmenter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +115,59 @@ def knn_top1(outputs: np.ndarray, labels: np.ndarray, bank=None) -> dict[str, fl
     return {"knn_top1": 100.0 * float((np.asarray(pred).astype(str) == np.asarray(labels).astype(str)).mean())}  # Index keeps names
 
 
+def confusion(pred: np.ndarray, target: np.ndarray, k: int, ignore: int = 255) -> np.ndarray:
+    """(k, k) pixel counts: row = true class, column = predicted; `ignore` pixels left out."""
+    keep = target != ignore
+    t, p = target[keep].astype(np.int64), pred[keep].astype(np.int64)
+    return np.bincount(t * k + p, minlength=k * k).reshape(k, k)
+
+
+def iou_scores(conf: np.ndarray) -> dict:
+    """Per-class IoU and Dice (%) from a confusion matrix, and their means over the classes that
+    occur (in the truth or the prediction): {"miou", "mdice", "iou": [...], "dice": [...], "pixel_acc"}."""
+    tp = np.diag(conf).astype(np.float64)
+    fp, fn = conf.sum(0) - tp, conf.sum(1) - tp
+    present = (tp + fp + fn) > 0
+    iou = np.where(present, tp / np.maximum(tp + fp + fn, 1), np.nan)
+    dice = np.where(present, 2 * tp / np.maximum(2 * tp + fp + fn, 1), np.nan)
+    return {"miou": 100.0 * float(np.nanmean(iou)), "mdice": 100.0 * float(np.nanmean(dice)),
+            "pixel_acc": 100.0 * float(tp.sum() / max(conf.sum(), 1)),
+            "iou": [None if np.isnan(v) else round(100.0 * float(v), 3) for v in iou],
+            "dice": [None if np.isnan(v) else round(100.0 * float(v), 3) for v in dice]}
+
+
+def miou(outputs: np.ndarray, labels: np.ndarray, bank=None) -> dict:
+    """mIoU, mean Dice and per-class IoU / Dice (%) of class probabilities (N, K, H, W) against
+    label maps (N, H, W) (255 = unlabelled)."""
+    outputs = np.asarray(outputs)
+    return iou_scores(confusion(outputs.argmax(1), np.asarray(labels), outputs.shape[1]))
+
+
+def pixel_parity(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    """Per-pixel agreement of the argmax class and max |p - p_torch| of two (N, K, H, W) outputs."""
+    return {"pixel_agreement": float((ref.argmax(1) == got.argmax(1)).mean()), "max_abs_diff": float(np.abs(ref - got).max())}
+
+
+PIXEL_AGREEMENT = 0.999  # an FP32 segmenter export: at least this share of pixels keeps torch's class
+
+
+def _pixel_failure(check: dict, min_cosine: float) -> str | None:
+    if check["pixel_agreement"] < PIXEL_AGREEMENT or check["max_abs_diff"] > 1e-3:
+        return (f"per-pixel agreement with torch {check['pixel_agreement']:.5f} (needs >= {PIXEL_AGREEMENT}), "
+                f"max |p - p_torch| {check['max_abs_diff']:.3g} (needs <= 1e-3)")
+    return None
+
+
+
+
+def describe_score(r: dict) -> str:
+    """A fine-tuning result's (or one of its files') test figure in words: "accuracy 81.20%" or
+    "mIoU 61.30% (Dice 72.10%)"."""
+    if "test_miou" in r:
+        return f"mIoU {r['test_miou']:.2f}% (Dice {r['test_mdice']:.2f}%)"
+    return f"accuracy {r['test_top1']:.2f}%"
+
+
 # ----------------------------------------------------------------------------------------------
 # the torch side (imported when called)
 
@@ -128,5 +184,12 @@ def _classifier_module(encoder, ckpt: dict, normalize: bool):
     return classifier_from_checkpoint(ckpt), {"classes": list(ckpt["classes"]), "normalized": False}
 
 
+def _segmenter_module(encoder, ckpt: dict, normalize: bool):
+    from edgeclr.models import segmenter_from_checkpoint
+
+    return segmenter_from_checkpoint(ckpt), {"classes": list(ckpt["classes"]), "palette": ckpt.get("palette"), "normalized": False}
+
+
 register(Task("embed", Embedder, _embedding_module, cosine_parity, _cosine_failure, knn_top1, "knn_top1"))
 register(Task("classify", Classifier, _classifier_module, cosine_parity, _probability_failure, top1, "top1"))
+register(Task("segment", Segmenter, _segmenter_module, pixel_parity, _pixel_failure, miou, "miou"))

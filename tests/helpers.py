@@ -38,3 +38,34 @@ def make_checkpoint(path, name, stage="train", **spec_kw):
           "model": m.state_dict(), "spec": spec.to_dict(), "preprocess": PP.to_dict(), "config": {"data": "digits"}}
     checkpoint.save(ck, path)
     return path
+
+
+def digit_fields(root, fields: int = 2, grid: int = 6, seed: int = 0, classes: bool = True):
+    """Real images with real masks for segmentation tests: each field is a grid x grid mosaic of
+    scikit-learn's 8x8 digits (upscaled to 16 px) as an 8-bit grayscale PNG in ROOT/images, and its
+    label map in ROOT/masks: 0 background, 1 + d where a pixel of digit d is inked. Returns ROOT."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    g = np.random.default_rng(seed)
+    for f in range(fields):
+        idx = g.choice(len(d.images), grid * grid, replace=False)
+        img = np.zeros((grid * 16, grid * 16), np.uint8)
+        mask = np.zeros_like(img)
+        for k, i in enumerate(idx):
+            y, x = 16 * (k // grid), 16 * (k % grid)
+            tile = np.kron(d.images[i], np.ones((2, 2)))  # (16, 16) in 0..16
+            img[y:y + 16, x:x + 16] = (tile * 15.9).astype(np.uint8)
+            mask[y:y + 16, x:x + 16] = np.where(tile > 4, 1 + d.target[i], 0)
+        Image.fromarray(img, "L").save(root / "images" / f"field{f}.png")
+        Image.fromarray(mask, "L").save(root / "masks" / f"field{f}.png")
+    if classes:
+        (root / "masks" / "classes.txt").write_text("\n".join(["background"] + [f"digit {i}" for i in range(10)]) + "\n")
+    return root

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from edgeclr.cli import cli
 
 COMMANDS = ["train", "distill", "compress", "export", "embed", "search", "bench", "eval", "deploy", "select", "pipeline", "finetune",
-            "predict"]
+            "predict", "segment"]
 
 
 def test_help_lists_every_command_and_each_has_help():

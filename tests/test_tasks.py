@@ -91,7 +91,8 @@ def test_an_unknown_task_is_refused_with_the_fix(tmp_path):
 
 def test_the_built_in_tasks_and_a_file_without_a_task():
     assert {n: (t.front_end.__name__, t.output_name, t.metric) for n, t in tasks.TASKS.items()} == {
-        "embed": ("Embedder", "embeddings", "knn_top1"), "classify": ("Classifier", "probabilities", "top1")}
+        "embed": ("Embedder", "embeddings", "knn_top1"), "classify": ("Classifier", "probabilities", "top1"),
+        "segment": ("Segmenter", "probabilities", "miou")}
     assert tasks.of_checkpoint({}).name == "embed"
     e = np.eye(4, dtype=np.float32)
     assert tasks.TASKS["embed"].score(e, np.arange(4) % 2, bank=(e, np.arange(4) % 2))["knn_top1"] == 100.0

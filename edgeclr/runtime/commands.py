@@ -1,6 +1,6 @@
-"""`edgeclr embed`, `edgeclr search` and `edgeclr predict`: file-level work on top of `Embedder`,
-`Index` and `Classifier` (resumable embedding into OUT.npy + OUT.ids.txt, gallery labels, queries,
-class predictions into CSV or JSON)."""
+"""`edgeclr embed`, `search`, `predict` and `segment`: file-level work on top of `Embedder`,
+`Index`, `Classifier` and `Segmenter` (resumable embedding into OUT.npy + OUT.ids.txt, gallery
+labels, queries, class predictions into CSV or JSON, label maps and overlays into a folder)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 
 from edgeclr.errors import ImageError, ModelError
 from edgeclr.lock import hold
-from edgeclr.runtime.embedder import Classifier, Embedder
+from edgeclr.runtime.embedder import Classifier, Embedder, Segmenter
 from edgeclr.runtime.images import list_inputs
 from edgeclr.runtime.index import Index
 
@@ -240,3 +240,64 @@ def predict_files_to(model: str | Path, inputs: Sequence[str | Path], out: str |
         tmp.replace(out)
     return {"out": str(out), "predicted": len(rows), "errors": errors, "classes": clf.classes, "model": str(model),
             "rows": [{"path": i, "top": r} for i, r in rows]}
+
+
+def segment_files_to(model: str | Path, inputs: Sequence[str | Path], out: str | Path, overlay: bool = True,
+                     overlap: int | None = None, threads: int = 0, on_error: str = "skip", precision: str = "f32",
+                     batch_size: int = 16) -> dict:
+    """Segment image files with an exported segmenter into the folder OUT: per image STEM.png (an
+    8-bit label map of class ids, one per pixel) and, with overlay, STEM.overlay.png (the image with
+    the class colours blended in), plus classes.txt (line i = class id i) and segments.csv (path,
+    and the share of pixels of each class).
+
+    Images of any size are tiled at the model's input size with overlap and stitched. Each file is
+    written under a temporary name and renamed, so a killed run leaves whole files only. Unreadable
+    images are skipped and returned in `errors` (on_error="raise": the first raises ImageError).
+    """
+    from PIL import Image
+
+    from edgeclr.runtime.images import load_image
+
+    seg = Segmenter.load(model, threads=threads, precision=precision)
+    files = list_inputs(inputs)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ImageError(f"--out {out} is a file: segment writes a folder of label maps")
+    out.mkdir(parents=True, exist_ok=True)
+    stems = {}
+    with hold(out, "the segmentation folder", is_dir=True):
+        rows, errors = [], []
+        for f in files:
+            try:
+                img = load_image(f, seg.meta.preprocess.channels, None)
+            except ImageError as e:
+                if on_error == "raise":
+                    raise
+                errors.append(str(e))
+                continue
+            stem = Path(f).stem
+            stems[stem] = stems.get(stem, 0) + 1
+            name = stem if stems[stem] == 1 else f"{stem}-{stems[stem]}"  # two inputs with the same name
+            labels = seg.segment_image(img, overlap, batch_size)
+            _write_png(Image.fromarray(labels, "L"), out / f"{name}.png")
+            if overlay:
+                _write_png(seg.overlay(load_image(f, 3, None), labels), out / f"{name}.overlay.png")
+            share = np.bincount(labels.ravel(), minlength=seg.dim) / labels.size
+            rows.append([str(f), f"{name}.png"] + [f"{v:.6f}" for v in share])
+        if not rows and errors:
+            raise none_readable(errors)
+        (out / "classes.txt").write_text("\n".join(seg.classes) + "\n", encoding="utf-8")
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["path", "labels"] + [f"share_{c}" for c in seg.classes])
+        w.writerows(rows)
+        tmp = out / ".segments.csv.tmp"
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+        tmp.replace(out / "segments.csv")
+    return {"out": str(out), "segmented": len(rows), "errors": errors, "classes": seg.classes, "model": str(model)}
+
+
+def _write_png(img, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    img.save(tmp, format="PNG")
+    tmp.replace(path)

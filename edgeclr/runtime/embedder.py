@@ -1,5 +1,6 @@
 """Exported models: `ModelMeta` (what a file says about itself), the onnxruntime and OpenVINO
-backends, and `Embedder` (images -> embeddings). onnxruntime / openvino are imported inside the
+backends, and the task front ends: `Embedder` (images -> embeddings), `Classifier` (class
+probabilities), `Segmenter` (a class per pixel of images of any size). onnxruntime / openvino are imported inside the
 functions that need them."""
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import numpy as np
 from PIL import Image
 
 from edgeclr.errors import ImageError, ModelError
-from edgeclr.runtime.images import load_image
-from edgeclr.runtime.preprocessing import Preprocess, preprocess, preprocess_batch
+from edgeclr.runtime.images import load_image, to_mode
+from edgeclr.runtime.preprocessing import Preprocess, normalize, preprocess, preprocess_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +38,8 @@ class ModelMeta:
     macs: int | None = None  # multiply-accumulates of one image at input_size (Conv2d + Linear)
     params: int | None = None
     task: str = "embed"  # embed: (N, D) embeddings | classify: (N, K) softmax probabilities over `classes`
-    classes: list | None = None  # classify: the class names, in output order
+    classes: list | None = None  # classify / segment: the class names, in output order
+    palette: list | None = None  # segment: an RGB colour per class
 
     def to_props(self) -> dict[str, str]:
         """Flat string map (every value JSON-encoded), the form both file formats store."""
@@ -367,3 +369,106 @@ class Classifier(Embedder):
         k = min(k, self.dim)
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         return [[(self.classes[j], float(p[j])) for j in row] for p, row in zip(probs, order)]
+
+
+def tile_starts(n: int, size: int, overlap: int) -> list[int]:
+    """Start offsets of size-px tiles covering n pixels with at least `overlap` px shared by
+    neighbours; the last tile ends at n (n >= size)."""
+    if n <= size:
+        return [0]
+    step = max(1, size - overlap)
+    starts = list(range(0, n - size, step))
+    return starts + [n - size]
+
+
+class Segmenter(Embedder):
+    """Images of any size -> (H, W) class-id maps with an exported edgeclr segmenter (`edgeclr
+    finetune --task segment`); no torch. The model runs on tiles of its input size at the image's
+    own resolution; tiles overlap by a quarter and their probabilities are averaged (stitching).
+
+        seg = Segmenter.load("segmenter.onnx")
+        labels = seg.segment(["field.png"])[0]     # (H, W) uint8 class ids
+        seg.classes, seg.palette                   # names and an RGB colour per class
+    """
+
+    TASK = "segment"
+    OUTPUT = "probabilities"
+    USE = "a segmenter: use `edgeclr segment` (runtime.Segmenter)"
+
+    @classmethod
+    def meta_problems(cls, meta: ModelMeta, out_shape) -> list[str]:
+        k = len(meta.classes or [])
+        if k < 2:
+            return ["a segmenter needs the names of >= 2 classes (background included)"]
+        if meta.palette is not None and len(meta.palette) != k:
+            return [f"a palette of {len(meta.palette)} colours for {k} classes"]
+        if out_shape is not None and len(out_shape) != 4:
+            return [f"a segmenter's output is (N, K, H, W), this model's has {len(out_shape)} dimensions"]
+        if out_shape is not None and out_shape[1] is not None and out_shape[1] != k:
+            return [f"metadata classes {k}, model output {out_shape[1]}"]
+        return []
+
+    @property
+    def classes(self) -> list[str]:
+        return [str(c) for c in self.meta.classes]
+
+    @property
+    def dim(self) -> int:
+        return len(self.meta.classes)
+
+    @property
+    def palette(self) -> np.ndarray:
+        """(K, 3) uint8 RGB colour per class (the file's, or a fixed default one)."""
+        if self.meta.palette:
+            return np.asarray(self.meta.palette, np.uint8)
+        return default_palette(self.dim)
+
+    def probabilities(self, img: Image.Image | np.ndarray, overlap: int | None = None, batch_size: int = 16) -> np.ndarray:
+        """(K, H, W) float32 class probabilities of one whole image (PIL or (H, W[, C]) uint8)."""
+        pp = self.meta.preprocess
+        a = np.asarray(to_mode(img, pp.channels) if isinstance(img, Image.Image) else img)
+        if a.ndim == 2:
+            a = a[:, :, None]
+        h, w = a.shape[:2]
+        s = pp.input_size
+        if h < s or w < s:  # pad small images up to one tile (reflected edges), crop the result back
+            a = np.pad(a, ((0, max(0, s - h)), (0, max(0, s - w)), (0, 0)), mode="reflect" if min(h, w) > 1 else "edge")
+        overlap = s // 4 if overlap is None else overlap
+        boxes = [(y, x) for y in tile_starts(a.shape[0], s, overlap) for x in tile_starts(a.shape[1], s, overlap)]
+        acc = np.zeros((self.dim, a.shape[0], a.shape[1]), np.float32)
+        hits = np.zeros(a.shape[:2], np.float32)
+        for i in range(0, len(boxes), batch_size):
+            chunk = boxes[i:i + batch_size]
+            x = np.stack([normalize(a[y:y + s, x_:x_ + s], pp) for y, x_ in chunk])
+            for (y, x_), p in zip(chunk, self.embed_arrays(x, batch_size)):
+                acc[:, y:y + s, x_:x_ + s] += p
+                hits[y:y + s, x_:x_ + s] += 1
+        return (acc / hits)[:, :h, :w]
+
+    def segment_image(self, img: Image.Image | np.ndarray, overlap: int | None = None, batch_size: int = 16) -> np.ndarray:
+        """(H, W) uint8 class ids of one whole image."""
+        return self.probabilities(img, overlap, batch_size).argmax(0).astype(np.uint8)
+
+    def segment(self, images: Sequence[str | Path | Image.Image], overlap: int | None = None) -> list[np.ndarray]:
+        """Image files or PIL images -> one (H, W) uint8 class-id map each. An unreadable file raises ImageError."""
+        pp = self.meta.preprocess
+        return [self.segment_image(im if isinstance(im, Image.Image) else load_image(im, pp.channels, None), overlap)
+                for im in images]
+
+    def overlay(self, img: Image.Image | np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> Image.Image:
+        """The image with each pixel's class colour blended in (background, class 0, left as it is)."""
+        rgb = np.asarray(to_mode(img, 3) if isinstance(img, Image.Image) else img, np.float32)
+        if rgb.ndim == 2:
+            rgb = np.repeat(rgb[:, :, None], 3, 2)
+        col = self.palette[labels].astype(np.float32)
+        mix = np.where((labels > 0)[:, :, None], (1 - alpha) * rgb + alpha * col, rgb)
+        return Image.fromarray(mix.round().clip(0, 255).astype(np.uint8), "RGB")
+
+
+def default_palette(k: int) -> np.ndarray:
+    """(k, 3) uint8: black for class 0 (background), then well-separated colours."""
+    base = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]
+    rng = np.random.default_rng(0)
+    extra = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(max(0, k - len(base)))]
+    return np.asarray((base + extra)[:k], np.uint8)

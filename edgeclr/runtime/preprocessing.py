@@ -77,8 +77,14 @@ def resize_center_crop(img: Image.Image, resize_size: int, crop: int, interpolat
 def preprocess(img: Image.Image, pp: Preprocess) -> np.ndarray:
     """Decoded PIL image -> model input. Returns (C, S, S) float32, normalised."""
     img = resize_center_crop(to_mode(img, pp.channels), pp.resize_size, pp.input_size, pp.interpolation)
-    a = np.asarray(img, dtype=np.float32) / 255.0  # (S, S) or (S, S, 3)
-    a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (C, S, S)
+    return normalize(np.asarray(img), pp)
+
+
+def normalize(a: np.ndarray, pp: Preprocess) -> np.ndarray:
+    """(H, W) or (H, W, C) uint8 pixels -> (C, H, W) float32 scaled to [0, 1], minus mean, over std
+    (what `preprocess` does after its resize and crop; a segmenter's tiles at their own resolution)."""
+    a = np.asarray(a, dtype=np.float32) / 255.0
+    a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (C, H, W)
     mean = np.asarray(pp.mean, np.float32)[:, None, None]
     std = np.asarray(pp.std, np.float32)[:, None, None]
     return (a - mean) / std

@@ -11,7 +11,7 @@ import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import make_checkpoint, run
+from helpers import digit_fields, make_checkpoint, run
 from PIL import Image
 
 from edgeclr import checkpoint
@@ -78,7 +78,11 @@ def world(tmp_path_factory):
     ck = run_dir / "train" / "checkpoints" / "last.pt"
     bad["truncated .pt"] = _write(bad_dir / "truncated.pt", ck.read_bytes()[: ck.stat().st_size // 2])
     run(["finetune", str(run_dir), "--mode", "linear", "--labels-per-class", "2", "--max-test", "20", "--out", str(d / "ft")])
-    valid = {"run": run_dir, "model": model, "images": imgs, "gallery": gallery, "classifier": d / "ft" / "export" / "classifier.onnx"}
+    fields = digit_fields(d / "fields", fields=1)
+    run(["finetune", str(run_dir), "--task", "segment", "--data", str(fields / "images"), "--masks", str(fields / "masks"),
+         "--steps", "2", "--out", str(d / "seg")])
+    valid = {"run": run_dir, "model": model, "images": imgs, "gallery": gallery, "classifier": d / "ft" / "export" / "classifier.onnx",
+             "segmenter": d / "seg" / "export" / "segmenter.onnx"}
     return valid, bad
 
 
@@ -100,13 +104,13 @@ def input_params() -> list[tuple[str, str]]:
 
 
 REQUIRED_OPTIONS = {"distill": ("teacher",), "embed": ("model",), "predict": ("model",), "search": ("gallery", "model"),
-                    "select": ("bench",)}
+                    "select": ("bench",), "segment": ("model",)}
 
 
 def invocation(command: str, under_test: str, value, valid: dict, out) -> list[str]:
     cmd = cli.commands[command]
-    if command == "predict":  # the model a classifying command takes
-        valid = {**valid, "model": valid["classifier"]}
+    if command in ("predict", "segment"):  # the model a classifying or segmenting command takes
+        valid = {**valid, "model": valid["classifier" if command == "predict" else "segmenter"]}
     args = [command]
     for p in cmd.params:
         if isinstance(p, click.Argument):

@@ -1,0 +1,207 @@
+"""Segmentation: images with masks cut into tiles, `edgeclr finetune --task segment` (DeepLabV3 on
+the encoder), its export through the task table and `edgeclr segment` in the torch-free runtime."""
+
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import digit_fields, make_checkpoint, run
+from PIL import Image
+
+from edgeclr import checkpoint, data, tasks
+from edgeclr.errors import DataError, ModelError
+from edgeclr.models import ModelSpec, SegmenterNet, create_model, output_stride, segmenter_from_checkpoint
+from edgeclr.runtime import Classifier, Segmenter, normalize, open_model
+from edgeclr.runtime.embedder import tile_starts
+
+SEG = ["--task", "segment", "--steps", "30", "--batch-size", "8", "--eval-every", "10", "--threads", "2"]
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory):
+    """A run with a teacher checkpoint (16 px, 1 channel), fields of digits with masks, and a
+    segmenter fine-tuned on one field and tested on the other."""
+    d = tmp_path_factory.mktemp("seg")
+    make_checkpoint(d / "run" / "train" / "checkpoints" / "last.pt", "resnet18", width=8)
+    fields = digit_fields(d / "fields", fields=2)
+    (d / "train" / "images").mkdir(parents=True)
+    (d / "train" / "masks").mkdir(parents=True)
+    for sub in ("images", "masks"):
+        (fields / sub / "field0.png").rename(d / "train" / sub / "field0.png")
+    (fields / "masks" / "classes.txt").rename(d / "train" / "masks" / "classes.txt")
+    r = run(["finetune", str(d / "run"), *SEG, "--data", str(d / "train" / "images"), "--masks", str(d / "train" / "masks"),
+             "--test-data", str(fields / "images"), "--test-masks", str(fields / "masks"), "--formats", "onnx,openvino", "--int8",
+             "--calib-images", "32", "--out", str(d / "seg")])
+    return d, r
+
+
+def test_finetune_segment_trains_tests_exports_and_the_files_score_like_the_checkpoint(segmenter):
+    d, r = segmenter
+    res = json.loads((d / "seg" / "result.json").read_text())
+    assert res["task"] == "segment" and res["classes"][:2] == ["background", "digit 0"] and len(res["classes"]) == 11
+    assert res["train_images"] + res["val_images"] == 36 and res["test_images"] == 36  # 96 px fields, 16 px tiles
+    assert len(res["test_iou"]) == 11 and 0 <= res["test_miou"] <= 100 and res["test_pixel_acc"] > 50
+    fp32 = res["artifacts"]["onnx-fp32"]
+    assert fp32["parity"]["pixel_agreement"] >= 0.999 and abs(fp32["test_miou"] - res["test_miou"]) <= 0.1
+    assert abs(res["artifacts"]["openvino-fp32"]["test_miou"] - res["test_miou"]) <= 0.1
+    assert "onnx-int8" in res["artifacts"] and "openvino-int8" in res["artifacts"]
+    assert "test mIoU" in r.output and "on 36 tiles" in r.output
+    meta = json.loads((d / "seg" / "export" / "metadata.json").read_text())["segmenter.onnx"]
+    assert meta["task"] == "segment" and len(meta["palette"]) == 11 and meta["classes"][10] == "digit 9"
+
+
+def test_segment_command_tiles_any_image_size_and_matches_torch_on_one_tile(segmenter, tmp_path):
+    d, _ = segmenter
+    model = d / "seg" / "export" / "segmenter.onnx"
+    seg = Segmenter.load(model)
+    assert isinstance(open_model(model), Segmenter) and seg.classes[0] == "background"
+    net = segmenter_from_checkpoint(checkpoint.load(d / "seg" / "checkpoints" / "last.pt"))
+    tile = np.asarray(Image.open(d / "fields" / "images" / "field1.png"))[:16, :16]
+    with torch.no_grad():
+        ref = net(torch.from_numpy(normalize(tile, seg.meta.preprocess)[None])).numpy()[0]
+    assert np.abs(seg.probabilities(tile) - ref).max() <= 1e-4  # one tile: exactly the model
+    big = np.asarray(Image.open(d / "fields" / "images" / "field1.png"))[:, :83]  # not a multiple of the tile
+    Image.fromarray(big, "L").save(tmp_path / "odd.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    r = run(["segment", str(tmp_path / "odd.png"), str(tmp_path / "broken.png"), "--model", str(model), "--out", str(tmp_path / "out")])
+    assert "1 image(s) segmented into 11 classes (1 unreadable)" in r.output
+    labels = np.asarray(Image.open(tmp_path / "out" / "odd.png"))
+    assert labels.shape == big.shape and labels.max() <= 10
+    assert Image.open(tmp_path / "out" / "odd.overlay.png").size == (83, 96)
+    rows = list(csv.reader((tmp_path / "out" / "segments.csv").open()))
+    assert rows[0][:3] == ["path", "labels", "share_background"] and abs(sum(map(float, rows[1][2:])) - 1) < 1e-4
+    assert (tmp_path / "out" / "classes.txt").read_text().splitlines()[1] == "digit 0"
+
+
+def test_segment_runs_without_torch(segmenter, tmp_path):
+    d, _ = segmenter
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from edgeclr.cli import cli\n"
+            f"cli(['segment', {str(d / 'fields' / 'images')!r}, '--model', {str(d / 'seg' / 'export' / 'segmenter-int8.onnx')!r}, "
+            f"'--out', {str(tmp_path / 'o')!r}])\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "1 image(s) segmented" in p.stdout and (tmp_path / "o" / "field1.png").is_file()
+
+
+def test_each_task_file_refuses_the_wrong_command(segmenter, tmp_path):
+    d, _ = segmenter
+    model = d / "seg" / "export" / "segmenter.onnx"
+    with pytest.raises(ModelError, match="is a segmenter: use `edgeclr segment`"):
+        Classifier.load(model)
+    r = run(["predict", str(d / "fields" / "images"), "--model", str(model), "--out", str(tmp_path / "p.csv")], ok=False)
+    assert r.exit_code == 2 and "is a segmenter" in r.output
+    r = run(["segment", str(d / "fields" / "images"), "--model", str(d / "run" / "export" / "x.onnx")], ok=False)
+    assert r.exit_code == 2
+
+
+def test_bad_masks_get_a_clear_error(tmp_path):
+    root = digit_fields(tmp_path / "f", fields=2)
+    with pytest.raises(DataError, match="have no mask"):
+        (root / "masks" / "field1.png").rename(tmp_path / "away.png")
+        data.load_masked(root / "images", root / "masks", 16, 16, 1)
+    (tmp_path / "away.png").rename(root / "masks" / "field1.png")
+    Image.open(root / "masks" / "field1.png").crop((0, 0, 90, 96)).save(root / "masks" / "field1.png")
+    with pytest.raises(DataError, match=r"mask .*field1.png is 90x96, its image .*field1.png 96x96"):
+        data.load_masked(root / "images", root / "masks", 16, 16, 1)
+    digit_fields(root, fields=2)
+    m = np.asarray(Image.open(root / "masks" / "field0.png")).copy()
+    m[0, 0] = 42
+    Image.fromarray(m, "L").save(root / "masks" / "field0.png")
+    with pytest.raises(DataError, match=r"class ids \[42\] outside the 11 classes"):
+        data.load_masked(root / "images", root / "masks", 16, 16, 1)
+    Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(root / "masks" / "field0.png")
+    with pytest.raises(DataError, match="is a colour image"):
+        data.load_masked(root / "images", root / "masks", 16, 16, 1)
+    digit_fields(root, fields=2, classes=False)
+    (root / "masks" / "classes.txt").unlink()
+    t = data.load_masked(root / "images", root / "masks", 16, 16, 1)
+    assert t.images.shape == (72, 16, 16, 1) and t.masks.shape == (72, 16, 16) and t.classes[0] == "background"
+    with pytest.raises(DataError, match="smaller than the tile size 128"):
+        data.load_masked(root / "images", root / "masks", 128, 128, 1)
+
+
+def test_bad_segment_requests(tmp_path):
+    make_checkpoint(tmp_path / "run" / "train" / "checkpoints" / "last.pt", "resnet18", width=8)
+    root = digit_fields(tmp_path / "f", fields=1)
+    r = run(["finetune", str(tmp_path / "run"), "--task", "segment", "--data", str(root / "images")], ok=False)
+    assert r.exit_code == 2 and "--task segment needs --data IMAGES and --masks DIR" in r.output
+    r = run(["finetune", str(tmp_path / "run"), "--masks", str(root / "masks")], ok=False)
+    assert r.exit_code == 2 and "--masks belong to --task segment" in r.output
+    r = run(["finetune", str(tmp_path / "run"), *SEG, "--data", str(root / "images"), "--masks", str(root / "masks"),
+             "--mode", "linear"], ok=False)
+    assert r.exit_code == 2 and "--mode frozen or full" in r.output
+    r = run(["finetune", str(tmp_path / "run"), *SEG, "--data", str(root / "images"), "--masks", str(root / "masks"),
+             "--tiles", "500", "--out", str(tmp_path / "o")], ok=False)
+    assert r.exit_code == 2 and "labelled tile(s) of 16 px to train on (--tiles 500)" in r.output
+    assert not (tmp_path / "o" / "checkpoints").exists() and not (tmp_path / "o" / "result.json").exists()  # refused before training
+
+
+@pytest.mark.parametrize("name,stride", [("resnet18", 8), ("resnet18", 16), ("mobilenet_v3_small", None)])
+def test_the_segmenter_head_on_each_backbone_family(name, stride):
+    torch.manual_seed(0)
+    enc = create_model(ModelSpec(name, in_chans=3, stem_stride=2 if name.startswith("resnet") else 1, width=8 if name == "resnet18" else None))
+    native = output_stride(enc)
+    net = SegmenterNet(enc, 4, stride).eval()
+    with torch.no_grad():
+        p = net(torch.rand(2, 3, 64, 64))
+    assert p.shape == (2, 4, 64, 64) and torch.allclose(p.sum(1), torch.ones(2, 64, 64), atol=1e-5)
+    if stride:
+        assert net.output_stride == min(native, stride) == output_stride(enc)
+    else:
+        assert net.output_stride == native  # MobileNets keep their strides
+
+
+def test_tiles_cover_every_pixel_with_overlap_and_the_scores():
+    for n, s, o in [(16, 16, 4), (17, 16, 4), (100, 16, 4), (96, 16, 0), (5, 16, 4)]:
+        st = tile_starts(n, s, o)
+        covered = np.zeros(max(n, s), bool)
+        for a in st:
+            covered[a:a + s] = True
+        assert covered[:n].all() and st[-1] + s == max(n, s) and st == sorted(set(st))
+    conf = tasks.confusion(np.array([[0, 1], [1, 1]]), np.array([[0, 1], [255, 0]]), 2)
+    assert conf.tolist() == [[1, 1], [0, 1]]
+    sc = tasks.iou_scores(conf)
+    assert sc["iou"] == [50.0, 50.0] and round(sc["miou"], 6) == 50.0 and sc["dice"] == [66.667, 66.667]
+    probs = np.zeros((1, 3, 2, 2))
+    probs[0, 0] = 1
+    assert tasks.miou(probs, np.zeros((1, 2, 2)))["iou"] == [100.0, None, None]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("histolytics") is None,
+                    reason="needs the H&E fields of histolytics: pip install --no-deps histolytics==0.3.0 (.ci/run does)")
+def test_real_he_nuclei_masks_train_a_segmenter_that_beats_predicting_background(tmp_path):
+    """One histolytics H&E field (model-made nucleus type masks: 0 background, 1 connective, 2
+    inflammatory, 3 neoplastic): fine-tune on the left half, test on the right."""
+    src = Path(importlib.util.find_spec("histolytics").submodule_search_locations[0]) / "data"
+    img = np.asarray(Image.open(src / "hgsc_nest.jpg").convert("RGB"))[:192, :384]
+    mask = np.load(src / "hgsc_nest_type_mask.npz")["nuc_raster"].astype(np.uint8)[:192, :384]
+    for part, sl in (("train", np.s_[:, :192]), ("test", np.s_[:, 192:])):
+        (tmp_path / part / "images").mkdir(parents=True)
+        (tmp_path / part / "masks").mkdir(parents=True)
+        Image.fromarray(img[sl]).save(tmp_path / part / "images" / "hgsc.png")
+        Image.fromarray(mask[sl], "L").save(tmp_path / part / "masks" / "hgsc.png")
+    (tmp_path / "train" / "masks" / "classes.txt").write_text("background\nconnective\ninflammatory\nneoplastic\n")
+    torch.manual_seed(0)
+    from edgeclr.runtime import Preprocess
+
+    spec = ModelSpec("resnet18", in_chans=3, stem_stride=2, width=8)
+    pp = Preprocess(32, 32, (0.7, 0.5, 0.7), (0.15, 0.15, 0.1), 3)
+    checkpoint.save({"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, "stage": "train",
+                     "model": create_model(spec).state_dict(), "spec": spec.to_dict(), "preprocess": pp.to_dict(),
+                     "config": {"data": f"tiles:{tmp_path / 'train' / 'images'}"}}, tmp_path / "run" / "train" / "checkpoints" / "last.pt")
+    run(["finetune", str(tmp_path / "run"), "--task", "segment", "--steps", "150", "--batch-size", "16", "--lr", "3e-3",
+         "--data", str(tmp_path / "train" / "images"), "--masks", str(tmp_path / "train" / "masks"),
+         "--test-data", str(tmp_path / "test" / "images"), "--test-masks", str(tmp_path / "test" / "masks"),
+         "--threads", "2", "--out", str(tmp_path / "seg")])
+    res = json.loads((tmp_path / "seg" / "result.json").read_text())
+    y = mask[:, 192:]
+    all_background = tasks.iou_scores(tasks.confusion(np.zeros_like(y), y, 4))["miou"]
+    print(f"H&E: mIoU {res['test_miou']:.2f} vs all-background {all_background:.2f}")
+    assert res["test_miou"] > all_background + 5, (res["test_miou"], all_background)
