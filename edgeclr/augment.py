@@ -123,7 +123,7 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.view(b, c, h, w)
 
 
-def _stain(x: torch.Tensor, g: torch.Generator, sigma: float) -> torch.Tensor:
+def hed_jitter(x: torch.Tensor, g: torch.Generator, sigma: float) -> torch.Tensor:
     """HED colour augmentation: perturb each stain's optical density by alpha*od + beta."""
     m = torch.tensor(_HED, dtype=x.dtype)
     m = m / m.norm(dim=1, keepdim=True)
@@ -210,7 +210,7 @@ class SimCLRAugment:
 
         # 5. stain jitter (histopathology)
         if cfg.stain_jitter > 0 and c == 3:
-            x = _stain(x, g, cfg.stain_jitter)
+            x = hed_jitter(x, g, cfg.stain_jitter)
 
         return (x - self.mean.to(dev)) / self.std.to(dev)
 

@@ -210,9 +210,9 @@ def _load(cfg: Config):
                 return model(torch.from_numpy(x))
 
         return run, shape, facts
-    from edgeclr.runtime import Embedder
+    from edgeclr.runtime import open_model
 
-    emb = Embedder.load(cfg.path, threads=cfg.threads, precision=cfg.precision)
+    emb = open_model(cfg.path, threads=cfg.threads, precision=cfg.precision)  # any task's file (embedder, classifier, segmenter)
     pp = emb.meta.preprocess
     shape = (cfg.batch, pp.channels, pp.input_size, pp.input_size)
     facts.update(size_bytes=format_of(cfg.path).size_bytes(cfg.path), macs=getattr(emb.meta, "macs", None),

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 import edgeclr
 from edgeclr import checkpoint, config, data, faults, tasks
-from edgeclr.augment import SimCLRAugment, get_preset, preset_for, view_generator
+from edgeclr.augment import SimCLRAugment, get_preset, hed_jitter, preset_for, view_generator
 from edgeclr.engine import build_scheduler, exit_for_signal, prepare_stage_dir, resolve_device, set_layout
 from edgeclr.errors import ConfigError, DataError, NonFiniteLoss
 from edgeclr.heldout import batchnorms, eval_inputs
@@ -655,7 +655,8 @@ def segment_job(cfg, pp: Preprocess) -> Job:
 
 class SegTuner(Tuner):
     """Tuner for a SegmenterNet: tiles and masks flipped and turned together, mild contrast,
-    brightness and tint jitter, a loss that ignores unlabelled pixels, validation mIoU."""
+    brightness and tint jitter (and HED stain jitter when the run pretrained with it), a loss that
+    ignores unlabelled pixels, validation mIoU."""
 
     VAL_KEY = "val_miou"
 
@@ -673,6 +674,9 @@ class SegTuner(Tuner):
             shift = torch.from_numpy(g.uniform(-0.06, 0.06, (bs, xb.shape[1], 1, 1))).float()
             mean = xb.mean((1, 2, 3), keepdim=True)
             xb = ((xb - mean) * scale + mean + shift).clamp(0, 1)
+            sigma = self.augment.cfg.stain_jitter if self.augment is not None else 0.0  # the run's histology preset
+            if sigma and xb.shape[1] == 3:
+                xb = hed_jitter(xb, torch.Generator().manual_seed(int(g.integers(1 << 31))), sigma)
         xb = (xb - torch.tensor(self.pp.mean).view(1, -1, 1, 1)) / torch.tensor(self.pp.std).view(1, -1, 1, 1)
         return xb.contiguous().to(self.device), yb.contiguous().to(self.device)
 

@@ -79,6 +79,14 @@ def test_segment_command_tiles_any_image_size_and_matches_torch_on_one_tile(segm
     assert (tmp_path / "out" / "classes.txt").read_text().splitlines()[1] == "digit 0"
 
 
+def test_bench_times_a_segmenter_and_its_int8_file(segmenter, tmp_path):
+    d, _ = segmenter
+    files = [str(d / "seg" / "export" / n) for n in ("segmenter.onnx", "segmenter-int8.onnx")]
+    run(["bench", *files, "--threads", "1", "--rounds", "1", "--runs", "3", "--warmup", "0.1", "--out", str(tmp_path / "b")])
+    rows = json.loads((tmp_path / "b" / "bench.json").read_text())["rows"]
+    assert [Path(r["path"]).name for r in rows] == ["segmenter.onnx", "segmenter-int8.onnx"] and all(r["p50_ms"] > 0 for r in rows)
+
+
 def test_segment_runs_without_torch(segmenter, tmp_path):
     d, _ = segmenter
     code = ("import sys; sys.modules['torch'] = None\n"
