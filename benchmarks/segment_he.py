@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine, record_path, run  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
+from edgeclr import data  # noqa: E402
 from edgeclr.runtime import Segmenter  # noqa: E402
 from edgeclr.tasks import confusion, iou_scores  # noqa: E402
 
@@ -85,15 +86,17 @@ def prepare(out: Path) -> dict[str, Path]:
     return paths
 
 
-def transfer(model: Path) -> dict:
-    """Nucleus-vs-background IoU on stardist's hand-annotated fluorescence image (as 8-bit RGB)."""
+def transfer(model: Path, invert: bool = False) -> dict:
+    """Nucleus-vs-background IoU on stardist's hand-annotated fluorescence image (as 8-bit RGB;
+    inverted: dark nuclei on a light ground, as in brightfield)."""
     import tifffile
 
     d = package_data("stardist")
     img = tifffile.imread(d / "images" / "img2d.tif").astype(np.float64)
     truth = (tifffile.imread(d / "images" / "mask2d.tif") > 0).astype(np.uint8)
     lo, hi = np.percentile(img, (1, 99.8))
-    rgb = np.repeat((255 * np.clip((img - lo) / (hi - lo), 0, 1)).astype(np.uint8)[:, :, None], 3, 2)
+    gray = (255 * np.clip((img - lo) / (hi - lo), 0, 1)).astype(np.uint8)
+    rgb = np.repeat((255 - gray if invert else gray)[:, :, None], 3, 2)
     pred = (Segmenter.load(model).segment_image(rgb) > 0).astype(np.uint8)
     return {"nucleus_iou": iou_scores(confusion(pred, truth, 2))["iou"][1], "predicted_nucleus_share": float(pred.mean()),
             "true_nucleus_share": float(truth.mean())}
@@ -110,6 +113,9 @@ def main():
     ap.add_argument("--steps", default="200")
     ap.add_argument("--batch-size", default="16")
     ap.add_argument("--lr", default="3e-3")
+    ap.add_argument("--student", default="resnet10", help="the edge student distilled from the teacher ('' to skip)")
+    ap.add_argument("--student-width", default="16")
+    ap.add_argument("--distill-epochs", default="60")
     ap.add_argument("--tag", default="", help="name of the record [latest]")
     a = ap.parse_args()
 
@@ -142,21 +148,45 @@ def main():
     ref = out / "seg" / f"pretrained-full-t0-s{seeds[0]}"
     res = json.loads((ref / "result.json").read_text())
     fp32, int8 = Path(res["artifacts"]["onnx-fp32"]["path"]), Path(res["artifacts"]["onnx-int8"]["path"])
-    run(exe + ["bench", str(fp32), str(int8), "--threads", "1", "--batch", "1", "--out", str(out / "bench")])
+    student = student_arm(a, exe, out, common, seeds[0]) if a.student else None
+    files = [fp32, int8] + ([Path(student["fp32_path"]), Path(student["int8_path"])] if student else [])
+    run(exe + ["bench", *map(str, files), "--threads", "1", "--batch", "1", "--out", str(out / "bench")])
     bench = json.loads((out / "bench" / "bench.json").read_text())
-    lat = {Path(r["path"]).name: r["p50_ms"] for r in bench["rows"]}
+    lat = {"/".join(Path(r["path"]).parts[-3:]): r["p50_ms"] for r in bench["rows"]}
     rnd = out / "seg" / f"random-full-t0-s{seeds[0]}"
     if not (rnd / "export" / "segmenter.onnx").exists():
         run(exe + ["export", str(rnd), "--name", "segmenter", "--data", f"tiles:{paths['train'] / 'images'}", "--out", str(rnd / "export")])
-    tr = {"SimCLR full, all tiles": transfer(fp32), "random init full, all tiles": transfer(rnd / "export" / "segmenter.onnx")}
+    tr = {f"{name}{', inverted' if inv else ''}": transfer(m, inv) for inv in (False, True)
+          for name, m in (("SimCLR full, all tiles", fp32), ("random init full, all tiles", rnd / "export" / "segmenter.onnx"))}
 
-    rec = {"benchmark": "segment_he", "machine": machine(), "command": shlex.join([sys.executable] + sys.argv),
+    y = data.load_masked(paths["test"] / "images", paths["test"] / "masks", 64, 64, 3, classes=CLASSES).masks
+    baseline = {"all_background_miou": iou_scores(confusion(np.zeros_like(y), y, 4))["miou"],
+                "test_class_shares": (np.bincount(y.ravel(), minlength=4) / y.size).round(5).tolist()}
+    reused = sum(len(c) for by in cells.values() for c in by.values()) - sum(1 for k in times if k != "pretrain_s")
+    rec = {"benchmark": "segment_he", "machine": machine(), "reused_runs": reused, "command": shlex.join([sys.executable] + sys.argv), "baseline": baseline,
            "pretrain": json.loads((out / "train" / "manifest.json").read_text()).get("model_spec"),
            "cells": cells, "int8": {"fp32_miou": res["artifacts"]["onnx-fp32"]["test_miou"],
                                     "int8_miou": res["artifacts"]["onnx-int8"]["test_miou"], "latency_ms_1_thread": lat},
-           "transfer": tr, "times_s": times, "wall_time_min": round((time.time() - t0) / 60, 1)}
+           "student": student, "transfer": tr, "times_s": times, "wall_time_min": round((time.time() - t0) / 60, 1)}
     record_path("segment_he", a.tag, "json").write_text(json.dumps(rec, indent=1) + "\n")
     write_md(rec, a, levels)
+
+
+def student_arm(a, exe: list[str], out: Path, common: list[str], seed: int) -> dict:
+    """The edge student: distilled from the teacher on the same unlabeled tiles, then fine-tuned
+    into a segmenter the same way (full, every labelled tile), FP32 and INT8."""
+    if not (out / "distill" / "checkpoints" / "last.pt").exists():
+        run(exe + ["distill", "--teacher", str(out), "--model", a.student, "--width", a.student_width, "--epochs", a.distill_epochs,
+                   "--knn-every", "0"])
+    d = out / "seg" / f"student-full-t0-s{seed}"
+    if not (d / "result.json").exists():
+        run(exe + ["finetune", str(out), "--stage", "student", *common, "--seed", str(seed), "--mode", "full",
+                   "--formats", "onnx", "--int8", "--out", str(d)])
+    r = json.loads((d / "result.json").read_text())
+    spec = json.loads((out / "distill" / "manifest.json").read_text()).get("model_spec")
+    return {"spec": spec, "miou": r["test_miou"], "fp32_miou": r["artifacts"]["onnx-fp32"]["test_miou"],
+            "int8_miou": r["artifacts"]["onnx-int8"]["test_miou"], "fp32_path": r["artifacts"]["onnx-fp32"]["path"],
+            "int8_path": r["artifacts"]["onnx-int8"]["path"]}
 
 
 def write_md(rec: dict, a, levels: list[int]) -> None:
@@ -164,10 +194,16 @@ def write_md(rec: dict, a, levels: list[int]) -> None:
     head = "| arm | " + " | ".join(f"{lv or 'all'} tiles" for lv in levels) + " |"
     lines = [f"# Segmentation from few labels on H&E ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {mc['cpu']}, {mc['cores']} cores, torch {mc.get('torch')}; code {mc.get('git')}.",
-             f"Command: `{rec['command']}` ({rec['wall_time_min']} min).", "",
+             f"Command: `{rec['command']}` ({rec['wall_time_min']} min"
+             + (f"; {rec['reused_runs']} fine-tuning runs, and the pretraining if not timed below, were reused from an earlier "
+                "invocation of the same command in the same OUT" if rec.get("reused_runs") else "") + ").",
+             ("Times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in rec["times_s"].items()) + ".") if rec["times_s"] else "", "",
              "Fine-tuned on tiles of `hgsc_nest.jpg`, tested on every tile of the other field, `hgsc_stromal_he.jpg` "
              "(histolytics 0.3.0; model-made labels). Test mIoU % over the classes present, mean ± spread over seeds "
-             f"{a.seeds} (the draw of labelled tiles, the head's init):", "", head, "|---|" + "---|" * len(levels)]
+             f"{a.seeds} (the draw of labelled tiles, the head's init). Predicting background everywhere scores "
+             f"{rec['baseline']['all_background_miou']:.2f}% (the test field's pixels: "
+             + ", ".join(f"{c} {100 * v:.2f}%" for c, v in zip(CLASSES, rec["baseline"]["test_class_shares"])) + "):", "",
+             head, "|---|" + "---|" * len(levels)]
     for arm, by in rec["cells"].items():
         vals = [by.get(str(lv), []) for lv in levels]
         lines.append(f"| {arm} | " + " | ".join(f"{np.mean([v['miou'] for v in c]):.2f} ± {np.std([v['miou'] for v in c]):.2f}"
@@ -175,9 +211,15 @@ def write_md(rec: dict, a, levels: list[int]) -> None:
     i8 = rec["int8"]
     lines += ["", "Per-class IoU % (SimCLR full, all tiles, first seed): "
               + ", ".join(f"{c} {v}" for c, v in zip(CLASSES, rec["cells"]["pretrained full"][str(levels[-1])][0]["iou"])), "",
-              f"INT8 (onnxruntime QDQ, the same recipe's export): mIoU {i8['int8_miou']:.2f}% against FP32 {i8['fp32_miou']:.2f}%; "
-              "p50 latency per 64-px tile at 1 thread (`edgeclr bench`): "
-              + ", ".join(f"{k} {v:.2f} ms" for k, v in i8["latency_ms_1_thread"].items()), "",
+              f"INT8 (onnxruntime QDQ) of the teacher's segmenter (SimCLR full, all tiles): mIoU {i8['int8_miou']:.2f}% "
+              f"against FP32 {i8['fp32_miou']:.2f}%.", ""]
+    st = rec.get("student")
+    if st:
+        lines += [f"Edge student ({st['spec']['name']}, width {st['spec'].get('width')}), distilled from the teacher on the same "
+                  f"unlabeled tiles, fine-tuned the same way (full, all tiles): mIoU FP32 {st['fp32_miou']:.2f}%, INT8 "
+                  f"{st['int8_miou']:.2f}% ({st['int8_miou'] - st['fp32_miou']:+.2f} points).", ""]
+    lines += ["p50 latency per 64-px tile, 1 thread, batch 1, one interleaved `edgeclr bench` run: "
+              + ", ".join(f"{k} {v:.3f} ms" for k, v in i8["latency_ms_1_thread"].items()), "",
               "Transfer to stardist's hand-annotated fluorescence nuclei (nucleus vs background IoU %): "
               + "; ".join(f"{k}: {v['nucleus_iou']}" for k, v in rec["transfer"].items())]
     record_path("segment_he", a.tag, "md").write_text("\n".join(lines) + "\n")

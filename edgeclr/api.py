@@ -205,7 +205,7 @@ def segment(config_file=None, **options) -> dict:
     from edgeclr import runtime
 
     return runtime.segment_files_to(cfg.model, cfg.inputs, cfg.out, cfg.overlay, cfg.overlap, cfg.threads, cfg.on_error,
-                                    cfg.precision, cfg.batch_size)
+                                    cfg.precision, cfg.batch_size, cfg.level, cfg.mpp)
 
 
 @_with_options(config.EmbedConfig)

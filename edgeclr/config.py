@@ -30,6 +30,8 @@ def opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True,
 
 def data_kind(spec: str) -> str:
     kind = spec.partition(":")[0]
+    if kind == "slide":  # tiles of whole-slide images: the tiles preset
+        return "tiles"
     return kind if kind in ("digits", "fashion-mnist", "cifar10", "stl10", "tiles") else "folder"
 
 
@@ -61,7 +63,8 @@ DATA_PRESETS: dict[str, dict[str, Any]] = {
 class TrainConfig:
     """`edgeclr train`: SimCLR pretraining of an encoder on unlabeled images."""
 
-    data: str = opt("digits", "dataset: digits | fashion-mnist[:DIR] | cifar10:DIR | stl10:DIR | tiles:IMAGE[,IMAGE] | a folder of images", path=True)
+    data: str = opt("digits", "dataset: digits | fashion-mnist[:DIR] | cifar10:DIR | stl10:DIR | tiles:IMAGE[,IMAGE] | "
+                              "slide:FILE[,FILE][@level=N|@mpp=X] | a folder of images", path=True)
     out: str = opt("runs/default", "run folder; this stage writes into OUT/train")
     model: str | None = opt(None, "registry name of the encoder (resnet18, resnet34, resnet50, mobilenet_*)")
     width: int | None = opt(None, "ResNet base width (64 = the paper's ResNet; smaller is faster on a CPU)")
@@ -588,6 +591,8 @@ class SegmentConfig(RuntimeFilesConfig):
     out: str = opt("segments", "output folder: STEM.png label maps, STEM.overlay.png, classes.txt, segments.csv")
     overlay: bool = opt(True, "also write each image with the class colours blended in", off="no-overlay")
     overlap: int | None = opt(None, "pixels shared by neighbouring tiles (default: a quarter of the tile)")
+    level: int | None = opt(None, "whole-slide inputs: the pyramid level to segment (default: the finest within 64 Mpixels)")
+    mpp: float | None = opt(None, "whole-slide inputs: instead, the level closest to these microns per pixel")
 
     def __post_init__(self):
         self.check("an exported segmenter (.onnx or .xml) from `edgeclr finetune --task segment`")

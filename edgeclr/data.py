@@ -6,6 +6,9 @@
     cifar10:DIR               torchvision's cifar-10-batches-py folder (or its parent)
     stl10:DIR                 torchvision's stl10_binary folder (or its parent); pretraining uses `unlabeled`
     tiles:PATH[,PATH...]      large images (or folders of them) cut into tiles, background tiles skipped
+    slide:PATH[,PATH...][@level=N|@mpp=X]
+                              whole-slide images (OpenSlide) at a level or microns per pixel, tiles
+                              where there is tissue (`edgeclr[slides]`)
     PATH                      a folder of images, searched recursively; labels from sub-folder names
 
 Every dataset gives uint8 images (H, W, C) at a fixed size for training (`load_batch`) and
@@ -383,6 +386,48 @@ def load_tiles(spec: str, tile_size: int, tile_stride: int, min_foreground: floa
     return ArrayDataset(f"tiles:{spec}", tiles, None, None, [str(f) for f in files])
 
 
+def parse_slide_spec(arg: str) -> tuple[list[str], int | None, float | None]:
+    """"A.svs,B.svs@mpp=1.0" -> (files, level, mpp)."""
+    files, _, opt = arg.partition("@")
+    level = mpp = None
+    if opt:
+        key, _, val = opt.partition("=")
+        try:
+            if key == "level":
+                level = int(val)
+            elif key == "mpp":
+                mpp = float(val)
+            else:
+                raise ValueError(key)
+        except ValueError as e:
+            raise DataError(f"slide:{arg}: after @ give level=N or mpp=X (microns per pixel), not {opt!r}") from e
+    return [f for f in files.split(",") if f], level, mpp
+
+
+def load_slides(arg: str, tile_size: int, tile_stride: int, min_tissue: float, max_side: int, seed: int = 0) -> ArrayDataset:
+    """Tissue tiles of whole-slide images (runtime.slides), downscaled to max_side like tiles:."""
+    from edgeclr.runtime.slides import slide_tiles
+
+    files, level, mpp = parse_slide_spec(arg)
+    if not files:
+        raise DataError("slide: give one or more whole-slide files, e.g. slide:a.svs,b.svs@mpp=1.0")
+    parts = []
+    for f in files:
+        try:
+            t, _ = slide_tiles(Path(f).expanduser(), tile_size, tile_stride, level, mpp, min_tissue, seed=seed)
+        except ImageError as e:
+            raise DataError(str(e)) from e
+        log.info("slide: %s -> %d tissue tiles of %d px", f, len(t), tile_size)
+        parts.append(t)
+    tiles = np.concatenate(parts)
+    if not len(tiles):
+        raise DataError(f"slide:{arg}: no tile has tissue (>= {min_tissue} of its area): lower --tile-min-foreground, "
+                        "or choose another level")
+    if tile_size > max_side:
+        tiles = np.stack([np.asarray(Image.fromarray(t).resize((max_side, max_side), Image.BILINEAR)) for t in tiles])
+    return ArrayDataset(f"slide:{arg}", tiles, None, None, files)
+
+
 def open_dataset(spec: str, split: str = "pretrain", *, base_size: int = 40, tile_size: int = 64,
                  tile_stride: int = 64, tile_min_foreground: float = 0.5, seed: int = 0) -> Dataset:
     """Open the dataset named by a `--data` spec (see the module docstring).
@@ -404,10 +449,12 @@ def open_dataset(spec: str, split: str = "pretrain", *, base_size: int = 40, til
         return load_cifar10(arg, split) if kind == "cifar10" else load_stl10(arg, split)
     if kind == "tiles":
         return load_tiles(arg, tile_size, tile_stride, tile_min_foreground, max_side=max(base_size, 8))
+    if kind == "slide":
+        return load_slides(arg, tile_size, tile_stride, tile_min_foreground, max(base_size, 8), seed)
     if Path(spec).expanduser().exists():
         return load_folder(spec, split, base_size, seed=seed)
     raise DataError(f"--data {spec!r}: not a folder that exists, nor one of digits, fashion-mnist[:DIR], "
-                    "cifar10:DIR, stl10:DIR, tiles:IMAGE")
+                    "cifar10:DIR, stl10:DIR, tiles:IMAGE, slide:FILE")
 
 
 def has_labels(ds: Dataset) -> bool:

@@ -20,7 +20,7 @@ from edgeclr.models import ModelSpec, SegmenterNet, create_model, output_stride,
 from edgeclr.runtime import Classifier, Segmenter, normalize, open_model
 from edgeclr.runtime.embedder import tile_starts
 
-SEG = ["--task", "segment", "--steps", "30", "--batch-size", "8", "--eval-every", "10", "--threads", "2"]
+SEG = ["--task", "segment", "--steps", "30", "--batch-size", "8", "--eval-every", "10", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -207,9 +207,62 @@ def test_real_he_nuclei_masks_train_a_segmenter_that_beats_predicting_background
     run(["finetune", str(tmp_path / "run"), "--task", "segment", "--steps", "150", "--batch-size", "16", "--lr", "3e-3",
          "--data", str(tmp_path / "train" / "images"), "--masks", str(tmp_path / "train" / "masks"),
          "--test-data", str(tmp_path / "test" / "images"), "--test-masks", str(tmp_path / "test" / "masks"),
-         "--threads", "2", "--out", str(tmp_path / "seg")])
+         "--threads", "1", "--out", str(tmp_path / "seg")])
     res = json.loads((tmp_path / "seg" / "result.json").read_text())
     y = mask[:, 192:]
     all_background = tasks.iou_scores(tasks.confusion(np.zeros_like(y), y, 4))["miou"]
     print(f"H&E: mIoU {res['test_miou']:.2f} vs all-background {all_background:.2f}")
     assert res["test_miou"] > all_background + 5, (res["test_miou"], all_background)
+
+
+def write_slide(path: Path, mpp: float = 0.5) -> Path:
+    """A pyramidal tiled TIFF (3 levels, zlib tiles, mpp in the resolution tags) whose left half
+    is scikit-image's real immunohistochemistry field (stained tissue) and right half blank glass."""
+    import tifffile
+    from skimage import data as skdata
+
+    ihc = skdata.immunohistochemistry()  # (512, 512, 3)
+    field = np.full((1024, 1024, 3), 245, np.uint8)
+    field[:512, :512], field[512:, :512] = ihc, ihc[::-1]
+    levels = [field]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        levels.append(np.asarray(Image.fromarray(levels[-1]).resize((levels[-1].shape[1] // 2,) * 2, Image.BILINEAR)))
+    with tifffile.TiffWriter(path) as tif:
+        for i, lv in enumerate(levels):
+            res = 1e4 / (mpp * 2 ** i)
+            tif.write(lv, tile=(128, 128), photometric="rgb", compression="zlib", resolution=(res, res),
+                      resolutionunit="CENTIMETER", subfiletype=0 if i == 0 else 1)
+    return path
+
+
+def test_a_whole_slide_image_is_tiled_on_its_tissue_and_segmented(segmenter, tmp_path):
+    from edgeclr.runtime.slides import is_slide, slide_tiles
+
+    d, _ = segmenter
+    slide = write_slide(tmp_path / "slides" / "case1.tif")
+    assert is_slide(slide) and not is_slide(d / "fields" / "images" / "field1.png")
+    tiles, corners = slide_tiles(slide, 64, mpp=1.0)  # level 1 (512 px), tiles where there is tissue
+    assert len(tiles) >= 8 and tiles.shape[1:] == (64, 64, 3) and corners[:, 1].max() < 512  # none on the glass half
+    ds = data.open_dataset(f"slide:{slide}@level=1", tile_size=64, base_size=64)
+    assert ds.images.shape == tiles.shape and (ds.images == tiles).all()
+    r = run(["segment", str(tmp_path / "slides"), "--model", str(d / "seg" / "export" / "segmenter.onnx"), "--level", "1",
+             "--out", str(tmp_path / "out")])
+    assert "1 image(s) segmented" in r.output
+    labels = np.asarray(Image.open(tmp_path / "out" / "case1.png"))
+    assert labels.shape == (512, 512) and (labels[:, 300:] == 0).all()  # glass is background
+
+
+def test_bad_slides_get_a_clear_error(tmp_path):
+    import tifffile
+
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, np.zeros((64, 64, 3), np.uint8))  # one stripped page: an ordinary image, not a slide
+    for spec, msg in ((f"slide:{plain}", "not a whole-slide image OpenSlide can read"),
+                      (f"slide:{tmp_path / 'none.svs'}", "does not exist"),
+                      (f"slide:{write_slide(tmp_path / 's.tif')}@zoom=2", "give level=N or mpp=X"),
+                      (f"slide:{tmp_path / 's.tif'}@level=7", "has levels 0..2, not 7")):
+        with pytest.raises(DataError, match=msg):
+            data.open_dataset(spec, tile_size=64, base_size=64)
+    r = run(["train", "--data", f"slide:{plain}", "--out", str(tmp_path / "run"), "--epochs", "1"], ok=False)
+    assert r.exit_code == 2 and "not a whole-slide image" in r.output

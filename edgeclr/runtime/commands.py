@@ -17,7 +17,7 @@ import numpy as np
 from edgeclr.errors import ImageError, ModelError
 from edgeclr.lock import hold
 from edgeclr.runtime.embedder import Classifier, Embedder, Segmenter
-from edgeclr.runtime.images import list_inputs
+from edgeclr.runtime.images import list_inputs, to_mode
 from edgeclr.runtime.index import Index
 
 
@@ -244,22 +244,25 @@ def predict_files_to(model: str | Path, inputs: Sequence[str | Path], out: str |
 
 def segment_files_to(model: str | Path, inputs: Sequence[str | Path], out: str | Path, overlay: bool = True,
                      overlap: int | None = None, threads: int = 0, on_error: str = "skip", precision: str = "f32",
-                     batch_size: int = 16) -> dict:
+                     batch_size: int = 16, level: int | None = None, mpp: float | None = None) -> dict:
     """Segment image files with an exported segmenter into the folder OUT: per image STEM.png (an
     8-bit label map of class ids, one per pixel) and, with overlay, STEM.overlay.png (the image with
     the class colours blended in), plus classes.txt (line i = class id i) and segments.csv (path,
     and the share of pixels of each class).
 
-    Images of any size are tiled at the model's input size with overlap and stitched. Each file is
+    Images of any size are tiled at the model's input size with overlap and stitched. A whole-slide
+    image (runtime.slides) is segmented at `level` (or the level nearest `mpp`; default the finest
+    within 64 Mpixels), and pixels outside its detected tissue are background. Each file is
     written under a temporary name and renamed, so a killed run leaves whole files only. Unreadable
     images are skipped and returned in `errors` (on_error="raise": the first raises ImageError).
     """
     from PIL import Image
 
     from edgeclr.runtime.images import load_image
+    from edgeclr.runtime.slides import SLIDE_SUFFIXES, is_slide, read_level
 
     seg = Segmenter.load(model, threads=threads, precision=precision)
-    files = list_inputs(inputs)
+    files = list_inputs(inputs, extra_suffixes=SLIDE_SUFFIXES)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ImageError(f"--out {out} is a file: segment writes a folder of label maps")
@@ -268,8 +271,12 @@ def segment_files_to(model: str | Path, inputs: Sequence[str | Path], out: str |
     with hold(out, "the segmentation folder", is_dir=True):
         rows, errors = [], []
         for f in files:
+            tissue = None
             try:
-                img = load_image(f, seg.meta.preprocess.channels, None)
+                if is_slide(f):
+                    img, tissue, _ = read_level(f, level, mpp)
+                else:
+                    img = load_image(f, seg.meta.preprocess.channels, None)
             except ImageError as e:
                 if on_error == "raise":
                     raise
@@ -278,10 +285,12 @@ def segment_files_to(model: str | Path, inputs: Sequence[str | Path], out: str |
             stem = Path(f).stem
             stems[stem] = stems.get(stem, 0) + 1
             name = stem if stems[stem] == 1 else f"{stem}-{stems[stem]}"  # two inputs with the same name
-            labels = seg.segment_image(img, overlap, batch_size)
+            labels = seg.segment_image(img if tissue is None else to_mode(img, seg.meta.preprocess.channels), overlap, batch_size)
+            if tissue is not None:
+                labels[~tissue] = 0  # glass is background
             _write_png(Image.fromarray(labels, "L"), out / f"{name}.png")
             if overlay:
-                _write_png(seg.overlay(load_image(f, 3, None), labels), out / f"{name}.overlay.png")
+                _write_png(seg.overlay(img.convert("RGB"), labels), out / f"{name}.overlay.png")
             share = np.bincount(labels.ravel(), minlength=seg.dim) / labels.size
             rows.append([str(f), f"{name}.png"] + [f"{v:.6f}" for v in share])
         if not rows and errors:

@@ -105,18 +105,20 @@ def load_image(path: str | Path, channels: int = 3, min_side: int | None = None)
         raise ImageError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
 
 
-def list_images(root: Path) -> list[Path]:
-    """Image files under a folder, recursively, sorted."""
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def list_images(root: Path, extra_suffixes: Sequence[str] = ()) -> list[Path]:
+    """Image files (and files with `extra_suffixes`) under a folder, recursively, sorted."""
+    keep = IMAGE_SUFFIXES + tuple(extra_suffixes)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in keep)
 
 
-def list_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files named directly, plus image files found recursively in named folders (sorted)."""
+def list_inputs(inputs: Sequence[str | Path], extra_suffixes: Sequence[str] = ()) -> list[Path]:
+    """Files named directly, plus image files (and files with `extra_suffixes`) found recursively in
+    named folders (sorted)."""
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            out += list_images(p)
+            out += list_images(p, extra_suffixes)
         elif p.is_file():
             out.append(p)
         else:

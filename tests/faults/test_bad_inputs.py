@@ -80,7 +80,7 @@ def world(tmp_path_factory):
     run(["finetune", str(run_dir), "--mode", "linear", "--labels-per-class", "2", "--max-test", "20", "--out", str(d / "ft")])
     fields = digit_fields(d / "fields", fields=1)
     run(["finetune", str(run_dir), "--task", "segment", "--data", str(fields / "images"), "--masks", str(fields / "masks"),
-         "--steps", "2", "--out", str(d / "seg")])
+         "--steps", "2", "--threads", "1", "--out", str(d / "seg")])
     valid = {"run": run_dir, "model": model, "images": imgs, "gallery": gallery, "classifier": d / "ft" / "export" / "classifier.onnx",
              "segmenter": d / "seg" / "export" / "segmenter.onnx"}
     return valid, bad
