@@ -299,7 +299,8 @@ class FinetuneConfig:
     mode: str = opt("full", "linear (logistic regression on frozen features) | frozen (head trained on augmented views) | "
                             "full (linear probe, then encoder and head together)", ("linear", "frozen", "full"))
     init: str = opt("pretrained", "pretrained (the source's weights) | random (the same architecture and recipe from random "
-                                  "weights: the baseline)", ("pretrained", "random"))
+                                  "weights: the baseline) | FILE (a torchvision state dict you have, e.g. ImageNet weights; "
+                                  "the tensors that fit the source's architecture)")
     steps: int = opt(300, "optimiser steps (frozen and full)")
     batch_size: int = opt(64, "labelled images per step (at most all of them)")
     lr: float = opt(1e-3, "AdamW learning rate of the head")
@@ -339,6 +340,8 @@ class FinetuneConfig:
         check_runtime_formats(self.formats, allow_none=True)
         if self.int8:
             check_calib_images(self.calib_images)
+        if self.init not in ("pretrained", "random") and not Path(self.init).is_file():
+            raise ConfigError(f"--init {self.init}: give pretrained, random, or a weights file that exists")
         seg_only = [f"--{k.replace('_', '-')}" for k in ("masks", "classes", "test_data", "test_masks") if getattr(self, k)]
         if self.task != "segment" and seg_only:
             raise ConfigError(f"{', '.join(seg_only)} belong to --task segment")

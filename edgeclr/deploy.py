@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeclr import checkpoint, config, export
+from edgeclr import checkpoint, config, export, faults
 from edgeclr.bench import Config as BenchRun
 from edgeclr.bench import machine, run_bench
 from edgeclr.compress import Scorecard, int8_scope, quantize_one, runtime_embed
@@ -123,14 +123,19 @@ def _student_levels(run: Path, ck: dict[str, Path], prefix: str) -> dict[str, tu
 
 
 def _link(src: Path, dest: Path) -> None:
-    """src's files (an IR's .bin too) at dest: a hard link where the file system allows, else a copy."""
-    for s in format_of(src).files(src):
+    """src's files (an IR's .bin too) at dest: a hard link where the file system allows, else a copy.
+    Each lands under a temporary name and is renamed, the companions before the main file, so a
+    killed run never leaves a half-copied file, or a main file without its companions, that a
+    re-run would take as built."""
+    for s in reversed(format_of(src).files(src)):
         d = dest.with_suffix(s.suffix)
-        d.unlink(missing_ok=True)
+        tmp = d.with_name(f".{d.name}.partial")
+        tmp.unlink(missing_ok=True)
         try:
-            os.link(s, d)
+            os.link(s, tmp)
         except OSError:
-            shutil.copy2(s, d)
+            shutil.copy2(s, tmp)
+        os.replace(tmp, d)
 
 
 def reusable(run: Path, level: str, cfg: config.DeployConfig) -> dict[str, Path]:
@@ -435,11 +440,12 @@ def _deploy(cfg: config.DeployConfig, run: Path, out: Path, lv: dict[str, Path],
     builder = Builder(cfg, out, t0 + cfg.search_minutes * 60 if cfg.search_minutes else None)
     quality = Quality.open(cfg, lv["teacher"][1])
     cands, scores = [], {}
-    for level, (lrun, ckpt) in lv.items():
+    for i, (level, (lrun, ckpt)) in enumerate(lv.items()):
         for c in builder.build(level, lrun, ckpt):
             scores[c.name] = quality.cached(c)
             cands.append(c)
             log.info("%s: %s", c.name, ", ".join(f"{k} {v:.3f}" for k, v in scores[c.name].items()))
+        faults.maybe_kill("deploy", i + 1)  # tests: a kill after each level's candidates
     bench = measure(cfg, cands)
     teacher = quality.teacher_row()
     rows = [candidate_row(c, scores[c.name], bench[c.name], teacher) for c in cands]

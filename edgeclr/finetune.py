@@ -480,9 +480,11 @@ def build_tuner(job: Job, encoder: Encoder, recipe: Recipe, pp: Preprocess, run_
 
 def _finetune(cfg, encoder, sck, src, pp, run_cfg, data_spec, out_dir, device, t0) -> dict:
     job = segment_job(cfg, pp) if cfg.task == "segment" else classify_job(cfg, data_spec, pp, run_cfg)  # before anything is written
-    resume_from = prepare_stage_dir(out_dir, cfg.resume)
     if cfg.init == "random":
         encoder = random_encoder(encoder.spec, sck, device, cfg.seed)
+    elif cfg.init != "pretrained":  # a weights file: refused before anything is written
+        encoder = encoder_from_file(cfg.init, encoder.spec, sck, device, cfg.seed)
+    resume_from = prepare_stage_dir(out_dir, cfg.resume)
     recipe = Recipe(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Recipe)})
     log.info("%s: %d labelled training %s (%d classes), %d for validation, %d test; mode %s, init %s", data_spec, len(job.y),
              "tiles" if job.task == "segment" else "images", len(job.classes), len(job.yv), len(job.yt), cfg.mode, cfg.init)
@@ -541,6 +543,38 @@ def _finetune(cfg, encoder, sck, src, pp, run_cfg, data_spec, out_dir, device, t
 
 def _subsample(n: int, max_n: int, seed: int) -> np.ndarray | None:
     return np.sort(np.random.default_rng(seed).choice(n, max_n, replace=False)) if max_n and n > max_n else None
+
+
+def encoder_from_file(path: str, spec, sck: dict, device, seed: int) -> Encoder:
+    """The source's architecture with the weights of a state dict the user has (torchvision's
+    names, e.g. ImageNet weights: the baseline that cannot be downloaded here): every tensor whose
+    name and shape fit is loaded, the rest (a replaced stem, the classifier) stays random.
+
+    Raises:
+        ConfigError: not a state dict torch loads with weights_only=True, or one of another
+            architecture (under half of the backbone's tensors fit).
+    """
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (pickle, zip and EOF errors of a file that is not a safe state dict)
+        raise ConfigError(f"--init {path}: not a state dict that loads with weights_only=True ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:150]}); give a torchvision state dict (.pth) or pretrained | random") from e
+    for key in ("state_dict", "model"):  # a training checkpoint that wraps its weights
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ConfigError(f"--init {path}: holds a {type(sd).__name__}, not a dict of tensors (a state dict)")
+    encoder = random_encoder(spec, sck, device, seed)
+    target = encoder.backbone.state_dict()
+    names = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}
+    fit = {k: v for k, v in names.items() if k in target and tuple(target[k].shape) == tuple(v.shape)}
+    if len(fit) < len(target) / 2:
+        raise ConfigError(f"--init {path}: {len(fit)} of the {len(target)} tensors of the source's backbone "
+                          f"({sck['spec']['name']}) fit it: these are weights of another architecture or width")
+    encoder.backbone.load_state_dict(fit, strict=False)
+    log.info("--init %s: %d of %d backbone tensors loaded; %d kept random (%s)", path, len(fit), len(target), len(target) - len(fit),
+             ", ".join(sorted(set(target) - set(fit)))[:200] or "none")
+    return encoder
 
 
 def _random_like(sck: dict, device) -> Encoder:

@@ -186,3 +186,24 @@ def test_another_student_family_distilled_from_the_same_teacher_joins_the_candid
          "--threads", "1"])
     r = run(["deploy", str(tiny_run), "--also", str(stranger), "--out", str(tmp_path / "no")], ok=False)
     assert r.exit_code == 2 and "distilled from another teacher" in r.output and not (tmp_path / "no").exists()
+
+
+def test_deploy_killed_while_building_candidates_finishes_on_a_rerun(tiny_run, tmp_path):
+    """SIGKILL (no cleanup) after the first level's candidates are built; the re-run reuses what is
+    whole, builds the rest, and ships from the same candidates as a run that was never killed."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "killed"
+    args = ["deploy", str(tiny_run), "--out", str(out), "--runtimes", "openvino", "--fp32-only", *FAST]
+    p = subprocess.run([sys.executable, "-m", "edgeclr", *args], env={**os.environ, "EDGECLR_FAULT": "kill:stage=deploy:step=1"},
+                       capture_output=True, text=True)
+    assert p.returncode == -9, p.stderr[-500:]
+    assert not (out / "selection.json").exists() and (out / "candidates" / "teacher" / "fp32.xml").is_file()
+    run(args)
+    sel = json.loads((out / "selection.json").read_text())
+    names = {c["name"] for c in sel["candidates"]}
+    assert {"teacher/fp32.xml", "student/fp32.xml", "pruned/fp32.xml"} <= names and sel["winner"] is not None
+    assert not list(out.rglob("*.partial*"))
+    for c in sel["candidates"]:  # every file, IR and its .bin, whole: it loads and runs
+        Embedder.load(out / "candidates" / c["name"])

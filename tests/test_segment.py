@@ -266,3 +266,27 @@ def test_bad_slides_get_a_clear_error(tmp_path):
             data.open_dataset(spec, tile_size=64, base_size=64)
     r = run(["train", "--data", f"slide:{plain}", "--out", str(tmp_path / "run"), "--epochs", "1"], ok=False)
     assert r.exit_code == 2 and "not a whole-slide image" in r.output
+
+
+def test_init_from_a_weights_file_the_user_has(tmp_path):
+    """--init FILE: a torchvision-style state dict (here written by the test; ImageNet weights
+    cannot be downloaded) initialises the source's architecture; a file of another architecture,
+    or not a state dict, is refused with the fix."""
+    make_checkpoint(tmp_path / "run" / "train" / "checkpoints" / "last.pt", "resnet18", width=8)
+    root = digit_fields(tmp_path / "f", fields=1)
+    torch.manual_seed(7)
+    theirs = create_model(ModelSpec("resnet18", in_chans=1, stem_stride=2, width=8)).backbone.state_dict()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in theirs.items()}}, tmp_path / "weights.pth")
+    run(["finetune", str(tmp_path / "run"), *SEG, "--data", str(root / "images"), "--masks", str(root / "masks"), "--mode", "frozen",
+         "--steps", "2", "--init", str(tmp_path / "weights.pth"), "--formats", "", "--out", str(tmp_path / "ft")])
+    mine = checkpoint.load(tmp_path / "ft" / "checkpoints" / "last.pt")["model"]
+    conv = "backbone.layer1.0.conv1.weight"
+    assert torch.equal(mine[conv], theirs["layer1.0.conv1.weight"])  # frozen: the file's weights, untouched
+    torch.save(create_model(ModelSpec("mobilenet_v3_small", in_chans=1)).backbone.state_dict(), tmp_path / "other.pth")
+    (tmp_path / "text.pth").write_text("not weights")
+    for f, msg in (("other.pth", "weights of another architecture"), ("text.pth", "not a state dict that loads"),
+                   ("none.pth", "give pretrained, random, or a weights file that exists")):
+        r = run(["finetune", str(tmp_path / "run"), *SEG, "--data", str(root / "images"), "--masks", str(root / "masks"),
+                 "--init", str(tmp_path / f), "--out", str(tmp_path / f"o-{f}")], ok=False)
+        assert r.exit_code == 2 and msg in r.output, r.output
+        assert not (tmp_path / f"o-{f}" / "checkpoints").exists()
