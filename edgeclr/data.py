@@ -34,6 +34,7 @@ from PIL import Image
 
 from edgeclr.errors import DataError  # noqa: F401  (raised here; defined with the others)
 from edgeclr.runtime import GRAY_MODES, IMAGE_SUFFIXES, ImageError, list_images, list_inputs, load_image, resize_center_crop
+from edgeclr.runtime.embedder import tile_starts
 
 if TYPE_CHECKING:
     import torch
@@ -651,10 +652,8 @@ def load_masked(images: str | Path, masks: str | Path, tile_size: int, stride: i
                             f"{classes}: fix the mask or the class names (255 = unlabelled)")
         img = img if img.ndim == 3 else img[:, :, None]
         h, w = m.shape
-        ys = sorted(set(list(range(0, h - tile_size + 1, stride)) + [h - tile_size]))
-        xs = sorted(set(list(range(0, w - tile_size + 1, stride)) + [w - tile_size]))
-        for y in ys:
-            for x in xs:
+        for y in tile_starts(h, tile_size, tile_size - stride):  # the runtime's grid: the last tile ends at the border
+            for x in tile_starts(w, tile_size, tile_size - stride):
                 t = m[y:y + tile_size, x:x + tile_size]
                 if (t != IGNORE).any():
                     out_img.append(img[y:y + tile_size, x:x + tile_size])

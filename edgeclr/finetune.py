@@ -85,6 +85,11 @@ def draw_labeled(labels: np.ndarray, per_class: int | None = None, fraction: flo
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val)).astype(np.int64)
 
 
+def normalized(x01: torch.Tensor, pp: Preprocess) -> torch.Tensor:
+    """Pixels scaled to [0, 1], (N, C, H, W) -> the model input: minus mean, over std (runtime.normalize in torch)."""
+    return (x01 - torch.tensor(pp.mean).view(1, -1, 1, 1)) / torch.tensor(pp.std).view(1, -1, 1, 1)
+
+
 def to_uint8(x: torch.Tensor, pp: Preprocess) -> torch.Tensor:
     """Preprocessed inputs (N, C, S, S) back to uint8 pixels, the augmentation's input."""
     mean = torch.tensor(pp.mean).view(1, -1, 1, 1)
@@ -146,24 +151,19 @@ def embed_all(fn, x: torch.Tensor, device, batch_size: int = 512) -> torch.Tenso
     return torch.cat([fn(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]) if len(x) else torch.zeros(0)
 
 
-@torch.no_grad()
 def accuracy(net: ClassifierNet, x: torch.Tensor, y: torch.Tensor, device, batch_size: int = 512) -> float:
-    was = net.training
-    net.eval()
-    try:
-        pred = embed_all(net.logits, x, device, batch_size).argmax(1)
-    finally:
-        net.train(was)
+    pred = torch.from_numpy(outputs(net, x, device, batch_size, net.logits)).argmax(1)
     return 100.0 * float((pred == y).float().mean())
 
 
 @torch.no_grad()
-def outputs(net, x: torch.Tensor, device, batch_size: int = 128) -> np.ndarray:
-    """What the exported model returns (net.forward: class probabilities) for inputs x, as numpy."""
+def outputs(net, x: torch.Tensor, device, batch_size: int = 128, fn=None) -> np.ndarray:
+    """net in eval mode over inputs x, as numpy: what the exported model returns (net.forward: class
+    probabilities), or fn's output (e.g. net.logits)."""
     was = net.training
     net.eval()
     try:
-        return embed_all(net, x, device, batch_size).numpy()
+        return embed_all(fn or net, x, device, batch_size).numpy()
     finally:
         net.train(was)
 
@@ -241,13 +241,15 @@ class Tuner:
             for m in batchnorms(self.net.encoder):
                 m.eval()  # running statistics stay; the affine parameters still train
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        n, bs = len(self.y), min(self.r.batch_size, len(self.y))
+    def draw(self) -> tuple[np.random.Generator, torch.Tensor]:
+        """This step's generator and the indices of its batch of labelled images."""
         g = np.random.default_rng([self.r.seed, self.step])
-        idx = torch.as_tensor(g.choice(n, bs, replace=False))
+        return g, torch.as_tensor(g.choice(len(self.y), min(self.r.batch_size, len(self.y)), replace=False))
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        _, idx = self.draw()
         if self.augment is None:
-            xb = ((self.x_raw[idx].float() / 255 - torch.tensor(self.pp.mean).view(1, -1, 1, 1))
-                  / torch.tensor(self.pp.std).view(1, -1, 1, 1))
+            xb = normalized(self.x_raw[idx].float() / 255, self.pp)
         else:
             xb = self.augment(self.x_raw[idx], view_generator(self.r.seed, 0, self.step, 0))
         return xb.to(self.device), self.y[idx].to(self.device)
@@ -652,8 +654,7 @@ def export_model(cfg, ckpt_path: Path, out_dir: Path, data_spec: str, pp: Prepro
 
 def tiles_tensor(t: np.ndarray, pp: Preprocess) -> torch.Tensor:
     """(N, S, S, C) uint8 tiles -> (N, C, S, S) float32, normalised as the runtime does."""
-    x = torch.from_numpy(np.ascontiguousarray(t)).permute(0, 3, 1, 2).float() / 255
-    return (x - torch.tensor(pp.mean).view(1, -1, 1, 1)) / torch.tensor(pp.std).view(1, -1, 1, 1)
+    return normalized(torch.from_numpy(np.ascontiguousarray(t)).permute(0, 3, 1, 2).float() / 255, pp)
 
 
 def draw_tiles(n: int, count: int, seed: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -674,7 +675,8 @@ def segment_job(cfg, pp: Preprocess) -> Job:
     else:
         order = np.random.default_rng(cfg.seed).permutation(len(pool.masks))
         nt = max(1, int(round(len(order) * cfg.test_fraction)))
-        train_pool, xt, yt = np.sort(order[nt:]), pool.images[np.sort(order[:nt])], pool.masks[np.sort(order[:nt])]
+        test_idx = np.sort(order[:nt])
+        train_pool, xt, yt = np.sort(order[nt:]), pool.images[test_idx], pool.masks[test_idx]
     if len(train_pool) < 2 or cfg.tiles > len(train_pool):
         raise DataError(f"{cfg.data}: {len(train_pool)} labelled tile(s) of {s} px to train on (--tiles {cfg.tiles or 'all'}); "
                         "a segmenter needs >= 2: larger or more images, --test-data for the test tiles, or fewer --tiles")
@@ -695,9 +697,8 @@ class SegTuner(Tuner):
     VAL_KEY = "val_miou"
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        n, bs = len(self.y), min(self.r.batch_size, len(self.y))
-        g = np.random.default_rng([self.r.seed, self.step])
-        idx = torch.as_tensor(g.choice(n, bs, replace=False))
+        g, idx = self.draw()
+        bs = len(idx)
         xb, yb = self.x_raw[idx].float() / 255, self.y[idx]  # (B, C, S, S) in [0, 1], (B, S, S)
         if self.r.augment:
             k = int(g.integers(4))
@@ -711,8 +712,7 @@ class SegTuner(Tuner):
             sigma = self.augment.cfg.stain_jitter if self.augment is not None else 0.0  # the run's histology preset
             if sigma and xb.shape[1] == 3:
                 xb = hed_jitter(xb, torch.Generator().manual_seed(int(g.integers(1 << 31))), sigma)
-        xb = (xb - torch.tensor(self.pp.mean).view(1, -1, 1, 1)) / torch.tensor(self.pp.std).view(1, -1, 1, 1)
-        return xb.contiguous().to(self.device), yb.contiguous().to(self.device)
+        return normalized(xb, self.pp).contiguous().to(self.device), yb.contiguous().to(self.device)
 
     def loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.net.logits(xb), yb, ignore_index=data.IGNORE)

@@ -380,14 +380,19 @@ def _strided_conv(block: nn.Module) -> nn.Conv2d:
     return block.conv2 if hasattr(block, "conv3") else block.conv1  # Bottleneck strides conv2, BasicBlock conv1
 
 
-def output_stride(encoder: Encoder, size: int = 64) -> int:
-    """Input size / feature-map size of the encoder's last feature maps."""
+def map_shape(encoder: Encoder, size: int = 64) -> tuple[int, int, int]:
+    """(C, h, w) of the encoder's last feature maps for one size x size input."""
     was = encoder.training
     encoder.eval()
     with torch.no_grad():
-        h = feature_maps(encoder, torch.zeros(1, encoder.spec.in_chans, size, size, device=next(encoder.parameters()).device)).shape[-1]
+        shape = feature_maps(encoder, torch.zeros(1, encoder.spec.in_chans, size, size, device=next(encoder.parameters()).device)).shape
     encoder.train(was)
-    return max(1, round(size / h))
+    return tuple(shape[1:])
+
+
+def output_stride(encoder: Encoder, size: int = 64) -> int:
+    """Input size / feature-map size of the encoder's last feature maps."""
+    return max(1, round(size / map_shape(encoder, size)[-1]))
 
 
 def dilate(encoder: Encoder, target: int | None) -> int:
@@ -437,12 +442,7 @@ class SegmenterNet(nn.Module):
         super().__init__()
         self.encoder, self.num_classes, self.target_stride = encoder, num_classes, target_stride
         self.output_stride = dilate(encoder, target_stride)
-        was = encoder.training
-        encoder.eval()
-        with torch.no_grad():
-            c = feature_maps(encoder, torch.zeros(1, encoder.spec.in_chans, 32, 32,
-                                                  device=next(encoder.parameters()).device)).shape[1]
-        encoder.train(was)
+        c = map_shape(encoder)[0]
         width = int(min(256, max(32, c)))
         self.head = nn.Sequential(ASPP(c, list(aspp_rates(self.output_stride)), width),
                                   nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),

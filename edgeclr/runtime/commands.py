@@ -17,7 +17,7 @@ import numpy as np
 from edgeclr.errors import ImageError, ModelError
 from edgeclr.lock import hold
 from edgeclr.runtime.embedder import Classifier, Embedder, Segmenter
-from edgeclr.runtime.images import list_inputs, to_mode
+from edgeclr.runtime.images import list_inputs
 from edgeclr.runtime.index import Index
 
 
@@ -285,12 +285,12 @@ def segment_files_to(model: str | Path, inputs: Sequence[str | Path], out: str |
             stem = Path(f).stem
             stems[stem] = stems.get(stem, 0) + 1
             name = stem if stems[stem] == 1 else f"{stem}-{stems[stem]}"  # two inputs with the same name
-            labels = seg.segment_image(img if tissue is None else to_mode(img, seg.meta.preprocess.channels), overlap, batch_size)
+            labels = seg.segment_image(img, overlap, batch_size)
             if tissue is not None:
                 labels[~tissue] = 0  # glass is background
             _write_png(Image.fromarray(labels, "L"), out / f"{name}.png")
             if overlay:
-                _write_png(seg.overlay(img.convert("RGB"), labels), out / f"{name}.overlay.png")
+                _write_png(seg.overlay(img, labels), out / f"{name}.overlay.png")
             share = np.bincount(labels.ravel(), minlength=seg.dim) / labels.size
             rows.append([str(f), f"{name}.png"] + [f"{v:.6f}" for v in share])
         if not rows and errors:

@@ -319,13 +319,28 @@ class Embedder:
 FRONT_ENDS[Embedder.TASK] = Embedder
 
 
-def _width_problem(what: str, width: int, out_shape) -> list[str]:
-    if out_shape is not None and len(out_shape) == 2 and out_shape[1] is not None and out_shape[1] != width:
+def _width_problem(what: str, width: int, out_shape, ndim: int = 2) -> list[str]:
+    """The output's axis 1 (static) against the metadata's width, for an output of `ndim` dimensions."""
+    if out_shape is not None and len(out_shape) == ndim and out_shape[1] is not None and out_shape[1] != width:
         return [f"metadata {what} {width}, model output {out_shape[1]}"]
     return []
 
 
-class Classifier(Embedder):
+class _ClassOutputs:
+    """What a front end whose outputs are over the file's named classes adds (Classifier, Segmenter)."""
+
+    meta: ModelMeta
+
+    @property
+    def classes(self) -> list[str]:
+        return [str(c) for c in self.meta.classes]
+
+    @property
+    def dim(self) -> int:
+        return len(self.meta.classes)
+
+
+class Classifier(_ClassOutputs, Embedder):
     """Images -> (N, K) softmax probabilities with an exported edgeclr classifier (`edgeclr finetune`); no torch.
 
     `Classifier.load(path)` reads the class names and the preprocessing from the file:
@@ -344,14 +359,6 @@ class Classifier(Embedder):
         if len(meta.classes or []) < 2:
             return ["a classifier needs the names of >= 2 classes"]
         return _width_problem("classes", len(meta.classes), out_shape)
-
-    @property
-    def classes(self) -> list[str]:
-        return [str(c) for c in self.meta.classes]
-
-    @property
-    def dim(self) -> int:
-        return len(self.meta.classes)
 
     def predict_proba(self, images: Sequence[str | Path | Image.Image], batch_size: int = 32) -> np.ndarray:
         """(N, K) probabilities; an unreadable file raises ImageError (predict_files skips them)."""
@@ -381,7 +388,7 @@ def tile_starts(n: int, size: int, overlap: int) -> list[int]:
     return starts + [n - size]
 
 
-class Segmenter(Embedder):
+class Segmenter(_ClassOutputs, Embedder):
     """Images of any size -> (H, W) class-id maps with an exported edgeclr segmenter (`edgeclr
     finetune --task segment`); no torch. The model runs on tiles of its input size at the image's
     own resolution; tiles overlap by a quarter and their probabilities are averaged (stitching).
@@ -404,17 +411,7 @@ class Segmenter(Embedder):
             return [f"a palette of {len(meta.palette)} colours for {k} classes"]
         if out_shape is not None and len(out_shape) != 4:
             return [f"a segmenter's output is (N, K, H, W), this model's has {len(out_shape)} dimensions"]
-        if out_shape is not None and out_shape[1] is not None and out_shape[1] != k:
-            return [f"metadata classes {k}, model output {out_shape[1]}"]
-        return []
-
-    @property
-    def classes(self) -> list[str]:
-        return [str(c) for c in self.meta.classes]
-
-    @property
-    def dim(self) -> int:
-        return len(self.meta.classes)
+        return _width_problem("classes", k, out_shape, ndim=4)
 
     @property
     def palette(self) -> np.ndarray:
