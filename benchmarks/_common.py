@@ -74,28 +74,6 @@ def run(cmd: list[str]) -> float:
     return time.time() - t
 
 
-def interleaved_ms(fns: dict, x, rounds: int, runs: int, warmup: int = 5) -> dict[str, float]:
-    """Median ms of each fn(x), timed in turns (A B C A B C ...) so machine noise hits all alike:
-    the median over rounds of each round's median of `runs` calls."""
-    import time
-
-    import numpy as np
-
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn(x)
-    med: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            ts = []
-            for _ in range(runs):
-                t = time.perf_counter()
-                fn(x)
-                ts.append(time.perf_counter() - t)
-            med[k].append(1000 * float(np.median(ts)))
-    return {k: float(np.median(v)) for k, v in med.items()}
-
-
 def export_set(model, pp, folder, name: str, calib, runtimes=("onnx", "openvino"), int8: bool = True,
                target: str = "x86", exclude: list[str] | None = None) -> dict:
     """FP32 and INT8 files of one torch encoder, written the way `edgeclr export` and `edgeclr compress`

@@ -11,7 +11,8 @@ to <= 50% of the MACs gives >= 1.4x measured speed-up at 1 thread at 224 px; the
 Speed at 224 px: the student, the pruned student and its INT8 model are exported at 224 px
 (`edgeclr export --input-size 224`; INT8 calibrated on the same real images resized to 224, with
 the shipped models' float scope) for onnxruntime (QDQ) and OpenVINO (NNCF; FP32 pinned to f32),
-and all six are timed interleaved (A B C D E F A B ...) in one process; medians of the rounds. The
+and all six are timed interleaved (A B C D E F A B ...), each in its own worker process
+(`edgeclr.bench.latencies`, the latency source of `edgeclr bench`); medians of all runs. The
 report of `edgeclr compress` itself gives the native-resolution (28 px) figures.
 
     python benchmarks/distill_fashion_mnist.py --teacher runs/bench-fmnist --out runs/r16 \
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import export_set, interleaved_ms, machine, record_path, run  # noqa: E402
+from _common import export_set, machine, record_path, run  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -53,6 +54,7 @@ def main():
     a = ap.parse_args()
 
     from edgeclr import compress
+    from edgeclr.bench import latencies, precision_ran
     from edgeclr.loading import load_encoder
     from edgeclr.runtime import Embedder
 
@@ -86,8 +88,7 @@ def main():
         f = export_set(students["pruned"], pp, big / "ov", "pruned", calib, ("openvino",), exclude=exclude)
         files.update({"pruned-ov": f["openvino"], "pruned-int8-ov": f["openvino-int8"]})
     sess = {k: Embedder.load(f, threads=1, precision="f32") for k, f in files.items()}
-    ms = interleaved_ms({k: (lambda x, e=e: e.embed_arrays(x, 1)) for k, e in sess.items()}, calib[:1], a.rounds, a.runs)
-    from edgeclr.bench import precision_ran
+    ms = latencies(files, runs=a.rounds * a.runs, rounds=a.rounds)
 
     ran = {k: precision_ran(e.backend, "int8" in k) for k, e in sess.items()}
     macs = {k: compress.count_macs(m, torch.zeros(1, 1, a.size, a.size))[0] for k, m in students.items()}

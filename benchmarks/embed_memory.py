@@ -37,9 +37,9 @@ def model_checkpoint(run: str | None, work: Path) -> Path:
     from edgeclr import checkpoint
 
     if run:
-        from edgeclr.export import newest_checkpoint
+        from edgeclr.loading import find_checkpoint
 
-        return newest_checkpoint(run)  # it read checkpoint.STAGES, which lives in rundir: --run failed
+        return find_checkpoint(run)
     from edgeclr.models import ModelSpec, create_model
     from edgeclr.runtime import Preprocess
 

@@ -48,7 +48,7 @@ def main():
         train_cmd += [f"--{k.replace('_', '-')}", *str(getattr(a, k)).split()]
     if a.resume:
         train_cmd.append("--resume")
-    eval_cmd = exe + ["eval", a.out, "--device", a.device]
+    eval_cmd = exe + ["eval", str(Path(a.out) / "train"), "--device", a.device]
 
     t0 = time.time()
     print("+", shlex.join(train_cmd), flush=True)

@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import export_set, interleaved_ms, machine, record_path  # noqa: E402
+from _common import export_set, machine, record_path  # noqa: E402
 
 from edgeclr import compress, data  # noqa: E402
+from edgeclr.bench import latencies  # noqa: E402
 from edgeclr.compress import prune  # noqa: E402
 from edgeclr.models import EmbeddingModel, ModelSpec, create_model, list_models  # noqa: E402
 from edgeclr.runtime import Embedder, Preprocess  # noqa: E402
@@ -80,7 +81,7 @@ def main():
             sess = {k: Embedder.load(p, threads=1) for k, p in (("fp32", f32), ("int8", i8), ("int8-all", i8all))}
             ref = sess["fp32"].embed_arrays(calib[:64], 64)
             cos = {k: float((ref * s.embed_arrays(calib[:64], 64)).sum(1).min()) for k, s in sess.items() if k != "fp32"}
-            ms = interleaved_ms({k: (lambda x, s=s: s.embed_arrays(x, 1)) for k, s in sess.items()}, calib[:1], a.rounds, a.runs)
+            ms = latencies({"fp32": f32, "int8": i8, "int8-all": i8all}, runs=a.rounds * a.runs, rounds=a.rounds)
             row = {"model": name, "macs_m": macs / 1e6, "unpruned_macs_m": macs0 / 1e6, **{f"{k}_ms": v for k, v in ms.items()},
                    "precision_ran": {k: getattr(s.backend, "precision", "-") for k, s in sess.items()},
                    "float_scope": {k: len(v) for k, v in scope.items()}, "min_cosine_vs_fp32": cos}

@@ -82,7 +82,7 @@ def main():
         t = time.time()
         subprocess.run(cmd, check=True)
         train_min = (time.time() - t) / 60
-        subprocess.run(exe + ["eval", str(out), "--baselines", "", "--no-tsne", "--no-linear-probe"], check=True)
+        subprocess.run(exe + ["eval", str(out / "train"), "--baselines", "", "--no-tsne", "--no-linear-probe"], check=True)
         ev = json.loads((out / "train" / "eval.json").read_text())
         results["runs"].append({"variant": name, "epochs": int(a.epochs), "options": VARIANTS[name],
                                 "command": shlex.join(["python", "-m", "edgeclr"] + cmd[3:]), "train_minutes": round(train_min, 1),

@@ -97,8 +97,7 @@ def classify(path: Path) -> str | None:
             if m.has_rt_info(["model_info", "precision"]):
                 prec = m.get_rt_info(["model_info", "precision"]).astype(str)
     except ImportError as e:
-        raise BenchError(f"{path}: {'onnxruntime' if path.suffix == '.onnx' else 'openvino'} is not installed: "
-                         f"pip install 'edgeclr[{'runtime' if path.suffix == '.onnx' else 'openvino'}]'") from e
+        raise BenchError(f"{path}: {format_of(path).runtime} is not installed: {format_of(path).install}") from e
     except Exception as e:  # a file the runtime cannot read
         raise BenchError(f"{path} is not a model the runtime can read ({type(e).__name__}: {str(e)[:200]}); "
                          "pass files written by `edgeclr export` / `edgeclr compress`") from e
@@ -322,12 +321,17 @@ class _Worker:
         self.proc = subprocess.Popen([sys.executable, "-m", "edgeclr.bench", "--worker", json.dumps(dataclasses.asdict(cfg))],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, "OMP_NUM_THREADS": str(cfg.threads)})
+        self.times: list[float] = []
+        self.round_p50: list[float] = []  # the median of each round's runs: rounds pair up across configurations
+        self.runtime_times: list[float] = []
+
+    def ready(self) -> None:
+        """Wait for the worker's model to be loaded and warm (its facts)."""
+        cfg = self.cfg
         msg = self._read()
         if "error" in msg:
             raise BenchError(f"{cfg.path} ({cfg.format}, {cfg.threads} thread(s), batch {cfg.batch}): {msg['error']}")
         self.facts = msg["ready"]
-        self.times: list[float] = []
-        self.runtime_times: list[float] = []
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -356,17 +360,24 @@ class _Worker:
 
 
 def run_bench(configs: list[Config], rounds: int, runs: int, warmup_s: float) -> list[dict]:
-    """Time every configuration, interleaved; one process per configuration, one running at a time."""
+    """Time every configuration, interleaved; one process per configuration (loaded side by side, timed one at a time)."""
     workers = []
     try:
-        for c in configs:  # load one at a time: a worker is idle (blocked on stdin) while others load
-            workers.append(_Worker(c))
+        at_once = max(1, os.cpu_count() or 1)  # loading overlaps (no timing runs then); a loaded worker idles on stdin
+        for i in range(0, len(configs), at_once):
+            group = []
+            for c in configs[i:i + at_once]:
+                group.append(_Worker(c))
+                workers.append(group[-1])
+            for w in group:
+                w.ready()
         for w in workers:
             w.ask(f"warmup {warmup_s}")
         for _ in range(rounds):
             for w in workers:
                 got = w.ask(f"run {runs}")
                 w.times += got["times"]
+                w.round_p50.append(float(np.median(got["times"])) * 1000)
                 w.runtime_times += got["runtime_times"]
         rows = []
         for w in workers:
@@ -374,7 +385,8 @@ def run_bench(configs: list[Config], rounds: int, runs: int, warmup_s: float) ->
             t = np.asarray(w.times) * 1000
             c = w.cfg
             row = {**dataclasses.asdict(c), **w.facts, **stats, "runs": len(t), "p50_ms": float(np.percentile(t, 50)),
-                   "p90_ms": float(np.percentile(t, 90)), "p99_ms": float(np.percentile(t, 99)), "mean_ms": float(t.mean())}
+                   "p90_ms": float(np.percentile(t, 90)), "p99_ms": float(np.percentile(t, 99)), "mean_ms": float(t.mean()),
+                   "round_p50_ms": w.round_p50}
             if w.runtime_times:  # OpenVINO's own request latency, as benchmark_app reports it; p50_ms is the Python call
                 row["runtime_p50_ms"] = float(np.percentile(np.asarray(w.runtime_times) * 1000, 50))
                 row["call_overhead_ms"] = row["p50_ms"] - row["runtime_p50_ms"]
@@ -385,6 +397,27 @@ def run_bench(configs: list[Config], rounds: int, runs: int, warmup_s: float) ->
     finally:
         for w in workers:
             w.close()
+
+
+def ratio_interval(slow: list[float], fast: list[float], level: float = 0.95, draws: int = 2000) -> tuple[float, float, float]:
+    """(ratio, low, high): the median over rounds of slow/fast latency, each round's pair timed in the
+    same interleaved round (run_bench's round_p50_ms), and a bootstrap interval of that median
+    (rounds resampled with replacement, a fixed seed: the same timings give the same interval)."""
+    r = np.asarray(slow, dtype=float) / np.asarray(fast, dtype=float)
+    boot = np.median(np.random.default_rng(0).choice(r, size=(draws, len(r)), replace=True), axis=1)
+    return float(np.median(r)), float(np.quantile(boot, (1 - level) / 2)), float(np.quantile(boot, (1 + level) / 2))
+
+
+def latencies(models: dict[str, str | Path], threads: int = 1, batch: int = 1, runs: int = 30, rounds: int = 5,
+              warmup_s: float = 0.2) -> dict[str, float]:
+    """{label: p50 ms} of every model (an exported file, or a checkpoint in torch eager) at `threads`
+    and `batch`, timed together, interleaved, each in its own worker process (run_bench): the one
+    latency source of compress's, eval's and deploy's tables, so that the ratios in one table come
+    from one measurement (benchmarks/ use it too). About `runs` timed calls per model, in `rounds` turns."""
+    configs = [Config(label, str(p), "torch" if Path(p).suffix == ".pt" else classify(Path(p)), threads, batch)
+               for label, p in models.items()]
+    rounds = max(1, min(rounds, runs))
+    return {r["label"]: r["p50_ms"] for r in run_bench(configs, rounds, -(-runs // rounds), warmup_s)}
 
 
 def plan(cfg) -> tuple[list[Config], tuple[int, ...]]:

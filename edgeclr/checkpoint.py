@@ -148,8 +148,8 @@ def load_for_resume(path: str | Path, map_location: str | torch.device = "cpu") 
 def find(target: str | Path, stage: str | tuple[str, ...] | None = None) -> Path:
     """A checkpoint file from a path: the file itself, a stage folder, or a run folder.
 
-    For a run folder, `stage` says which stage folder to prefer (a name, or names in order of
-    preference). Looks for `checkpoints/last.pt` (falling back to `last.prev.pt` when the last
+    For a run folder, `stage` says which stage folders to search (a name, or names in order of
+    preference; `loading.find_checkpoint` says which for each role). Looks for `checkpoints/last.pt` (falling back to `last.prev.pt` when the last
     write was cut).
     """
     p = Path(target)
@@ -158,13 +158,14 @@ def find(target: str | Path, stage: str | tuple[str, ...] | None = None) -> Path
     if not p.exists():
         raise CheckpointError(f"{p} does not exist: give a checkpoint file, a stage folder or a run folder")
     prefer = (stage,) if isinstance(stage, str) else tuple(stage or ())
-    candidates = [p] + [p / s for s in prefer] + sorted(c for c in p.iterdir() if c.is_dir())
+    candidates = [p] + [p / s for s in prefer]
     for d in candidates:
         for name in ("last.pt", "last.prev.pt"):
             f = d / "checkpoints" / name
             if f.is_file():
                 return f
-    raise CheckpointError(f"no checkpoint (checkpoints/last.pt) under {p}")
+    where = " or ".join(f"{s}/checkpoints/last.pt" for s in ("", *prefer)).replace("/checkpoints", "checkpoints", 1)
+    raise CheckpointError(f"no checkpoint ({where}) under {p}")
 
 
 def run_dir_of(ckpt_path: str | Path) -> Path:

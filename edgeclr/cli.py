@@ -313,7 +313,8 @@ def select_(selection, config_file, **options):
 def eval_(target, config_file, **options):
     """kNN and linear-probe accuracy of TARGET's embeddings, with random-init and raw-pixel baselines.
 
-    TARGET is a checkpoint file, a stage folder (runs/NAME/train) or a run folder (runs/NAME).
+    TARGET is a checkpoint file, a stage folder (runs/NAME/train) or a run folder (runs/NAME: its
+    most downstream model; runs/NAME/train for its teacher).
     """
     result = run_stage(api.evaluate, config_file=config_file, target=target, **options)
     if "run" in result:  # --compare

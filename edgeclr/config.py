@@ -232,7 +232,7 @@ class DistillConfig(TrainConfig):
 class EvalConfig:
     """`edgeclr eval`: kNN and linear-probe accuracy of embeddings, with baselines."""
 
-    target: str = opt("", "checkpoint file, stage folder or run folder to evaluate", cli=False)
+    target: str = opt("", "checkpoint file, stage folder or run folder (its most downstream model) to evaluate", cli=False)
     data: str | None = opt(None, "labeled dataset (default: the one the checkpoint was trained on)", path=True)
     baselines: str = opt("random,pixels", "comma list of baselines: random (same spec, random init), pixels; '' for none")
     knn_k: int = opt(20, "kNN neighbours")
@@ -279,7 +279,8 @@ class FinetuneConfig:
     source: str = opt("", "run folder, stage folder or checkpoint whose encoder is fine-tuned", cli=False)
     task: str = opt("classify", "classify (a softmax classifier over the dataset's classes) | segment (DeepLabV3 on --data "
                                 "images labelled by --masks)", ("classify", "segment"))
-    stage: str = opt("teacher", "which encoder of a run folder: teacher | student | pruned", ("teacher", "student", "pruned"))
+    stage: str = opt("teacher", "which encoder of a run folder: teacher | student | pruned | model (its most downstream)",
+                     ("teacher", "student", "pruned", "model"))
     data: str | None = opt(None, "labelled dataset (default: the source's); segment: the images (a folder or files)", path=True)
     masks: str | None = opt(None, "segment: folder of label maps (PNG / TIFF of class ids, 0 = background, 255 = unlabelled) "
                                   "with the images' file stems", path=True)
@@ -461,8 +462,8 @@ class DeployConfig:
     eval_images: int = opt(10000, "labeled bank / query images for the held-out accuracy (at most)")
     min_overlap: float = opt(0.5, "unlabeled data: the budget is a top-10 neighbour overlap with the teacher of at least this")
     search_minutes: float = opt(0.0, "stop building new candidates after this many minutes (those built are measured); 0 = no limit")
-    rounds: int = opt(5, "interleaved timing rounds over all candidates")
-    runs: int = opt(20, "timed runs per candidate per round")
+    rounds: int = opt(10, "interleaved timing rounds over all candidates (the tie rule compares candidates round by round)")
+    runs: int = opt(10, "timed runs per candidate per round")
     warmup: float = opt(0.5, "warm-up seconds per candidate")
     seed: int = opt(0, "seed of the held-out sample and the calibration images")
 

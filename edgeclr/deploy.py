@@ -35,7 +35,7 @@ import torch
 
 from edgeclr import checkpoint, config, export, faults
 from edgeclr.bench import Config as BenchRun
-from edgeclr.bench import machine, run_bench
+from edgeclr.bench import machine, ratio_interval, run_bench
 from edgeclr.compress import Scorecard, int8_scope, quantize_one, runtime_embed
 from edgeclr.compress.prune import level_checkpoint
 from edgeclr.compress.quantize import calibration_inputs
@@ -302,7 +302,8 @@ def candidate_row(c: Candidate, scores: dict, bench_row: dict, teacher: dict) ->
            "description": c.describe(), **scores,
            "p50_ms": bench_row["p50_ms"], "p90_ms": bench_row["p90_ms"], "images_per_s": bench_row["images_per_s"],
            "peak_rss_mb": bench_row.get("peak_rss_mb"), "model_rss_mb": bench_row.get("model_rss_mb"),
-           "size_bytes": bench_row["size_bytes"], "macs": bench_row.get("macs"), "precision_ran": bench_row.get("precision_ran")}
+           "size_bytes": bench_row["size_bytes"], "macs": bench_row.get("macs"), "precision_ran": bench_row.get("precision_ran"),
+           "round_p50_ms": bench_row.get("round_p50_ms")}
     if "knn_top1" in teacher:
         row["drop"] = teacher["knn_top1"] - row["knn_top1"]
     return row
@@ -317,8 +318,12 @@ def within_budget(row: dict, rule: dict) -> bool:
 def choose(rows: list[dict], rule: dict) -> dict | None:
     """Mark every row with `status` and `reason`, the Pareto front with `pareto`; returns the winner.
 
-    rule: {max_drop, min_overlap, max_latency_ms or None}. Fastest within the budget, ties to the
-    more accurate; with max_latency_ms, the most accurate under it, ties to the faster."""
+    rule: {max_drop, min_overlap, max_latency_ms or None}. Without a latency limit: among the
+    candidates within the budget, those whose latency is not separable from the fastest one's (the
+    bootstrap interval of their per-round ratio contains 1: `tied_with_fastest`) are tied, and the
+    most accurate of them ships, then the smaller; a choice that does not flip with timing noise.
+    Rows timed elsewhere without rounds (`edgeclr select --bench`) tie only when equal. With
+    max_latency_ms: the most accurate under it, ties to the faster."""
     acc = "knn_top1" if any("knn_top1" in r for r in rows) else "topk_overlap"
     for r in rows:
         r["pareto"] = not any(o is not r and o["p50_ms"] <= r["p50_ms"] and o[acc] >= r[acc]
@@ -329,18 +334,38 @@ def choose(rows: list[dict], rule: dict) -> dict | None:
         win = max(ok, key=lambda r: (r[acc], -r["p50_ms"])) if ok else None
     else:
         ok = [r for r in rows if within_budget(r, rule)]
-        win = min(ok, key=lambda r: (r["p50_ms"], -r[acc])) if ok else None
+        win = None
+        if ok:
+            fastest = min(ok, key=lambda r: (r["p50_ms"], -r[acc]))
+            for r in ok:
+                r["tied_with_fastest"] = _tied(r, fastest)
+            win = max((r for r in ok if r["tied_with_fastest"]), key=lambda r: (r[acc], -r["size_bytes"], -r["p50_ms"]))
     for r in rows:
         r["status"], r["reason"] = _verdict(r, win, ok, rule, acc)
     return win
 
 
+def _tied(r: dict, fastest: dict) -> bool:
+    """Whether r's latency is within noise of the fastest's; records the ratio and its interval."""
+    if r is fastest:
+        return True
+    a, b = r.get("round_p50_ms"), fastest.get("round_p50_ms")
+    if not a or not b or len(a) != len(b) or len(a) < 3:
+        return r["p50_ms"] <= fastest["p50_ms"]
+    ratio, lo, hi = ratio_interval(a, b)
+    r["vs_fastest"] = {"ratio": ratio, "low": lo, "high": hi, "fastest": fastest["name"]}
+    return lo <= 1.0
+
+
 def _verdict(r: dict, win: dict | None, ok: list[dict], rule: dict, acc: str) -> tuple[str, str]:
     unit = "points" if acc == "knn_top1" else ""
+    tied = [o for o in ok if o.get("tied_with_fastest")]
     if r is win:
-        how = (f"the most accurate under {rule['max_latency_ms']} ms" if rule.get("max_latency_ms")
-               else "the fastest within the budget")
-        return "selected", how
+        if rule.get("max_latency_ms"):
+            return "selected", f"the most accurate under {rule['max_latency_ms']} ms"
+        if len(tied) > 1:
+            return "selected", f"the most accurate of the {len(tied)} candidates tied within noise with the fastest"
+        return "selected", "the fastest within the budget"
     lim = rule.get("max_latency_ms")
     if lim and r["p50_ms"] > lim:
         return "over latency", f"p50 {r['p50_ms']:.3f} ms > --max-latency-ms {lim}"
@@ -352,7 +377,16 @@ def _verdict(r: dict, win: dict | None, ok: list[dict], rule: dict, acc: str) ->
         return "rejected", "no candidate qualifies"
     if lim:
         return "less accurate", f"{r[acc]:.2f} against the selected {win[acc]:.2f}"
-    return "slower", f"{r['p50_ms']:.3f} ms, {r['p50_ms'] / win['p50_ms']:.2f}x the selected model's {win['p50_ms']:.3f} ms"
+    v = r.get("vs_fastest")
+    ci = f" (against the fastest: {v['ratio']:.2f}x, 95% interval {v['low']:.2f}-{v['high']:.2f})" if v else ""
+    if r.get("tied_with_fastest"):
+        why = "less accurate" if r[acc] < win[acc] else "larger"
+        if v is None and win.get("vs_fastest"):  # r is the fastest: the selected model's interval against it
+            w = win["vs_fastest"]
+            return "tied", (f"the fastest, but the selected model is within noise of it ({w['ratio']:.2f}x, 95% interval "
+                            f"{w['low']:.2f}-{w['high']:.2f}); {why} than the selected model")
+        return "tied", f"tied within noise with the fastest{ci}; {why} than the selected model"
+    return "slower", f"{r['p50_ms']:.3f} ms, {r['p50_ms'] / win['p50_ms']:.2f}x the selected model's {win['p50_ms']:.3f} ms{ci}"
 
 
 def speed_phrase(ratio: float) -> str:
@@ -377,6 +411,8 @@ def summary(win: dict, rows: list[dict], labeled: bool, latency_source: str) -> 
     if t is not None and t is not win:
         msg += (f", {speed_phrase(t['p50_ms'] / win['p50_ms'])} the teacher's own {win['runtime']} export ({t['p50_ms']:.3f} ms, "
                 f"{t['size_bytes'] / 1e6:.2f} MB)")
+    elif t is win and any(r.get("tied_with_fastest") and r is not win for r in rows):
+        msg += "; the students within the budget were not measurably faster than the teacher's own export (tied within noise)"
     elif t is win:
         msg += "; no student candidate was both within the budget and faster than exporting the teacher"
     return msg + f" [{latency_source}]"
@@ -411,11 +447,10 @@ def write_selection(out: Path, sel: dict) -> None:
     if win is None:
         return
     model = f"model{Path(win['path']).suffix}"
-    extra = "openvino" if win["runtime"] == "openvino" else "runtime"
     (out / "README.md").write_text(
         f"# Deployed model\n\n`{model}`: {sel['summary']}\n\n"
         f"Chosen by `{sel['rule_text']}` among {len(sel['candidates'])} candidates (selection.json, selection.md).\n\n"
-        f"Run it on the device (no torch): `pip install 'edgeclr[{extra}]'`, then\n"
+        f"Run it on the device (no torch): `{format_of(model).install}`, then\n"
         f"`edgeclr embed IMAGES --model {model} --out emb.npy --threads {sel['threads']}` and `edgeclr search`.\n")
 
 

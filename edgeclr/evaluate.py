@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from edgeclr import checkpoint, finetune
+from edgeclr.bench import latencies
 from edgeclr.engine import resolve_device
 from edgeclr.errors import CheckpointError, DataError
 from edgeclr.finetune import linear_probe
@@ -28,7 +29,7 @@ from edgeclr.lock import hold
 from edgeclr.models import count_macs, count_params, create_model
 from edgeclr.report import compare_table, eval_table, label_efficiency_chart, label_efficiency_table
 from edgeclr.rundir import MetricsLog, exported_files, write_atomic, write_json_atomic
-from edgeclr.runtime import Embedder, Preprocess, median_latency_ms
+from edgeclr.runtime import Embedder, Preprocess
 
 log = logging.getLogger("edgeclr.evaluate")
 
@@ -89,38 +90,45 @@ def run_entries(run_dir: Path) -> list[tuple[str, str, Path]]:
 
 
 def measure_entry(kind: str, path: Path, pp: Preprocess, held: HeldOut, cfg) -> dict | None:
-    """Embeddings, size, MACs and 1-thread batch-1 latency of one entry; None when its preprocessing
-    differs from the teacher's (another input size: not comparable on the same images)."""
-    x1 = held.query_x[:1].numpy()
+    """Embeddings, size, MACs and runtime of one entry; None when its preprocessing differs from the
+    teacher's (another input size: not comparable on the same images)."""
     if kind == "torch":
         model, ck, _ = load_encoder(path, "cpu")
         if Preprocess.from_dict(ck["preprocess"]).input_size != pp.input_size:
             return None
         params = count_params(model)
-        out = {"macs": count_macs(model, (pp.channels, pp.input_size, pp.input_size)), "params": params, "size_bytes": params * 4}
-
-        def one(x, m=model):
-            with torch.inference_mode():
-                return m.embed(torch.from_numpy(x))
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        out["latency_ms_1thread"] = median_latency_ms(one, x1, cfg.latency_runs)
-        torch.set_num_threads(threads)
+        out = {"macs": count_macs(model, (pp.channels, pp.input_size, pp.input_size)), "params": params, "size_bytes": params * 4,
+               "runtime": "torch", "source_stage": ck["stage"]}
         out["features"] = held.features(model.embed, cfg.batch_size)
         return out
     emb = Embedder.load(path, threads=0, precision="f32")
     if emb.meta.preprocess != pp:
         log.info("skipping %s: its preprocessing differs from the teacher's", path)
         return None
-    out = {"macs": emb.meta.macs, "params": emb.meta.params, "size_bytes": format_of(path).size_bytes(path)}
+    out = {"macs": emb.meta.macs, "params": emb.meta.params, "size_bytes": format_of(path).size_bytes(path),
+           "runtime": format_of(path).name, "source_stage": emb.meta.source_stage, "precision": emb.meta.precision}
     out["features"] = held.features(lambda x: torch.from_numpy(emb.embed_arrays(x.numpy(), cfg.batch_size)), cfg.batch_size)
-    one_emb = Embedder.load(path, threads=1, precision="f32")
-    out["latency_ms_1thread"] = median_latency_ms(lambda x, e=one_emb: e.embed_arrays(x, 1), x1, cfg.latency_runs)
     return out
 
 
+def add_latency(rows: list[dict], runs: int) -> None:
+    """Every row's 1-thread batch-1 latency, from one interleaved measurement of all of them
+    (bench.latencies), and its speed-up over the teacher in the same runtime: the teacher's own
+    export for a file (`edgeclr export`), the teacher in torch eager for a checkpoint, or the
+    teacher in torch eager when the run has no export of it in that runtime."""
+    ms = latencies({r["model"]: r["path"] for r in rows}, threads=1, batch=1, runs=runs)
+    for r in rows:
+        r["latency_ms_1thread"] = ms[r["model"]]
+    teacher = rows[0]
+    for r in rows:
+        ref = next((t for t in rows if t["runtime"] == r["runtime"] and t["source_stage"] == "train"
+                    and t.get("precision", "fp32") == "fp32"), teacher)
+        r["speedup_vs_teacher"] = ref["latency_ms_1thread"] / r["latency_ms_1thread"]
+        r["speedup_reference"] = ref["model"]
+
+
 def compare_row(name: str, kind: str, path: Path, m: dict, held: HeldOut, cfg, ref: dict | None) -> dict:
-    """One row of the retention table: accuracy, agreement with the teacher (`ref`), size, speed."""
+    """One row of the retention table: accuracy, agreement with the teacher (`ref`), size (speed: add_latency)."""
     f_tr, f_te = m.pop("features")
     scores = held.score_features(f_tr, f_te)
     row = {"model": name, "kind": kind, "path": str(path), "knn_top1": scores["knn_top1"],
@@ -130,15 +138,14 @@ def compare_row(name: str, kind: str, path: Path, m: dict, held: HeldOut, cfg, r
         row["knn_agreement_with_teacher"] = float((scores["_pred"] == ref["_pred"]).float().mean())
         row.update({f"{k}_with_teacher": v for k, v in agreement(f_te[:2000], ref["_f_te"][:2000]).items()})
         row["retention"] = row["knn_top1"] / ref["knn_top1"]
-    row["speedup_vs_teacher"] = (ref or row)["latency_ms_1thread"] / row["latency_ms_1thread"]
     return row
 
 
 def compare_main(cfg) -> dict:
     """`edgeclr eval --compare RUN`: every stage and exported artifact of a run on the same held-out
     images: kNN and linear-probe accuracy, agreement with the teacher (kNN predictions, top-10
-    neighbours, cosine), size, MACs, 1-thread batch-1 latency and speed-up vs the teacher (torch
-    eager for checkpoints, edgeclr.runtime for exported files)."""
+    neighbours, cosine), size, MACs, 1-thread batch-1 latency and speed-up vs the teacher in the
+    same runtime (add_latency)."""
     t0 = time.time()
     run_dir = Path(cfg.target)
     entries = run_entries(run_dir)
@@ -160,7 +167,9 @@ def _compare(cfg, run_dir: Path, entries: list, t0: float) -> dict:
         row = compare_row(name, kind, path, m, held, cfg, ref)
         ref = ref or row
         rows.append(row)
-        log.info("%s: kNN %.2f%%, %.3f ms", name, row["knn_top1"], row["latency_ms_1thread"])
+    add_latency(rows, cfg.latency_runs)
+    for row in rows:
+        log.info("%s: kNN %.2f%%, %.3f ms", row["model"], row["knn_top1"], row["latency_ms_1thread"])
     rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     result = {"run": str(run_dir), "data": data_spec, "train_images": len(held.bank_y), "test_images": len(held.query_y),
               "rows": rows, "wall_time_s": round(time.time() - t0, 1)}

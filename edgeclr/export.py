@@ -37,21 +37,15 @@ from edgeclr.lock import hold
 from edgeclr.models import count_macs, count_params
 from edgeclr.rundir import make_writable_dir, read_manifest, write_json_atomic, write_manifest
 from edgeclr.runtime import ModelMeta, Preprocess, open_model
-from edgeclr.stages import MODEL_STAGES
 
 log = logging.getLogger("edgeclr.export")
 
 
 
-def newest_checkpoint(target: str | Path) -> Path:
-    """A checkpoint file, a stage folder's, or a run folder's most downstream stage's (compress, then distill, then train)."""
-    return checkpoint.find(target, tuple(reversed(MODEL_STAGES)))
-
-
 def load_model(target: str | Path) -> tuple[nn.Module, dict, Path]:
     """(encoder in eval mode on CPU, checkpoint, path) from any stage's checkpoint or a run folder
     (whose most downstream stage is taken)."""
-    return load_encoder(newest_checkpoint(target), "cpu")
+    return load_encoder(target, "cpu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,8 +126,7 @@ def main(cfg: config.ExportConfig) -> dict:
     fmt = EXPORT_FORMATS[cfg.format]
     missing = [m for m in fmt.needs if not _importable(m)]
     if missing:
-        extra = "openvino" if "openvino" in missing else "runtime"
-        raise config.ConfigError(f"--format {fmt.name} needs {', '.join(missing)}: pip install 'edgeclr[{extra}]'")
+        raise config.ConfigError(f"--format {fmt.name} needs {', '.join(missing)}: pip install 'edgeclr[train,{fmt.extra}]'")
     if cfg.opset < 13 or cfg.opset > 17:
         raise config.ConfigError(f"--opset {cfg.opset}: the ONNX exporter used here writes opsets 13 to 17")
     encoder, ckpt, ckpt_path = load_model(cfg.target)

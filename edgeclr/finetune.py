@@ -43,9 +43,9 @@ import edgeclr
 from edgeclr import checkpoint, config, data, faults, tasks
 from edgeclr.augment import SimCLRAugment, get_preset, hed_jitter, preset_for, view_generator
 from edgeclr.engine import build_scheduler, exit_for_signal, prepare_stage_dir, resolve_device, set_layout
-from edgeclr.errors import ConfigError, DataError, NonFiniteLoss
+from edgeclr.errors import CheckpointError, ConfigError, DataError, NonFiniteLoss
 from edgeclr.heldout import batchnorms, eval_inputs
-from edgeclr.loading import load_encoder, open_like_run
+from edgeclr.loading import find_checkpoint, load_encoder, open_like_run
 from edgeclr.lock import hold
 from edgeclr.models import ClassifierNet, Encoder, SegmenterNet, create_model
 from edgeclr.rundir import MetricsLog, write_json_atomic, write_manifest
@@ -55,7 +55,6 @@ log = logging.getLogger("edgeclr.finetune")
 
 VAL_FROM = 20  # labelled images per class from which a validation split is held out
 BN_FROZEN_BELOW = 2000  # --bn auto: labelled training images under which BatchNorm statistics stay frozen
-SOURCE_STAGES = {"teacher": "train", "student": "distill", "pruned": "compress"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,17 +391,12 @@ def label_efficiency(encoder: Encoder, sck: dict, pp: Preprocess, held, feats: d
 
 
 def source_checkpoint(cfg) -> Path:
-    """The encoder to start from: a checkpoint file, or a run / stage folder's --stage checkpoint."""
-    p = Path(cfg.source)
-    if p.is_file():
-        return p
-    stage = SOURCE_STAGES[cfg.stage]
-    if (p / stage / "checkpoints").is_dir():
-        return checkpoint.find(p / stage)
-    if (p / "checkpoints").is_dir():
-        return checkpoint.find(p)
-    raise checkpoint.CheckpointError(f"{p} holds no {cfg.stage} checkpoint ({stage}/checkpoints/last.pt): give a run folder "
-                                     "with that stage, a stage folder, or a checkpoint file (--stage teacher|student|pruned)")
+    """The encoder to start from: a checkpoint file, a stage folder's, or a run folder's --stage
+    checkpoint (loading.find_checkpoint's rule, with --stage as the role)."""
+    try:
+        return find_checkpoint(cfg.source, None if cfg.stage == "model" else cfg.stage)  # a role of loading.ROLES
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (--stage teacher|student|pruned|model picks a run folder's encoder)") from None
 
 
 def labeled_splits(data_spec: str, pp: Preprocess, run_cfg: dict, seed: int):

@@ -1,5 +1,6 @@
 """The one model loader, and opening a dataset the way a checkpoint's run opened it.
 
+    find_checkpoint(target, role=None) -> the checkpoint a file, stage folder or run folder means (ROLES)
     load_encoder(target, role="teacher")  -> (Encoder in eval mode, checkpoint dict, path)
     open_like_run(data, split, base_size, run_cfg) -> Dataset
     load_data(train_cfg) -> (pretraining Dataset, Preprocess)
@@ -20,14 +21,37 @@ from edgeclr.rundir import read_manifest
 from edgeclr.runtime import Preprocess
 from edgeclr.stages import MODEL_STAGES
 
-# role -> (stages a run folder is searched for, stages accepted, what to say when another stage's checkpoint is given)
+# The one rule for which checkpoint a target means. A checkpoint file is itself and a stage folder
+# (runs/NAME/train) its own checkpoint; a run folder (runs/NAME) means the stage its role names:
+# role -> (stages searched in a run folder, in order; stages accepted, None for any; what to say when another stage's is given)
+# None is every command without a role (eval, export, bench, finetune --stage model): the run's most
+# downstream model, the one it would deploy.
 ROLES: dict[str | None, tuple] = {
-    None: ("train", None, ""),
-    "teacher": ("train", ("train",), "not a SimCLR teacher: pass the checkpoint or run folder written by `edgeclr train` "
-                                     "(runs/NAME/train)"),
+    None: (tuple(reversed(MODEL_STAGES)), None, ""),
+    "teacher": (("train",), ("train",), "not a SimCLR teacher: pass the checkpoint or run folder written by `edgeclr train` "
+                                        "(runs/NAME/train)"),
     "student": (("distill", "compress"), ("distill", "compress"),
                 "compress takes a distilled student (`edgeclr distill`), e.g. runs/NAME or runs/NAME/distill"),
+    "pruned": (("compress",), ("compress",), "not a pruned student: pass the run folder or checkpoint written by `edgeclr compress`"),
 }
+
+
+def find_checkpoint(target: str | Path, role: str | None = None) -> Path:
+    """The checkpoint `target` means for `role` (see ROLES): the file itself, a stage folder's
+    checkpoint, or a run folder's checkpoint of the first stage its role searches.
+
+    Raises:
+        CheckpointError: the target does not exist, or holds no checkpoint that the role takes.
+    """
+    stages = ROLES[role][0]
+    p = Path(target)
+    if p.is_dir() and not (p / "checkpoints").is_dir() and not any((p / s / "checkpoints").is_dir() for s in stages):
+        found = [s for s in MODEL_STAGES if (p / s / "checkpoints").is_dir()]
+        what = role or "model"
+        raise CheckpointError(f"{p} holds no {what} checkpoint ({' or '.join(s + '/checkpoints/last.pt' for s in stages)})"
+                              + (f"; it holds {', '.join(found)}" if found else "")
+                              + ": give a run folder with that stage, a stage folder or a checkpoint file")
+    return checkpoint.find(p, stages)
 
 
 def load_encoder(target: str | Path, device="cpu", role: str | None = None) -> tuple[Encoder, dict, Path]:
@@ -35,14 +59,15 @@ def load_encoder(target: str | Path, device="cpu", role: str | None = None) -> t
 
     role "teacher": a frozen `edgeclr train` checkpoint (a run folder gives its train stage);
     role "student": a distilled (or compressed) student (a run folder gives its distilled one, also
-    once it holds a compressed one); None: any stage (a run folder gives its teacher).
+    once it holds a compressed one); "pruned": a compressed student; None: any stage (a run folder
+    gives its most downstream model). `find_checkpoint` is the rule.
 
     Raises:
         CheckpointError: not found, truncated, a checkpoint of another stage than the role takes,
             or a model spec / pruning plan / weights that do not fit together.
     """
-    prefer, accepted, hint = ROLES[role]
-    path = checkpoint.find(target, prefer)
+    _, accepted, hint = ROLES[role]
+    path = find_checkpoint(target, role)
     ckpt = checkpoint.load(path)
     flag = f"--{role} " if role == "teacher" else ""
     if accepted and ckpt["stage"] not in accepted:

@@ -18,6 +18,7 @@ import platform
 import re
 from pathlib import Path
 
+from edgeclr.formats import format_of
 from edgeclr.rundir import read_manifest, read_metrics
 
 _CSS = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -198,12 +199,12 @@ def label_efficiency_chart(le: dict) -> bytes:
 def compare_table(rows: list[dict]) -> str:
     """`edgeclr eval --compare`: the retention table of every stage and artifact of a run."""
     header = ["model", "kNN %", "linear %", "retention", "kNN agreement", "top-10 overlap", "size MB", "MMACs", "ms (1 thread)",
-              "speed-up"]
+              "speed-up", "vs"]
     return markdown_table(header, [[
         r["model"], _fmt(r["knn_top1"]), _fmt(r["linear_top1"]), _fmt(r.get("retention"), "{:.3f}"),
         _fmt(r.get("knn_agreement_with_teacher"), "{:.3f}"), _fmt(r.get("topk_overlap_with_teacher"), "{:.3f}"),
         f"{r['size_bytes'] / 1e6:.2f}", _fmt(r["macs"] and r["macs"] / 1e6, "{:.1f}"), f"{r['latency_ms_1thread']:.3f}",
-        f"{r['speedup_vs_teacher']:.2f}x"] for r in rows])
+        f"{r['speedup_vs_teacher']:.2f}x", r.get("speedup_reference", "teacher")] for r in rows])
 
 
 _COMPRESS_COLS = [("knn_top1", "kNN top-1 %", "{:.2f}"), ("retention", "retention", "{:.3f}"),
@@ -331,7 +332,8 @@ def _retention_section(rows: list[dict]) -> list[tuple]:
     blocks = [("h", 2, "Retention across stages"),
               ("p", "Every stage and exported artifact on the same held-out images; retention = kNN accuracy / the "
                     "teacher's; agreement columns compare with the teacher's predictions and neighbours; latency at 1 "
-                    "thread, batch 1; speed-up against the teacher in torch eager."),
+                    "thread, batch 1, every row timed in one interleaved measurement; speed-up against the teacher in the "
+                    "same runtime (column vs: its own export for a file, torch eager for a checkpoint)."),
               ("table", compare_table(rows))]
     png = _speed_chart(rows)
     return blocks + ([("img", "latency_size.png", png, "Latency and size of every artifact")] if png else [])
@@ -390,7 +392,7 @@ def _deployment_section(out: Path, sel: dict | None) -> list[tuple]:
     win = sel.get("winner")
     if win:
         model = f"model{Path(win['path']).suffix}"
-        blocks.append(("p", f"On the device (no torch): `pip install 'edgeclr[runtime]'`, then `edgeclr embed images/ --model "
+        blocks.append(("p", f"On the device (no torch): `{format_of(model).install}`, then `edgeclr embed images/ --model "
                             f"{out / 'deploy' / model} --out emb.npy` and `edgeclr search`."))
     return blocks
 

@@ -54,7 +54,9 @@ def test_foreign_and_pickled_files_are_refused(tmp_path):
 def test_find_run_stage_and_file(tmp_path):
     p = tmp_path / "run" / "train" / "checkpoints" / "last.pt"
     checkpoint.save(ckpt(), p)
-    assert checkpoint.find(tmp_path / "run") == p
+    assert checkpoint.find(tmp_path / "run", ("distill", "train")) == p
+    with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint \(checkpoints/last.pt or distill/checkpoints"):
+        checkpoint.find(tmp_path / "run", "distill")  # only the stages asked for: no guessing among sub-folders
     assert checkpoint.find(tmp_path / "run" / "train") == p
     assert checkpoint.find(p) == p
     with pytest.raises(checkpoint.CheckpointError, match="does not exist"):

@@ -7,7 +7,7 @@ import os
 import pytest
 from helpers import TINY, run
 
-from edgeclr import config, deploy
+from edgeclr import bench, config, deploy
 from edgeclr.errors import ConfigError
 from edgeclr.runtime import Embedder
 
@@ -207,3 +207,40 @@ def test_deploy_killed_while_building_candidates_finishes_on_a_rerun(tiny_run, t
     assert not list(out.rglob("*.partial*"))
     for c in sel["candidates"]:  # every file, IR and its .bin, whole: it loads and runs
         Embedder.load(out / "candidates" / c["name"])
+
+
+def timed(rs, rounds):
+    for r, p50s in zip(rs, rounds):
+        r["round_p50_ms"] = p50s
+    return rs
+
+
+def test_candidates_tied_within_noise_ship_the_most_accurate_and_the_choice_does_not_flip():
+    rule = {"max_drop": 1.5, "min_overlap": 0.5, "max_latency_ms": None}
+    noisy = [0.100, 0.104, 0.097, 0.103, 0.099]  # the two INT8 models' rounds interleave: neither is separably faster
+    for swap in (False, True):  # whichever is a hair faster in this run's medians, the same one ships
+        a, b = (noisy, [x * 1.01 for x in noisy[::-1]]) if not swap else ([x * 1.01 for x in noisy[::-1]], noisy)
+        rs = timed(rows(("teacher/fp32.onnx", 90.0, 0.40), ("pruned/int8.onnx", 88.9, 0.0995 if swap else 0.0990),
+                        ("student/int8.onnx", 89.6, 0.0990 if swap else 0.0995), ("pruned/fp32.onnx", 89.0, 0.16)),
+                   [[0.40] * 5, a, b, [0.16, 0.161, 0.159, 0.162, 0.158]])
+        win = deploy.choose(rs, rule)
+        assert win["name"] == "student/int8.onnx" and "most accurate of the 2 candidates tied within noise" in win["reason"]
+        other = rs[1]
+        assert other["status"] == "tied" and "less accurate" in other["reason"] and "95% interval" in other["reason"]
+        assert rs[3]["status"] == "slower" and rs[3]["vs_fastest"]["low"] > 1.4  # separable: not tied
+    assert bench.ratio_interval([2.0] * 5, [1.0] * 5) == (2.0, 2.0, 2.0)
+
+
+def test_without_rounds_a_board_bench_ties_only_equal_latencies():
+    rs = rows(("teacher/fp32.onnx", 90.0, 0.40), ("pruned/int8.onnx", 89.0, 0.10), ("student/int8.onnx", 89.6, 0.11))
+    win = deploy.choose(rs, {"max_drop": 1.5, "min_overlap": 0.5, "max_latency_ms": None})
+    assert win["name"] == "pruned/int8.onnx" and win["reason"] == "the fastest within the budget"
+    assert rs[2]["status"] == "slower"
+
+
+def test_a_student_tied_with_the_teachers_export_is_not_called_faster():
+    rs = timed(rows(("teacher/fp32.onnx", 90.0, 0.100), ("student/int8.onnx", 89.6, 0.099)),
+               [[0.100, 0.098, 0.103, 0.099, 0.101], [0.101, 0.097, 0.102, 0.098, 0.099]])
+    win = deploy.choose(rs, {"max_drop": 1.5, "min_overlap": 0.5, "max_latency_ms": None})
+    assert win["name"] == "teacher/fp32.onnx"
+    assert "not measurably faster than the teacher's own export (tied within noise)" in deploy.summary(win, rs, True, "here")

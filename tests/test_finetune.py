@@ -212,7 +212,7 @@ def test_a_nan_loss_stops_with_a_clear_error_and_no_poisoned_checkpoint(digits_r
 
 def test_bad_sources_and_data_are_refused_before_training(digits_run, tmp_path):
     r = run(["finetune", str(tmp_path / "nowhere"), *FT], ok=False)
-    assert r.exit_code == 2 and "holds no teacher checkpoint" in r.output
+    assert r.exit_code == 2 and "nowhere does not exist" in r.output
     r = run(["finetune", str(digits_run), *FT, "--stage", "student"], ok=False)
     assert r.exit_code == 2 and "holds no student checkpoint" in r.output
     r = run(["finetune", str(digits_run), *FT, "--labels-per-class", "500", "--out", str(tmp_path / "x")], ok=False)

@@ -24,3 +24,13 @@ def test_every_writer_exists():
     from edgeclr import export
 
     assert set(export.WRITERS) == set(EXPORT_FORMATS) and all(map(callable, export.WRITERS.values()))
+
+
+def test_every_format_names_an_install_extra_that_exists():
+    import tomllib
+    from pathlib import Path
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for f in EXPORT_FORMATS.values():
+        assert f.extra in extras and f.install == f"pip install 'edgeclr[{f.extra}]'"
+    assert format_of("deploy/model.xml").install.endswith("[openvino]'")  # the report and deploy's README say this one

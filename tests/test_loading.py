@@ -6,7 +6,7 @@ from helpers import make_checkpoint
 
 from edgeclr import checkpoint
 from edgeclr.errors import CheckpointError
-from edgeclr.loading import load_encoder
+from edgeclr.loading import find_checkpoint, load_encoder
 
 
 def test_a_teacher_is_frozen_and_in_eval_mode(tmp_path):
@@ -40,3 +40,23 @@ def test_a_truncated_checkpoint_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError):
         load_encoder(tmp_path / "cut.pt", "cpu")
     assert torch.get_num_threads() >= 1
+
+
+def test_one_rule_says_which_checkpoint_a_run_folder_means(tmp_path):
+    run = tmp_path / "run"
+    t = make_checkpoint(run / "train" / "checkpoints" / "last.pt", "resnet18", width=8)
+    s = make_checkpoint(run / "distill" / "checkpoints" / "last.pt", "mobilenet_v3_small", stage="distill")
+    make_checkpoint(run / "finetune" / "checkpoints" / "last.pt", "resnet18", width=8)  # not a stage of the chain
+    assert find_checkpoint(run) == s  # no role: the most downstream model, for eval, export, bench alike
+    assert find_checkpoint(run, "teacher") == t and find_checkpoint(run, "student") == s
+    assert find_checkpoint(run / "train") == t and find_checkpoint(t, "student") == t  # a file or stage folder is itself
+    from edgeclr import export
+
+    assert export.load_model(run)[2] == load_encoder(run)[2] == s
+    with pytest.raises(CheckpointError, match=r"holds no pruned checkpoint \(compress/checkpoints/last.pt\); it holds "
+                                              r"train, distill: give a run folder"):
+        find_checkpoint(run, "pruned")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        find_checkpoint(tmp_path / "nowhere")
+    (run / "distill" / "checkpoints" / "last.pt").unlink()
+    assert find_checkpoint(run) == t  # a run folder whose student is gone means its teacher

@@ -16,7 +16,7 @@ def test_compare_table_leaves_missing_and_nan_cells_empty():
     row = {"model": "m", "knn_top1": 90.0, "linear_top1": None, "retention": float("nan"), "size_bytes": 2e6, "macs": None,
            "latency_ms_1thread": 0.5, "speedup_vs_teacher": 2.0}
     line = compare_table([row]).splitlines()[2]
-    assert line == "| m | 90.00 |  |  |  |  | 2.00 |  | 0.500 | 2.00x |"
+    assert line == "| m | 90.00 |  |  |  |  | 2.00 |  | 0.500 | 2.00x | teacher |"
 
 
 def test_bench_table_names_the_machine_first():

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from edgeclr import checkpoint, config, export
+from edgeclr.bench import latencies
 from edgeclr.compress.prune import WORK, count_macs, prune_and_recover, prune_step, ratio_for_macs
 from edgeclr.compress.quantize import calibration_inputs, float_scope, quantize_onnx, quantize_openvino
 from edgeclr.engine import resolve_device
@@ -54,18 +55,12 @@ from edgeclr.lock import hold
 from edgeclr.models import EmbeddingModel, Encoder, example_input, model_from_checkpoint
 from edgeclr.report import compress_table
 from edgeclr.rundir import make_writable_dir, write_json_atomic, write_manifest
-from edgeclr.runtime import Embedder, ModelMeta, Preprocess, median_latency_ms
+from edgeclr.runtime import Embedder, ModelMeta, Preprocess
 
 log = logging.getLogger(__name__)
 # the package's face: the pruning and INT8 steps a script composes (benchmarks/ do)
 __all__ = ["main", "count_macs", "prune_step", "ratio_for_macs", "prune_and_recover", "calibration_inputs", "float_scope",
            "quantize_onnx", "quantize_openvino"]
-
-
-def latency_ms(path: Path, x: np.ndarray, threads: int = 1, runs: int = 50, warmup: int = 5) -> float:
-    """Median latency of one batch-1 inference of an exported model at `threads` (ms)."""
-    emb = Embedder.load(path, threads=threads, precision="f32")
-    return median_latency_ms(lambda a: emb.embed_arrays(a, batch_size=1), x[:1], runs, warmup)
 
 
 def runtime_embed(path: Path):
@@ -255,10 +250,12 @@ def export_and_quantize(cfg, card: Scorecard, model: Encoder, model_ckpt: Path, 
     return artifacts, calib
 
 
-def measure_latency(cfg, report: dict, artifacts: dict[str, dict], x: np.ndarray) -> None:
-    """1-thread batch-1 latency of every artifact, and each INT8 model's speed-up over its own FP32 one."""
+def measure_latency(cfg, report: dict, artifacts: dict[str, dict]) -> None:
+    """1-thread batch-1 latency of every artifact (one interleaved measurement, bench.latencies), and
+    each INT8 model's speed-up over its own FP32 one."""
+    ms = latencies({key: a["path"] for key, a in artifacts.items()}, threads=1, batch=1, runs=cfg.latency_runs)
     for key, a in artifacts.items():
-        a["latency_ms_1thread"] = latency_ms(Path(a["path"]), x, threads=1, runs=cfg.latency_runs)
+        a["latency_ms_1thread"] = ms[key]
         report.setdefault(key, {}).update(bytes=a["bytes"], latency_ms_1thread=a["latency_ms_1thread"])
     for fmt in [f for f in cfg.formats.split(",") if f]:
         if f"{fmt}-int8" in artifacts:
@@ -305,9 +302,7 @@ def _compress(cfg: config.CompressConfig, student: Encoder, sck: dict, spath: Pa
     card = Scorecard.start(cfg, student, sck, pp, data_spec, device)
     model, plan, model_ckpt = prune_or_resume(cfg, card, student, sck, spath, pp, stage_dir, pruned_done, resume_from)
     artifacts, calib = export_and_quantize(cfg, card, model, model_ckpt, pp, data_spec, scfg, stage_dir / "models", calib)
-    x_lat = (calib if calib is not None else card.held.query_x.numpy() if card.held else
-             export.parity_images(data_spec, pp, 2, scfg).numpy())
-    measure_latency(cfg, card.report, artifacts, x_lat)
+    measure_latency(cfg, card.report, artifacts)
     card.add_retention()
     write_results(stage_dir, card, artifacts, model, plan, model_ckpt, spath, sck, pp, data_spec, t0)
     return {"stage_dir": str(stage_dir), "report": card.report, "table": compress_table(card.report), "artifacts": artifacts}

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from edgeclr.errors import ImageError, ModelError
+from edgeclr.formats import EXPORT_FORMATS
 from edgeclr.runtime.images import load_image, to_mode
 from edgeclr.runtime.preprocessing import Preprocess, normalize, preprocess, preprocess_batch
 
@@ -66,7 +67,7 @@ class ModelMeta:
 
 
 class _OnnxBackend:
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, precision: str = "f32"):  # precision: OpenVINO's hint, not onnxruntime's
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -162,6 +163,10 @@ class _OpenVinoBackend:
         return float(self._last.latency)
 
 
+# an export format's runtime (edgeclr.formats) -> the backend that runs its files
+BACKENDS = {"onnxruntime": _OnnxBackend, "openvino": _OpenVinoBackend}
+
+
 def read_sidecar(path: Path) -> dict[str, str]:
     """The model's entry in metadata.json beside it ({file name: metadata}), if any."""
     side = path.with_name("metadata.json")
@@ -204,23 +209,20 @@ def _check_consistent(meta: ModelMeta, in_shape, out_shape, path: Path) -> None:
 
 
 def load_model_file(path: str | Path, threads: int = 0, precision: str = "f32") -> tuple[object, ModelMeta, Path]:
-    """(backend, metadata, path) of an exported edgeclr file: the backend from the suffix (.onnx:
-    onnxruntime, .xml: OpenVINO), the metadata from the file (or metadata.json beside it), checked
-    against the graph."""
+    """(backend, metadata, path) of an exported edgeclr file: the backend from the export-format
+    table (edgeclr.formats: .onnx onnxruntime, .xml OpenVINO), the metadata from the file (or
+    metadata.json beside it), checked against the graph."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
-    suffix = path.suffix.lower()
+    fmt = next((f for f in EXPORT_FORMATS.values() if f.suffix == path.suffix.lower() and f.runtime in BACKENDS), None)
+    if fmt is None:
+        raise ModelError(f"{path}: unknown model format {path.suffix!r}; the runtime reads "
+                         + ", ".join(f"{f.suffix} ({f.runtime})" for f in EXPORT_FORMATS.values() if f.runtime in BACKENDS))
     try:
-        if suffix == ".onnx":
-            backend = _OnnxBackend(path, threads)
-        elif suffix == ".xml":
-            backend = _OpenVinoBackend(path, threads, precision)
-        else:
-            raise ModelError(f"{path}: unknown model format {suffix!r}; the runtime reads .onnx (onnxruntime) and .xml (OpenVINO)")
+        backend = BACKENDS[fmt.runtime](path, threads, precision)
     except ImportError as e:
-        pkg = "onnxruntime" if suffix == ".onnx" else "openvino"
-        raise ModelError(f"{path} needs {pkg}: pip install 'edgeclr[{'runtime' if pkg == 'onnxruntime' else 'openvino'}]'") from e
+        raise ModelError(f"{path} needs {fmt.runtime}: {fmt.install}") from e
     except ModelError:
         raise
     except Exception as e:  # the runtimes raise their own types on corrupt files
