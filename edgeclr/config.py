@@ -157,6 +157,8 @@ class TrainConfig:
 # Distillation defaults for fields that are not taken from the teacher's training config.
 # lr 4e-3: on Fashion-MNIST (benchmarks/results/distill_fashion_mnist/) and digits it beat 2e-3 by 1-3.5 kNN points.
 DISTILL_DEFAULTS: dict[str, Any] = dict(optimizer="adamw", lr=4e-3, weight_decay=1e-4)
+# the teacher's architecture in a data preset, never the student's: a MobileNet student takes no width or last stride
+ARCHITECTURE = ("model", "width", "stem_stride", "last_stride", "input_size")
 # Taken from the teacher's training config when left at None: same data, schedule and views.
 FROM_TEACHER = ("data", "epochs", "batch_size", "augment", "crop_scale", "jitter", "blur", "tile_size", "tile_stride",
                 "tile_min_foreground")
@@ -211,7 +213,7 @@ class DistillConfig(TrainConfig):
         self.fill(DISTILL_DEFAULTS)
         # a teacher whose config lacks a field (written by hand or by an older edgeclr): the data's preset
         self.fill({k: v for k, v in DATA_PRESETS[data_kind(self.data or teacher_cfg.get("data") or "")].items()
-                   if k not in ("model", "width", "stem_stride", "input_size")})
+                   if k not in ARCHITECTURE})
         resnet = str(self.model).startswith("resnet")
         if self.stem_stride is None:
             self.stem_stride = 1 if self.input_size < 64 else 4 if resnet else 2  # the architecture's

@@ -180,6 +180,10 @@ def test_a_resnet_student_takes_width_and_last_stride_and_a_mobilenet_refuses_th
         assert config.DistillConfig(teacher=str(teacher), model=model).resolve(tck["config"], 224).stem_stride == stem
     with pytest.raises(config.ConfigError, match="shape a ResNet student"):
         config.DistillConfig(teacher=str(teacher), model="mobilenet_v3_small", width=8).resolve(tck["config"], 8)
+    # a teacher whose data preset shapes a ResNet (Fashion-MNIST: width 16, last stride 1) still takes a MobileNet student
+    fm = {k: v for k, v in tck["config"].items() if k not in ("width", "last_stride")} | {"data": "fashion-mnist"}
+    cfg = config.DistillConfig(teacher=str(teacher), model="mobilenet_v3_small", stem_stride=1).resolve(fm, 28)
+    assert (cfg.width, cfg.last_stride, cfg.stem_stride) == (None, None, 1)
 
 
 def test_bn_recalibration_sets_the_clean_image_statistics_and_is_recorded(teacher, tmp_path):

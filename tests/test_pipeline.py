@@ -115,6 +115,10 @@ def test_pipeline_killed_mid_stage_resumes_skips_and_reports(tmp_path):
         assert text in md, text
     for f in re.findall(r"\]\((report_files/[^)]+)\)", md):
         assert (out / f).is_file()
+    # one latency measurement for the retention table; a file's speed-up is against the teacher's export in its runtime
+    cmp = {r["model"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    assert cmp["compress/models/int8.onnx"]["speedup_reference"] == "export/teacher.onnx"
+    assert cmp["student"]["speedup_reference"] == "teacher" and cmp["teacher"]["speedup_vs_teacher"] == 1.0
     shot = _screenshot_script()
     assert shot.check_images(html) == len(imgs)
     if shot.chromium():  # headless Chromium renders it (apt-get install chromium; CI images may lack it)
