@@ -464,6 +464,8 @@ class DeployConfig:
     eval_images: int = opt(10000, "labeled bank / query images for the held-out accuracy (at most)")
     min_overlap: float = opt(0.5, "unlabeled data: the budget is a top-10 neighbour overlap with the teacher of at least this")
     search_minutes: float = opt(0.0, "stop building new candidates after this many minutes (those built are measured); 0 = no limit")
+    tie_margin: float = opt(0.05, "candidates not measurably more than this fraction slower than the fastest (the low end of "
+                                  "the bootstrap interval of their latency ratio) are tied: the most accurate, then the smallest, ships")
     rounds: int = opt(10, "interleaved timing rounds over all candidates (the tie rule compares candidates round by round)")
     runs: int = opt(10, "timed runs per candidate per round")
     warmup: float = opt(0.5, "warm-up seconds per candidate")
@@ -476,6 +478,8 @@ class DeployConfig:
         if self.threads < 1 or self.batch < 1 or self.rounds < 1 or self.runs < 1 or self.warmup < 0:
             raise ConfigError("threads, batch, rounds and runs must be >= 1, warmup >= 0")
         check_calib_images(self.calib_images)
+        if not 0 <= self.tie_margin < 1:
+            raise ConfigError(f"--tie-margin is a fraction in [0, 1), got {self.tie_margin}")
         if not 0 <= self.min_overlap <= 1 or self.search_minutes < 0 or self.eval_images < 10:
             raise ConfigError("min_overlap is in [0, 1], search_minutes >= 0, eval_images >= 10")
         pi = self.target != "x86"

@@ -318,9 +318,10 @@ def within_budget(row: dict, rule: dict) -> bool:
 def choose(rows: list[dict], rule: dict) -> dict | None:
     """Mark every row with `status` and `reason`, the Pareto front with `pareto`; returns the winner.
 
-    rule: {max_drop, min_overlap, max_latency_ms or None}. Without a latency limit: among the
-    candidates within the budget, those whose latency is not separable from the fastest one's (the
-    bootstrap interval of their per-round ratio contains 1: `tied_with_fastest`) are tied, and the
+    rule: {max_drop, min_overlap, max_latency_ms or None, tie_margin}. Without a latency limit:
+    among the candidates within the budget, those not measurably more than tie_margin slower than
+    the fastest (the low end of the bootstrap interval of their per-round latency ratio is at most
+    1 + tie_margin: `tied_with_fastest`) are tied, and the
     most accurate of them ships, then the smaller; a choice that does not flip with timing noise.
     Rows timed elsewhere without rounds (`edgeclr select --bench`) tie only when equal. With
     max_latency_ms: the most accurate under it, ties to the faster."""
@@ -338,15 +339,17 @@ def choose(rows: list[dict], rule: dict) -> dict | None:
         if ok:
             fastest = min(ok, key=lambda r: (r["p50_ms"], -r[acc]))
             for r in ok:
-                r["tied_with_fastest"] = _tied(r, fastest)
+                r["tied_with_fastest"] = _tied(r, fastest, rule.get("tie_margin", 0.0))
             win = max((r for r in ok if r["tied_with_fastest"]), key=lambda r: (r[acc], -r["size_bytes"], -r["p50_ms"]))
     for r in rows:
         r["status"], r["reason"] = _verdict(r, win, ok, rule, acc)
     return win
 
 
-def _tied(r: dict, fastest: dict) -> bool:
-    """Whether r's latency is within noise of the fastest's; records the ratio and its interval."""
+def _tied(r: dict, fastest: dict, margin: float) -> bool:
+    """Whether r is not measurably more than `margin` slower than the fastest (the low end of the
+    bootstrap interval of its per-round latency ratio is at most 1 + margin); records the ratio
+    and its interval."""
     if r is fastest:
         return True
     a, b = r.get("round_p50_ms"), fastest.get("round_p50_ms")
@@ -354,7 +357,7 @@ def _tied(r: dict, fastest: dict) -> bool:
         return r["p50_ms"] <= fastest["p50_ms"]
     ratio, lo, hi = ratio_interval(a, b)
     r["vs_fastest"] = {"ratio": ratio, "low": lo, "high": hi, "fastest": fastest["name"]}
-    return lo <= 1.0
+    return lo <= 1.0 + margin
 
 
 def _verdict(r: dict, win: dict | None, ok: list[dict], rule: dict, acc: str) -> tuple[str, str]:
@@ -364,7 +367,7 @@ def _verdict(r: dict, win: dict | None, ok: list[dict], rule: dict, acc: str) ->
         if rule.get("max_latency_ms"):
             return "selected", f"the most accurate under {rule['max_latency_ms']} ms"
         if len(tied) > 1:
-            return "selected", f"the most accurate of the {len(tied)} candidates tied within noise with the fastest"
+            return "selected", f"the most accurate of the {len(tied)} candidates tied with the fastest (within noise and --tie-margin)"
         return "selected", "the fastest within the budget"
     lim = rule.get("max_latency_ms")
     if lim and r["p50_ms"] > lim:
@@ -383,9 +386,9 @@ def _verdict(r: dict, win: dict | None, ok: list[dict], rule: dict, acc: str) ->
         why = "less accurate" if r[acc] < win[acc] else "larger"
         if v is None and win.get("vs_fastest"):  # r is the fastest: the selected model's interval against it
             w = win["vs_fastest"]
-            return "tied", (f"the fastest, but the selected model is within noise of it ({w['ratio']:.2f}x, 95% interval "
+            return "tied", (f"the fastest, but the selected model is tied with it ({w['ratio']:.2f}x, 95% interval "
                             f"{w['low']:.2f}-{w['high']:.2f}); {why} than the selected model")
-        return "tied", f"tied within noise with the fastest{ci}; {why} than the selected model"
+        return "tied", f"tied with the fastest (within noise and --tie-margin){ci}; {why} than the selected model"
     return "slower", f"{r['p50_ms']:.3f} ms, {r['p50_ms'] / win['p50_ms']:.2f}x the selected model's {win['p50_ms']:.3f} ms{ci}"
 
 
@@ -488,7 +491,8 @@ def _deploy(cfg: config.DeployConfig, run: Path, out: Path, lv: dict[str, Path],
     source = (f"latency measured on {m['cpu']}" + (f", an x86 proxy for a {cfg.target}" if cfg.target != "x86" else ""))
     sel = {"run": str(run), "target": cfg.target, "threads": cfg.threads, "batch": cfg.batch, "precision": cfg.precision,
            "machine": m, "latency_source": source, "labeled": quality.labeled, "teacher": teacher,
-           "rule": {"max_drop": cfg.max_drop, "min_overlap": cfg.min_overlap, "max_latency_ms": cfg.max_latency_ms},
+           "rule": {"max_drop": cfg.max_drop, "min_overlap": cfg.min_overlap, "max_latency_ms": cfg.max_latency_ms,
+                    "tie_margin": cfg.tie_margin},
            "not_built": builder.skipped, "candidates": rows}
     config.save_yaml(cfg, out / "config.yaml")
     result = decide(out, sel)

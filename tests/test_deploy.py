@@ -224,11 +224,16 @@ def test_candidates_tied_within_noise_ship_the_most_accurate_and_the_choice_does
                         ("student/int8.onnx", 89.6, 0.0990 if swap else 0.0995), ("pruned/fp32.onnx", 89.0, 0.16)),
                    [[0.40] * 5, a, b, [0.16, 0.161, 0.159, 0.162, 0.158]])
         win = deploy.choose(rs, rule)
-        assert win["name"] == "student/int8.onnx" and "most accurate of the 2 candidates tied within noise" in win["reason"]
+        assert win["name"] == "student/int8.onnx" and "most accurate of the 2 candidates tied with the fastest" in win["reason"]
         other = rs[1]
         assert other["status"] == "tied" and "less accurate" in other["reason"] and "95% interval" in other["reason"]
         assert rs[3]["status"] == "slower" and rs[3]["vs_fastest"]["low"] > 1.4  # separable: not tied
     assert bench.ratio_interval([2.0] * 5, [1.0] * 5) == (2.0, 2.0, 2.0)
+    # a margin of practical equivalence: 3% slower in every round is separable, yet tied under --tie-margin 0.05
+    rs = timed(rows(("pruned/int8.onnx", 89.0, 0.100), ("student/int8.onnx", 89.6, 0.103)),
+               [[0.100, 0.101, 0.099, 0.100, 0.102], [0.103, 0.104, 0.102, 0.103, 0.105]])
+    assert deploy.choose(rs, {**rule, "tie_margin": 0.0})["name"] == "pruned/int8.onnx"
+    assert deploy.choose(rs, {**rule, "tie_margin": 0.05})["name"] == "student/int8.onnx"
 
 
 def test_without_rounds_a_board_bench_ties_only_equal_latencies():
