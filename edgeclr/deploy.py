@@ -326,7 +326,9 @@ def choose(rows: list[dict], rule: dict) -> dict | None:
     Rows timed elsewhere without rounds (`edgeclr select --bench`) tie only when equal. With
     max_latency_ms: the most accurate under it, ties to the faster."""
     acc = "knn_top1" if any("knn_top1" in r for r in rows) else "topk_overlap"
-    for r in rows:
+    for r in rows:  # derived here: an earlier choice's ties (a re-ranked selection.json) do not carry over
+        r.pop("tied_with_fastest", None)
+        r.pop("vs_fastest", None)
         r["pareto"] = not any(o is not r and o["p50_ms"] <= r["p50_ms"] and o[acc] >= r[acc]
                               and (o["p50_ms"] < r["p50_ms"] or o[acc] > r[acc]) for o in rows)
     lim = rule.get("max_latency_ms")
@@ -546,7 +548,8 @@ def rerank(cfg: config.SelectConfig) -> dict:
         b = timed.get(r["name"])
         if b is not None:
             rows.append({**r, "p50_ms": b["p50_ms"], "p90_ms": b["p90_ms"], "images_per_s": b["images_per_s"],
-                         "peak_rss_mb": b.get("peak_rss_mb"), "model_rss_mb": b.get("model_rss_mb")})
+                         "peak_rss_mb": b.get("peak_rss_mb"), "model_rss_mb": b.get("model_rss_mb"),
+                         "round_p50_ms": b.get("round_p50_ms")})  # the board's rounds decide its ties, not this machine's
     if not rows:
         raise ConfigError(f"{cfg.bench} times none of the candidates at {threads} thread(s), batch {batch}: run `edgeclr bench "
                           f"{path.parent / 'candidates'} --threads {threads}` on the board (keep the LEVEL/VARIANT file names)")

@@ -44,14 +44,16 @@ def find_checkpoint(target: str | Path, role: str | None = None) -> Path:
         CheckpointError: the target does not exist, or holds no checkpoint that the role takes.
     """
     stages = ROLES[role][0]
-    p = Path(target)
-    if p.is_dir() and not (p / "checkpoints").is_dir() and not any((p / s / "checkpoints").is_dir() for s in stages):
+    try:
+        return checkpoint.find(target, stages)
+    except CheckpointError:
+        p = Path(target)
+        if not p.is_dir():
+            raise
         found = [s for s in MODEL_STAGES if (p / s / "checkpoints").is_dir()]
-        what = role or "model"
-        raise CheckpointError(f"{p} holds no {what} checkpoint ({' or '.join(s + '/checkpoints/last.pt' for s in stages)})"
+        raise CheckpointError(f"{p} holds no {role or 'model'} checkpoint ({' or '.join(s + '/checkpoints/last.pt' for s in stages)})"
                               + (f"; it holds {', '.join(found)}" if found else "")
-                              + ": give a run folder with that stage, a stage folder or a checkpoint file")
-    return checkpoint.find(p, stages)
+                              + ": give a run folder with that stage, a stage folder or a checkpoint file") from None
 
 
 def load_encoder(target: str | Path, device="cpu", role: str | None = None) -> tuple[Encoder, dict, Path]:

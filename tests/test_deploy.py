@@ -249,3 +249,15 @@ def test_a_student_tied_with_the_teachers_export_is_not_called_faster():
     win = deploy.choose(rs, {"max_drop": 1.5, "min_overlap": 0.5, "max_latency_ms": None})
     assert win["name"] == "teacher/fp32.onnx"
     assert "not measurably faster than the teacher's own export (tied within noise)" in deploy.summary(win, rs, True, "here")
+
+
+def test_a_reranked_selection_decides_its_ties_afresh():
+    rule = {"max_drop": 1.5, "min_overlap": 0.5, "max_latency_ms": None, "tie_margin": 0.05}
+    rs = timed(rows(("pruned/int8.onnx", 89.0, 0.100), ("student/int8.onnx", 89.6, 0.101)),
+               [[0.100, 0.101, 0.099, 0.100, 0.102], [0.101, 0.100, 0.100, 0.101, 0.102]])
+    assert deploy.choose(rs, rule)["name"] == "student/int8.onnx" and "vs_fastest" in rs[1]
+    # the board's bench (no rounds): the student is 1.5x slower there, and this machine's interval is not kept
+    rs[1].update(p50_ms=0.150, round_p50_ms=None)
+    rs[0]["round_p50_ms"] = None
+    assert deploy.choose(rs, rule)["name"] == "pruned/int8.onnx"
+    assert "vs_fastest" not in rs[1] and rs[1]["status"] == "slower" and "interval" not in rs[1]["reason"]
