@@ -7,6 +7,7 @@ network as the accuracy baselines when the run evaluated them, and the run's few
     python benchmarks/deploy_selection.py --tag demo-CPU                       # the demo preset, fresh (3-8 min on 2 cores)
     python benchmarks/deploy_selection.py --out runs/fm --tag fashion-mnist-CPU  # an existing run (its deploy stage is run if missing)
     python benchmarks/deploy_selection.py --out runs/fm --also runs/fm-r10 --tag T  # with a second student family
+    python benchmarks/deploy_selection.py --out runs/he --speedup 3 --tag T    # a run made with `edgeclr pipeline --data ...`
 
 Record: benchmarks/results/deploy_selection/<tag or latest>.{md,json}. The checks are issue 23's:
 demo, >= 2x faster than the teacher's export in the same runtime; Fashion-MNIST at 28 px, >= 4x
@@ -25,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import machine, record_path  # noqa: E402
-from edgeclr.report import deploy_table  # noqa: E402
+from edgeclr.report import deploy_table, students_table  # noqa: E402
 
 
 def checks(sel: dict, want_same: float, want_best: float) -> tuple[dict, bool]:
@@ -88,6 +89,10 @@ def main() -> None:
               f"| size on disk against the same-runtime export | {c['size_vs_teacher_export']:.2f} | < 1 |",
               f"| kNN points below the teacher | {drop} | <= 1.5 |",
               "", f"Result: {'PASS' if ok else 'FAIL'}.", "", "Every candidate:", "", deploy_table(sel), ""]
+    ladder = ((state["stages"].get("distill") or {}).get("summary") or {}).get("ladder") or []
+    if len(ladder) > 1:  # the pipeline's student ladder: each student's network, distillation time and score
+        lines += ["The students distilled from the teacher (the pipeline's ladder, `pipeline.json`):", "",
+                  students_table(ladder, any(r.get("knn_top1") is not None for r in ladder)), ""]
     le = out / "train" / "label_efficiency.md"
     if le.exists():  # the run's few-label curve (eval --label-efficiency): accuracy on the test split, mean ± std over draws
         d = json.loads(le.with_suffix(".json").read_text())

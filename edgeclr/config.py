@@ -699,6 +699,9 @@ class PipelineConfig:
     device: str | None = opt(None, "device for every torch stage: auto | cpu | cuda | cuda:N (the preset's, else auto)")
     threads: int | None = opt(None, "CPU threads for torch in every stage (0 = all cores; the preset's, else 0)")
     progress: bool | None = opt(None, "progress bars (default: when stderr is a terminal)")
+    students: str | None = opt(None, "the student ladder distilled beside the distill section's student, every rung a deploy "
+                                     "candidate: auto (two ResNet-10 widths from the teacher's, MobileNetV3 Small, and Large "
+                                     "from 64 px) | none | a comma list of MODEL[@WIDTH] (the preset's, else auto)")
     train: dict = _section("`edgeclr train` options")
     distill: dict = _section("`edgeclr distill` options")
     compress: dict = _section("`edgeclr compress` options")
@@ -718,6 +721,8 @@ class PipelineConfig:
                 raise ConfigError(f"pipeline section '{name}' must be a mapping of option: value, got {v!r}")
             setattr(self, name, {k.replace("-", "_"): x for k, x in v.items()})
 
+        ladder_spec(self.students or p.get("students", "auto"))  # a malformed list fails here, before anything runs
+
     def sections(self) -> dict[str, dict]:
         """Each stage's options: the preset's, overridden by the file's."""
         p = PIPELINE_PRESETS[self.preset]
@@ -727,6 +732,80 @@ class PipelineConfig:
         d = to_dict(self)
         d.update(self.sections())
         return d
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One student of the pipeline's ladder: its folder name, family, size order and distill options."""
+
+    name: str  # RUN/students/NAME (the distill section's own student: "" and RUN/distill)
+    family: str  # resnet | mobilenet
+    size: int  # order within the family, smallest first
+    options: dict  # the distill section's options with this student's architecture
+
+
+MOBILENET_SIZES = ("mobilenet_v3_small_minimal", "mobilenet_v3_large_minimal", "mobilenet_v3_small", "mobilenet_v2",
+                   "mobilenet_v3_large")
+
+
+def ladder_spec(spec: str) -> list[tuple[str, int | None]] | str:
+    """'auto' | 'none' | [(model, width or None), ...] from `--students`; a ConfigError names a malformed
+    entry (the model names are checked against the registry by the pipeline's preflight)."""
+    spec = str(spec).strip()
+    if spec in ("auto", "none", ""):
+        return spec or "none"
+    out = []
+    for item in spec.split(","):
+        model, _, width = item.strip().partition("@")
+        if not model:
+            raise ConfigError(f"--students {spec!r}: an empty entry; a comma list of MODEL[@WIDTH], or auto | none")
+        if width and (not width.isdigit() or int(width) < 8 or int(width) % 8 or not model.startswith("resnet")):
+            raise ConfigError(f"--students: {item.strip()!r}: @WIDTH is a ResNet base width, a multiple of 8 (MobileNets have "
+                              "none)")
+        out.append((model, int(width) if width else None))
+    return out
+
+
+def family(model: str) -> str:
+    return "resnet" if model.startswith("resnet") else "mobilenet"
+
+
+def student_ladder(spec: str, primary: dict, teacher: "TrainConfig") -> list[Rung]:
+    """The students the pipeline distils, in the order they run: the distill section's own student
+    (always; RUN/distill) and the ladder's others, by family, smallest first. `auto`: ResNet-10 at a
+    quarter and at half the teacher's width (at least 8; a teacher of width 16 or less: half and its
+    own), MobileNetV3-Small, and MobileNetV3-Large
+    from 64 px inputs (below that MobileNets lose to a ResNet-10 of the same accuracy:
+    docs/architecture.md); a rung equal to the section's student is that student."""
+    parsed = ladder_spec(spec)
+    first = (primary.get("model") or DistillConfig.model, primary.get("width"))
+    if parsed == "none":
+        pairs = []
+    elif parsed == "auto":
+        w = teacher.width or 64
+        widths = sorted({max(8, w // 32 * 8), max(8, w // 16 * 8)})  # a quarter and a half, multiples of 8
+        pairs = [("resnet10", v) for v in (widths if len(widths) > 1 else widths + [w] if w > widths[0] else widths)]
+        pairs += [("mobilenet_v3_small_minimal", None)] + ([("mobilenet_v3_large_minimal", None)]
+                                                           if teacher.input_size >= 64 else [])
+    else:
+        pairs = parsed
+
+    def size(model: str, width: int | None) -> int:
+        if family(model) == "mobilenet":
+            return MOBILENET_SIZES.index(model) if model in MOBILENET_SIZES else len(MOBILENET_SIZES)
+        depth = int("".join(c for c in model if c.isdigit()) or 18)
+        return depth * (width or 64) ** 2
+
+    rungs = [Rung("", family(first[0]), size(*first), dict(primary))]
+    for model, width in dict.fromkeys(pairs):
+        if (model, width) == first or (family(model) == family(first[0]) == "mobilenet" and model == first[0]):
+            continue
+        opts = {k: v for k, v in primary.items() if k not in ARCHITECTURE or family(model) == family(first[0])}
+        opts.update(model=model, width=width)
+        if family(model) == "mobilenet":
+            opts.pop("width"), opts.pop("last_stride", None)
+        rungs.append(Rung(model + (f"-w{width}" if width else ""), family(model), size(model, width), opts))
+    return sorted(rungs, key=lambda r: (r.family != rungs[0].family, r.family, r.size))
 
 
 def check_calib_images(n: int) -> None:

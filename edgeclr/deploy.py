@@ -39,11 +39,11 @@ from edgeclr.bench import machine, ratio_interval, run_bench
 from edgeclr.compress import Scorecard, int8_scope, quantize_one, runtime_embed
 from edgeclr.compress.prune import level_checkpoint
 from edgeclr.compress.quantize import calibration_inputs
-from edgeclr.errors import ConfigError, DataError
+from edgeclr.errors import ConfigError
 from edgeclr.finetune import linear_probe
 from edgeclr.formats import EXPORT_FORMATS, format_of
-from edgeclr.heldout import HeldOut, agreement, eval_inputs
-from edgeclr.loading import load_encoder, open_like_run, stage_checkpoints
+from edgeclr.heldout import HeldOut, agreement, overlap_sample
+from edgeclr.loading import load_encoder, stage_checkpoints
 from edgeclr.lock import hold
 from edgeclr.report import deploy_table
 from edgeclr.rundir import make_writable_dir, read_json, write_json_atomic, write_manifest
@@ -237,12 +237,7 @@ class Quality:
         held = HeldOut.open(spec, pp, tcfg, cfg.seed, cfg.eval_images, cfg.eval_images)
         if held is not None:
             return cls(held, None, held.score(teacher.embed, None, 256), key)
-        ds = open_like_run(spec, "test", pp.resize_size, tcfg, cfg.seed)
-        idx = np.sort(np.random.default_rng(cfg.seed).choice(len(ds), min(len(ds), cfg.eval_images, 2000), replace=False))
-        x, _ = eval_inputs(ds, pp, idx)
-        if len(x) < 11:
-            raise DataError(f"{spec}: {len(x)} readable image(s); the neighbour overlap that judges candidates on unlabeled "
-                            "data needs at least 11")
+        x = overlap_sample(spec, pp, tcfg, cfg.seed, cfg.eval_images)
         log.warning("%s has no labels: candidates are judged by their top-10 neighbour overlap with the teacher on %d "
                     "images (--min-overlap %.2f), not by accuracy", spec, len(x), cfg.min_overlap)
         with torch.no_grad():
@@ -307,6 +302,16 @@ def candidate_row(c: Candidate, scores: dict, bench_row: dict, teacher: dict) ->
     if "knn_top1" in teacher:
         row["drop"] = teacher["knn_top1"] - row["knn_top1"]
     return row
+
+
+def architecture(ckpt: Path) -> dict:
+    """{family, architecture}: what network a level's checkpoint holds, for the tables ("resnet10 w8",
+    "mobilenet_v3_small_minimal"; "pruned" where compress removed channels)."""
+    ck = checkpoint.load(ckpt)
+    spec = ck.get("spec") or {}
+    name = str(spec.get("name", "?"))
+    text = name + (f" w{spec['width']}" if spec.get("width") and name.startswith("resnet") else "")
+    return {"family": config.family(name), "architecture": text + (" pruned" if ck.get("stage") == "compress" else "")}
 
 
 def within_budget(row: dict, rule: dict) -> bool:
@@ -488,7 +493,8 @@ def _deploy(cfg: config.DeployConfig, run: Path, out: Path, lv: dict[str, Path],
         faults.maybe_kill("deploy", i + 1)  # tests: a kill after each level's candidates
     bench = measure(cfg, cands)
     teacher = quality.teacher_row()
-    rows = [candidate_row(c, scores[c.name], bench[c.name], teacher) for c in cands]
+    arch = {level: architecture(ckpt) for level, (_, ckpt) in lv.items()}
+    rows = [{**candidate_row(c, scores[c.name], bench[c.name], teacher), **arch[c.level]} for c in cands]
     m = machine()
     source = (f"latency measured on {m['cpu']}" + (f", an x86 proxy for a {cfg.target}" if cfg.target != "x86" else ""))
     sel = {"run": str(run), "target": cfg.target, "threads": cfg.threads, "batch": cfg.batch, "precision": cfg.precision,

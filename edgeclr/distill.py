@@ -33,7 +33,7 @@ from torch import nn
 from edgeclr import checkpoint, config, data, faults
 from edgeclr.augment import view_generator
 from edgeclr.engine import Trainer, build_monitor, exit_for_signal, fit, prepare_stage_dir, resolve_device, set_layout
-from edgeclr.heldout import HeldOut, agreement, embed, eval_inputs, recalibrate_bn
+from edgeclr.heldout import HeldOut, agreement, embed, eval_inputs, overlap_sample, recalibrate_bn
 from edgeclr.loading import load_data, load_encoder
 from edgeclr.lock import hold
 from edgeclr.losses import EmbeddingQueue, cosine_distill, relational_distill
@@ -155,11 +155,16 @@ class DistillTrainer(Trainer):
 
 def student_vs_teacher(student: Encoder, adapter: nn.Module, teacher: Encoder, monitor: HeldOut, device) -> dict:
     """Retention and agreement on the monitor's held-out (test-split) images."""
+    return student_vs_teacher_on(student, adapter, teacher, monitor.query_x, device)
+
+
+def student_vs_teacher_on(student: Encoder, adapter: nn.Module, teacher: Encoder, x: torch.Tensor, device) -> dict:
+    """Cosine agreement and top-10 neighbour overlap of the student with the teacher on inputs x."""
     was = student.training, adapter.training
     student.eval(), adapter.eval()
     try:
-        s = embed(lambda x: adapter(student.embed(x)), monitor.query_x, 512, device)
-        t = embed(teacher.embed, monitor.query_x, 512, device)
+        s = embed(lambda v: adapter(student.embed(v)), x, 512, device)
+        t = embed(teacher.embed, x, 512, device)
     finally:
         student.train(was[0]), adapter.train(was[1])
     return agreement(s, t)
@@ -237,6 +242,15 @@ def _distill(cfg: config.DistillConfig, teacher: Encoder, tck: dict, tpath: Path
         log.info("student kNN %.2f%% / teacher %.2f%% = retention %.3f; cosine agreement %.3f, top-10 overlap %.3f",
                  final["knn_top1"], final["teacher_knn_top1"], final["retention"], final["cosine_agreement"],
                  final["topk_overlap"])
+    elif tr.stop_signal is None and completed:  # no labels: the student is judged by its neighbours (deploy's rule)
+        try:
+            x = overlap_sample(cfg.data, pp, vars(cfg), cfg.seed, 2000)
+        except data.DataError as e:
+            log.info("no top-10 overlap with the teacher: %s", e)
+        else:
+            final.update(student_vs_teacher_on(student, tr.adapter, teacher, x, device))
+            log.info("student against the teacher on %d held-out images: cosine agreement %.3f, top-10 overlap %.3f", len(x),
+                     final["cosine_agreement"], final["topk_overlap"])
     write_manifest(stage_dir, "distill",
                    inputs={"data": ds.fingerprint(), "teacher": teacher_info,
                            "resumed_from": str(resume_from) if resume_from else None},

@@ -109,6 +109,19 @@ def agreement(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> dict[str, float]
 # BatchNorm statistics
 
 
+def overlap_sample(spec: str, pp: Preprocess, run_cfg: Mapping, seed: int, n: int) -> torch.Tensor:
+    """(M, C, S, S) model inputs of at most n (and 2,000) images of the data's test split (its
+    held-out part, or all of it for unlabeled data), drawn with `seed`: where there are no labels, a
+    model is judged by its top-10 neighbour overlap with the teacher on these (deploy, distill)."""
+    ds = open_like_run(spec, "test", pp.resize_size, run_cfg, seed)
+    idx = np.sort(np.random.default_rng(seed).choice(len(ds), min(len(ds), n, 2000), replace=False))
+    x, _ = eval_inputs(ds, pp, idx)
+    if len(x) < 11:
+        raise data.DataError(f"{spec}: {len(x)} readable image(s); the top-10 neighbour overlap that judges a model on "
+                             "unlabeled data needs at least 11")
+    return x
+
+
 def batchnorms(model) -> list:
     """The model's BatchNorm layers (any dimension)."""
     return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]

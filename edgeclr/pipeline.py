@@ -78,17 +78,31 @@ def stage_configs(cfg: config.PipelineConfig) -> dict[str, Any]:
 
     exp = dict(sec["export"])
     formats = exp.pop("formats", "onnx,openvino")
+    train = build("train", data=cfg.data, out=str(out), **common, **prog)
+    ladder = config.student_ladder(cfg.students or config.PIPELINE_PRESETS[cfg.preset].get("students", "auto"), sec["distill"],
+                                   train)
+    distill = [build("distill", r.options, teacher=str(out / "train"), out=str(rung_dir(out, r.name)), **common, **prog)
+               for r in ladder]
+    dep = dict(sec["deploy"])
+    also = [a for a in str(dep.pop("also", None) or "").split(",") if a]
+    also += [str(rung_dir(out, r.name)) for r in ladder if r.name]
     return {
-        "train": build("train", data=cfg.data, out=str(out), **common, **prog),
-        "distill": build("distill", teacher=str(out / "train"), out=str(out), **common, **prog),
+        "train": train,
+        "distill": distill,
         "compress": build("compress", student=str(out / "distill"), out=str(out), **common, **prog),
         "export": [build("export", exp, target=str(out / "train"), format=f, out=str(out / "export"), name="teacher")
                    for f in formats.split(",") if f],
         "eval": build("eval", target=str(out), **common),
         "bench": build("bench", models=(str(out),), out=str(out / "bench")),
-        "deploy": build("deploy", run=str(out), out=str(out / "deploy")),
+        "deploy": build("deploy", dep, run=str(out), out=str(out / "deploy"), also=",".join(also) or None),
         "report": {"out": str(out)},
     }
+
+
+def rung_dir(out: Path, name: str) -> Path:
+    """Where a student of the ladder is distilled: RUN itself for the distill section's student
+    (RUN/distill), RUN/students/NAME (its own distill/) for the others."""
+    return out / "students" / name if name else out
 
 
 def _plain(c, stage: str = "") -> Any:
@@ -152,11 +166,12 @@ def _run_training(name: str, c, resume: bool) -> dict:
     if name != "compress" and not r["completed"]:
         raise ConfigError(f"{'training' if name == 'train' else 'distillation'} stopped before its schedule ended "
                           "(--max-minutes): re-run the pipeline to continue")
+    if name == "distill":
+        return r
     if name == "compress":
         return {k: {m: v for m, v in row.items() if m in ("knn_top1", "retention", "speedup_vs_fp32")}
                 for k, row in r["report"].items()}
-    keys = ("knn_top1", "loss") if name == "train" else ("knn_top1", "teacher_knn_top1", "retention")
-    return {k: r[k] for k in keys if k in r}
+    return {k: r[k] for k in ("knn_top1", "loss") if k in r}
 
 
 def _run_eval(c, resume: bool) -> dict:
@@ -175,15 +190,64 @@ def _run_eval(c, resume: bool) -> dict:
             "student": student["rows"][0]["knn_top1"], "compare_rows": len(cmp["rows"])}
 
 
-RUNNERS = {
-    "train": lambda c, resume: _run_training("train", c, resume),
-    "distill": lambda c, resume: _run_training("distill", c, resume),
-    "compress": lambda c, resume: _run_training("compress", c, resume),
-    "export": lambda c, resume: {Path(e["path"]).name: e["parity"] for e in map(stage_main("export"), c)},
-    "eval": _run_eval,
-    "bench": lambda c, resume: {"configurations": len(stage_main("bench")(c)["rows"])},
-    "deploy": lambda c, resume: _deploy_summary(stage_main("deploy")(c)),
-    "report": lambda c, resume: {k: v for k, v in stage_main("report")(Path(c["out"])).items() if k in ("html", "md")},
+def meets_budget(metrics: dict, d: config.DeployConfig) -> bool | None:
+    """Whether a distilled student is within deploy's accuracy budget (kNN points with labels, the
+    top-10 neighbour overlap with the teacher without); None: not measured, or deploy ranks by
+    --max-latency-ms instead."""
+    if d.max_latency_ms is not None:
+        return None
+    if metrics.get("knn_top1") is not None and metrics.get("teacher_knn_top1") is not None:
+        return bool(metrics["teacher_knn_top1"] - metrics["knn_top1"] <= d.max_drop)
+    if metrics.get("topk_overlap") is not None:
+        return bool(metrics["topk_overlap"] >= d.min_overlap)
+    return None
+
+
+def _run_ladder(cs: list, resume: bool, deploy: config.DeployConfig) -> dict:
+    """Distil every student of the ladder (config.student_ladder's order). The distill section's own
+    student always runs; another rung is skipped when a smaller student of its family already meets
+    deploy's budget (it would be slower for nothing). A finished rung is kept on resume."""
+    from edgeclr.rundir import read_manifest
+
+    rows, fitted = [], set()
+    for c in cs:
+        out = Path(c.out)
+        name = out.name if out.parent.name == "students" else "distill"
+        fam = config.family(c.model)
+        if name != "distill" and fam in fitted:
+            log.info("distill: %s skipped: a smaller %s student already meets the budget", name, fam)
+            rows.append({"student": name, "family": fam, "skipped": f"a smaller {fam} student meets the budget"})
+            continue
+        man = read_manifest(out / "distill") if resume and (out / "distill" / "manifest.json").is_file() else None
+        t0 = time.time()
+        if man and man.get("completed"):
+            m, seconds = dict(man.get("metrics") or {}), man.get("wall_time_s")
+            log.info("distill: %s finished earlier, kept", name)
+        else:
+            ck = out / "distill" / "checkpoints"
+            m = _run_training("distill", c, resume and ((ck / "last.pt").exists() or (ck / "last.prev.pt").exists()))
+            seconds = time.time() - t0
+        ok = meets_budget(m, deploy)
+        if ok:
+            fitted.add(fam)
+        rows.append({"student": name, "family": fam, "model": c.model, "width": c.width, "seconds": round(seconds or 0, 1),
+                     "parameters": read_manifest(out / "distill").get("parameters"),
+                     "meets_budget": ok, **{k: m[k] for k in ("knn_top1", "teacher_knn_top1", "retention", "topk_overlap")
+                                            if m.get(k) is not None}})
+    first = next(r for r in rows if r["student"] == "distill")
+    return {**{k: first[k] for k in ("knn_top1", "teacher_knn_top1", "retention", "topk_overlap") if k in first},
+            "ladder": rows}
+
+
+RUNNERS = {  # (the stage's config, resume, every stage's config) -> a summary for pipeline.json
+    "train": lambda c, resume, _: _run_training("train", c, resume),
+    "distill": lambda c, resume, cs: _run_ladder(c, resume, cs["deploy"]),
+    "compress": lambda c, resume, _: _run_training("compress", c, resume),
+    "export": lambda c, resume, _: {Path(e["path"]).name: e["parity"] for e in map(stage_main("export"), c)},
+    "eval": lambda c, resume, _: _run_eval(c, resume),
+    "bench": lambda c, resume, _: {"configurations": len(stage_main("bench")(c)["rows"])},
+    "deploy": lambda c, resume, _: _deploy_summary(stage_main("deploy")(_distilled_also(c))),
+    "report": lambda c, resume, _: {k: v for k, v in stage_main("report")(Path(c["out"])).items() if k in ("html", "md")},
 }
 
 
@@ -193,9 +257,16 @@ def _deploy_summary(r: dict) -> dict:
             "candidates": len(r["candidates"])}
 
 
-def _run_stage(name: str, c, resume: bool) -> dict:
+def _distilled_also(c: config.DeployConfig) -> config.DeployConfig:
+    """deploy's --also without the ladder's students that were skipped (they have no checkpoint)."""
+    also = [a for a in (c.also or "").split(",") if a and (Path(a).parent.name != "students"
+                                                           or (Path(a) / "distill/checkpoints/last.pt").exists())]
+    return dataclasses.replace(c, also=",".join(also) or None)
+
+
+def _run_stage(name: str, c, resume: bool, configs: dict) -> dict:
     """Run one stage (the same function as its command); returns a small summary for pipeline.json."""
-    return RUNNERS[name](c, resume)
+    return RUNNERS[name](c, resume, configs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,7 +329,11 @@ def preflight(configs: dict, names: tuple[str, ...]) -> None:
     CompressConfig.MIN_CALIB images of the training data; the label-efficiency curve of eval keeps
     the levels (labelled images per class) that the smallest class of the labelled data can give."""
     from edgeclr.loading import open_pretrain
+    from edgeclr.models import list_models
 
+    unknown = [c.model for c in configs["distill"] if c.model not in list_models()]
+    if "distill" in names and unknown:
+        raise ConfigError(f"students: {', '.join(unknown)} is not a model; models: {', '.join(list_models())}")
     if "eval" in names and configs["eval"].label_efficiency:
         configs["eval"] = _fit_label_levels(configs["eval"], configs["train"])
     n = len(open_pretrain(configs["train"]))
@@ -309,7 +384,7 @@ def _run(cfg: config.PipelineConfig, out: Path, configs: dict, first: int, last:
         log.info("%s: %s", name, "resuming" if resume else "running")
         state.set(name, key=key, status="running", started=time.time(), resumed=resume)
         t0 = time.time()
-        summary = _run_stage(name, configs[name], resume)
+        summary = _run_stage(name, configs[name], resume, configs)
         state.set(name, status="done", seconds=round(time.time() - t0, 1), summary=summary)
         done[name] = "resumed" if resume else "ran"
         upstream = key

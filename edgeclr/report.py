@@ -243,13 +243,13 @@ def deploy_table(sel: dict) -> str:
     labeled = sel.get("labeled", True)
     head = (f"Rule: {sel.get('rule_text', '')}; {sel.get('latency_source', '')}; target {sel.get('target')}, OpenVINO precision "
             f"{sel.get('precision')}.")
-    header = ["candidate", "runtime", "ran as"] + (["kNN %", "vs teacher", "linear %"] if labeled else ["top-10 overlap"]) + \
+    header = ["candidate", "network", "runtime", "ran as"] + (["kNN %", "vs teacher", "linear %"] if labeled else ["top-10 overlap"]) + \
         ["p50 ms", "p90 ms", "size MB", "model RSS MB", "Pareto", "verdict"]
     rows = []
     for r in sorted(sel["candidates"], key=lambda r: r["p50_ms"]):
         acc = ([_fmt(r.get("knn_top1")), _fmt(0.0 - r["drop"], "{:+.2f}") if "drop" in r else "", _fmt(r.get("linear_top1"))] if labeled
                else [_fmt(r.get("topk_overlap"), "{:.3f}")])
-        rows.append([f"`{r['name']}`", r["runtime"], str(r.get("precision_ran") or "")] + acc +
+        rows.append([f"`{r['name']}`", r.get("architecture", ""), r["runtime"], str(r.get("precision_ran") or "")] + acc +
                     [f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['size_bytes'] / 1e6:.2f}", _fmt(r.get("model_rss_mb"), "{:.0f}"),
                      "yes" if r.get("pareto") else "", f"**{r['status']}**: {r['reason']}" if r["status"] == "selected"
                      else f"{r['status']}: {r['reason']}"])
@@ -397,6 +397,38 @@ def _deployment_section(out: Path, sel: dict | None) -> list[tuple]:
     return blocks
 
 
+def students_table(ladder: list[dict], labeled: bool) -> str:
+    """The pipeline's student ladder (pipeline.json's distill summary): each student's network, size,
+    distillation time and accuracy against the teacher, and whether it met deploy's budget."""
+    header = ["student", "family", "network", "parameters M", "distillation s"] + \
+        (["kNN %", "teacher kNN %"] if labeled else ["top-10 overlap"]) + ["within the budget"]
+    rows = []
+    for r in ladder:
+        folder = "distill/" if r["student"] == "distill" else f"students/{r['student']}/"
+        if r.get("skipped"):
+            rows.append([f"`{folder}`", r["family"], "", "", "", *([""] * (2 if labeled else 1)), f"skipped: {r['skipped']}"])
+            continue
+        acc = [_fmt(r.get("knn_top1")), _fmt(r.get("teacher_knn_top1"))] if labeled else [_fmt(r.get("topk_overlap"), "{:.3f}")]
+        ok = {True: "yes", False: "no", None: "not measured"}[r.get("meets_budget")]
+        net = r["model"] + (f" w{r['width']}" if r.get("width") else "")
+        rows.append([f"`{folder}`", r["family"], net, _fmt(r.get("parameters") and r["parameters"] / 1e6, "{:.3f}"),
+                     _fmt(r.get("seconds"), "{:.0f}"), *acc, ok])
+    return markdown_table(header, rows)
+
+
+def _students_section(state: dict) -> list[tuple]:
+    ladder = (((state.get("stages") or {}).get("distill") or {}).get("summary") or {}).get("ladder") or []
+    if len(ladder) < 2:
+        return []
+    labeled = any(r.get("knn_top1") is not None for r in ladder)
+    return [("h", 2, "Students"),
+            ("p", "Every student distilled from the teacher, by family, smallest first; each is a deployment candidate "
+                  "(FP32 and INT8; the distill section's student in `distill/` is also pruned). A student is skipped "
+                  "when a smaller one of its family already met the budget, measured at the end of its distillation "
+                  + ("(kNN points against the teacher)." if labeled else "(top-10 neighbour overlap with the teacher).")),
+            ("table", students_table(ladder, labeled))]
+
+
 def _provenance_section(out: Path, state: dict) -> list[tuple]:
     blocks = [("h", 2, "Stages, commands and versions")]
     st = state.get("stages") or {}
@@ -421,7 +453,7 @@ def build_blocks(out: Path) -> list[tuple]:
     return [("h", 1, f"edgeclr run report: {out.name}"),
             ("p", f"Dataset: {data}. Preset: {state.get('preset', '-')}. Built from the files in `{out}`."),
             *_headline(sel, teacher_eval), *_teacher_section(teacher_eval), *_label_efficiency_section(out),
-            *_deployment_section(out, sel), *_retention_section(rows),
+            *_deployment_section(out, sel), *_students_section(state), *_retention_section(rows),
             *_compression_section(out, _load(out / "compress" / "report.json")), *_curves_and_embeddings(out),
             *_bench_section(out, _load(out / "bench" / "bench.json")), *_provenance_section(out, state)]
 

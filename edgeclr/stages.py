@@ -26,7 +26,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("train", "TrainConfig", ("train/manifest.json", "train/checkpoints/last.pt"), ("train",),
           resumable=True, model=True, help="SimCLR pretraining of the teacher"),
     Stage("distill", "DistillConfig", ("distill/manifest.json", "distill/checkpoints/last.pt"),
-          ("distill",), resumable=True, model=True, help="the teacher's embeddings distilled into a small student"),
+          ("distill", "students"), resumable=True, model=True,
+          help="the teacher's embeddings distilled into small students (the distill section's, in distill/, and the "
+               "ladder's, in students/NAME/distill/)"),
     Stage("compress", "CompressConfig", ("compress/manifest.json", "compress/report.json"),
           ("compress",), resumable=True, model=True, help="pruning with recovery, FP32 and INT8 exports"),
     Stage("export", "ExportConfig", ("export/manifest.json",), ("export",),

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # every stage, as small as it gets: one epoch each, ONNX only, a few timed runs
 FAST = dict(
     preset="demo",
+    students="none",  # the distill section's student alone; the ladder is tested where it says so
     train=dict(width=8, epochs=1, batch_size=128, knn_every=1, threads=1, tensorboard=False),
     distill=dict(epochs=2, knn_every=0, ckpt_every=3, threads=1, tensorboard=False),
     compress=dict(recover_epochs=1, calib_images=32, latency_runs=3, eval_images=300, formats="onnx", tensorboard=False),
@@ -39,7 +40,10 @@ FAST = dict(
 def write_cfg(path, **changes):
     d = json.loads(json.dumps(FAST))
     for section, kv in changes.items():
-        d[section].update(kv)
+        if isinstance(d.get(section), dict):
+            d[section].update(kv)
+        else:
+            d[section] = kv
     path.write_text(yaml.safe_dump(d))
     return path
 
@@ -78,7 +82,11 @@ def _screenshot_script():
 
 
 def test_pipeline_killed_mid_stage_resumes_skips_and_reports(tmp_path):
-    cfg, out = write_cfg(tmp_path / "p.yaml"), tmp_path / "run"
+    # a ladder of two more ResNet-10s, smallest first; with no overlap asked for, the narrowest meets the
+    # budget at once and the next one is skipped, while the distill section's student always runs
+    ladder = dict(students="resnet10@24,resnet10@8", deploy=dict(min_overlap=0.0))
+    cfg = write_cfg(tmp_path / "p.yaml", **ladder)
+    out = tmp_path / "run"
     state = out / "pipeline.json"
     # 1. SIGKILL once the distillation has written a mid-run checkpoint
     p = spawn("--config", cfg, "--out", out)
@@ -99,6 +107,16 @@ def test_pipeline_killed_mid_stage_resumes_skips_and_reports(tmp_path):
     assert all(st[k]["status"] == "done" for k in pipeline.STAGES)
     man = json.loads((out / "distill/manifest.json").read_text())
     assert man["completed"] and man["inputs"]["resumed_from"]
+    # the ladder: the narrowest student (finished before the kill) was kept, the next one skipped
+    rungs = {r["student"]: r for r in st["distill"]["summary"]["ladder"]}
+    assert list(rungs) == ["resnet10-w8", "distill", "resnet10-w24"]
+    assert rungs["resnet10-w8"]["meets_budget"] is True and 0 <= rungs["resnet10-w8"]["topk_overlap"] <= 1
+    assert "meets the budget" in rungs["resnet10-w24"]["skipped"] and not (out / "students/resnet10-w24").exists()
+    assert not json.loads((out / "students/resnet10-w8/distill/manifest.json").read_text())["inputs"]["resumed_from"]
+    sel = json.loads((out / "deploy/selection.json").read_text())
+    nets = {c["name"]: c["architecture"] for c in sel["candidates"]}
+    assert nets["resnet10-w8.student/fp32.onnx"] == "resnet10 w8" and nets["student/fp32.onnx"] == "resnet10 w16"
+    assert nets["pruned/fp32.onnx"] == "resnet10 w16 pruned" and not any("w24" in n for n in nets)
 
     # the report: markdown and a self-contained HTML whose every image is a decodable PNG
     html = (out / "report.html").read_text()
@@ -109,7 +127,8 @@ def test_pipeline_killed_mid_stage_resumes_skips_and_reports(tmp_path):
         im.verify()
         assert min(im.size) > 50
     md = (out / "report.md").read_text()
-    for text in ("Teacher against the baselines", "raw pixels", "random init", "Retention across stages",
+    for text in ("Teacher against the baselines", "raw pixels", "random init", "Retention across stages", "## Students",
+                 "| `students/resnet10-w8/` | resnet | resnet10 w8 |", "skipped: a smaller resnet student meets the budget",
                  "compress/models/int8.onnx", "Deployment", "onnxruntime", ". Deployed ", "the teacher's own",
                  "Few labels", "| full fine-tuning |", "3 / class"):
         assert text in md, text
@@ -129,7 +148,7 @@ def test_pipeline_killed_mid_stage_resumes_skips_and_reports(tmp_path):
     assert set(stages_line(finish("--config", cfg, "--out", out)).values()) == {"skipped"}
 
     # 4. a changed bench option re-runs bench and the stages after it; the old bench folder is kept aside
-    s = stages_line(finish("--config", write_cfg(tmp_path / "p2.yaml", bench=dict(runs=4)), "--out", out))
+    s = stages_line(finish("--config", write_cfg(tmp_path / "p2.yaml", bench=dict(runs=4), **ladder), "--out", out))
     assert [k for k, v in s.items() if v != "skipped"] == ["bench", "deploy", "report"]
     kept = list((out / ".replaced").glob("*-bench/bench.json"))
     assert len(kept) == 1
@@ -139,7 +158,7 @@ def test_pipeline_killed_mid_stage_resumes_skips_and_reports(tmp_path):
     assert not any("/deploy/" in r["path"] for r in rows), "deploy's candidates are timed by deploy, not by every bench"
 
     # 5. --from re-runs a stage and the ones after it, --until stops
-    s = stages_line(finish("--config", write_cfg(tmp_path / "p2.yaml", bench=dict(runs=4)), "--out", out,
+    s = stages_line(finish("--config", write_cfg(tmp_path / "p2.yaml", bench=dict(runs=4), **ladder), "--out", out,
                            "--from", "bench", "--until", "bench"))
     assert s == {**{k: "skipped" for k in pipeline.STAGES[:5]}, "bench": "ran"}
 
@@ -227,9 +246,41 @@ def test_stage_keys_chain_and_ignore_runtime_options():
 def test_every_preset_builds_its_stage_configs(preset, tmp_path):
     cs = pipeline.stage_configs(config.PipelineConfig(preset=preset, out=str(tmp_path)))
     assert cs["train"].data == config.PIPELINE_PRESETS[preset]["data"]
-    assert cs["distill"].teacher.endswith("train") and cs["compress"].student.endswith("distill")
+    first = next(c for c in cs["distill"] if c.out == str(tmp_path))  # the distill section's student, in RUN/distill
+    assert all(c.teacher.endswith("train") for c in cs["distill"]) and cs["compress"].student.endswith("distill")
+    assert {config.family(c.model) for c in cs["distill"]} == {"resnet", "mobilenet"}, "the auto ladder has both families"
+    also = cs["deploy"].also.split(",")
+    assert sorted(also) == sorted(c.out for c in cs["distill"] if c is not first) and all("/students/" in a for a in also)
     if preset == "fashion-mnist":  # the x86 benchmark student: dense convolutions that gain from INT8 (issue 6)
-        assert (cs["distill"].model, cs["distill"].width, cs["distill"].stem_stride) == ("resnet18", 16, 2)
+        assert (first.model, first.width, first.stem_stride) == ("resnet18", 16, 2)
+
+
+def test_the_auto_ladder_follows_the_teacher_width_and_the_input_size(tmp_path):
+    """Two ResNet-10 widths relative to the teacher's, MobileNetV3-Small, and Large from 64 px; the
+    distill section's student always runs; each family smallest first; other families lose their
+    ResNet-only options."""
+    def ladder(data, spec="auto", **primary):
+        return [(r.name, r.options.get("model"), r.options.get("width"), r.options.get("last_stride"))
+                for r in config.student_ladder(spec, primary, config.TrainConfig(data=data))]
+
+    # H&E tiles: a ResNet-18 of width 64 at 64 px
+    assert ladder("tiles:x.png", model="resnet10", width=16) == [
+        ("", "resnet10", 16, None), ("resnet10-w32", "resnet10", 32, None),
+        ("mobilenet_v3_small_minimal", "mobilenet_v3_small_minimal", None, None),
+        ("mobilenet_v3_large_minimal", "mobilenet_v3_large_minimal", None, None)]
+    # Fashion-MNIST: a width-16 teacher at 28 px, whose own student is a ResNet-18 w16 with last stride 1
+    assert ladder("fashion-mnist", model="resnet18", width=16, last_stride=1) == [
+        ("resnet10-w8", "resnet10", 8, 1), ("resnet10-w16", "resnet10", 16, 1), ("", "resnet18", 16, 1),
+        ("mobilenet_v3_small_minimal", "mobilenet_v3_small_minimal", None, None)]
+    assert ladder("digits", "none", model="resnet10", width=16) == [("", "resnet10", 16, None)]
+    assert ladder("digits", "mobilenet_v2,resnet10@8", model="resnet10", width=16) == [
+        ("resnet10-w8", "resnet10", 8, None), ("", "resnet10", 16, None), ("mobilenet_v2", "mobilenet_v2", None, None)]
+    for bad, why in (("resnet10@x", "@WIDTH"), ("mobilenet_v2@8", "@WIDTH"), ("resnet10@4", "multiple of 8"),
+                     ("resnet10,,", "empty entry")):
+        with pytest.raises(config.ConfigError, match=why):
+            config.PipelineConfig(students=bad)
+    r = run(["pipeline", "--students", "resnet99", "--out", str(tmp_path / "run")], ok=False)
+    assert r.exit_code == 2 and "resnet99 is not a model" in r.output and not (tmp_path / "run" / "train").exists()
 
 
 def test_new_training_images_change_the_train_key(tmp_path):
