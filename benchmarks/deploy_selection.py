@@ -77,6 +77,13 @@ def main() -> None:
              f"Machine: {m['cpu']}, {m['cores']} cores; edgeclr {m.get('git', '')}; torch {m.get('torch')}.",
              f"Command: `{rec['command']}`; the run's stages: "
              + ", ".join(f"{k} {v:.0f} s" for k, v in secs.items() if v) + ".", ""]
+    budget = state.get("budget")
+    if budget:  # `edgeclr pipeline --minutes B`: the plan against what the run took
+        plan = budget["plan_minutes"]
+        lines += [f"Budget: `--minutes {budget['minutes']:g}`, the run took **{budget.get('took_minutes', float('nan')):.2f} min** "
+                  f"(training shares: teacher {plan['train']:.2f} min, students {plan['distill']:.2f}, recoveries "
+                  f"{plan['compress']:.2f}; the rest {plan['rest']:.2f}).", ""]
+        rec["budget"] = budget
     if base:
         lines += [f"Baselines (kNN top-1, same held-out images): raw pixels {base.get('pixels', float('nan')):.2f}%, random-init "
                   f"network {base.get('random', float('nan')):.2f}%, the SimCLR teacher {base.get('model', float('nan')):.2f}%.", ""]
@@ -100,6 +107,7 @@ def main() -> None:
         lines += [f"The few-label curve of the teacher (`{le.relative_to(out)}`: {d['draws']} draws of the labelled images per level, "
                   f"{d['query_images']} test images, full fine-tuning {d['finetune_steps']} steps):", "", le.read_text().rstrip(), ""]
         record_path("deploy_selection", args.tag, "json").write_text(json.dumps(rec, indent=2) + "\n")
+    record_path("deploy_selection", args.tag, "json").write_text(json.dumps(rec, indent=2) + "\n")
     record_path("deploy_selection", args.tag).write_text("\n".join(lines))
     print("\n".join(lines))
 

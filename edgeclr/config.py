@@ -92,7 +92,8 @@ class TrainConfig:
     grad_clip: float = opt(0.0, "clip the gradient norm to this value (0 = off)")
     nonfinite: str = opt("stop", "a NaN/Inf loss: stop (no checkpoint written past the last good one) | skip (no update "
                                  "for that step; stops after 10 in a row)", ("stop", "skip"))
-    amp: str = opt("auto", "mixed precision: auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off", ("auto", "bf16", "fp16", "off"))
+    amp: str = opt("auto", "mixed precision: auto (bf16 on CUDA; on a CPU with bf16 units, bf16 where a warmed-up probe measures "
+                           "it >= 1.2x faster than fp32, else fp32) | bf16 | fp16 | off", ("auto", "bf16", "fp16", "off"))
     channels_last: bool = opt(True, "use the channels_last memory format (faster convolutions on CPU and GPU)")
     compile: bool = opt(False, "torch.compile the encoder")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
@@ -112,6 +113,9 @@ class TrainConfig:
     progress: bool | None = opt(None, "progress bar (default: only when stderr is a terminal)")
     resume: bool = opt(False, "continue from OUT/train/checkpoints/last.pt")
     max_minutes: float = opt(0.0, "stop (with a checkpoint) after this many minutes of training; 0 = no limit")
+    fit_minutes: float = opt(0.0, "fit the schedule to about this many minutes of training: after the first steps, as many "
+                                  "epochs as their measured time allows (at most --epochs), the cosine decay ending there; "
+                                  "0 = --epochs as given")
     tile_size: int = opt(64, "tiles: side of a tile cut from the large image(s)")
     tile_stride: int = opt(64, "tiles: step between tiles")
     tile_min_foreground: float = opt(0.5, "tiles: skip tiles with less foreground (non-background) than this")
@@ -139,8 +143,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
-        if self.weight_decay < 0 or self.warmup_epochs < 0 or self.grad_clip < 0:
-            raise ConfigError("weight_decay, warmup_epochs and grad_clip must be >= 0")
+        if self.weight_decay < 0 or self.warmup_epochs < 0 or self.grad_clip < 0 or self.fit_minutes < 0:
+            raise ConfigError("weight_decay, warmup_epochs, grad_clip and fit_minutes must be >= 0")
         if self.blur is not None and not 0 <= self.blur <= 1:
             raise ConfigError(f"blur is a probability: 0 <= blur <= 1, got {self.blur}")
         if self.jitter is not None and self.jitter < 0:
@@ -414,6 +418,8 @@ class CompressConfig:
     threads: int = opt(0, "torch CPU threads (0 = default)")
     seed: int = opt(0, "random seed")
     max_minutes: float = opt(0.0, "stop the recovery after this many minutes with a checkpoint (--resume continues); 0 = no limit")
+    fit_minutes: float = opt(0.0, "fit the recoveries to about this many minutes in all (an equal part per pruning step, at most "
+                                  "--recover-epochs each, from their measured step time); 0 = --recover-epochs as given")
     resume: bool = opt(False, "continue an interrupted compress run from OUT/compress/checkpoints")
     progress: bool | None = opt(None, "progress bar (default: when stderr is a terminal)")
     tensorboard: bool = opt(True, "TensorBoard scalars for the recovery")
@@ -699,6 +705,9 @@ class PipelineConfig:
     device: str | None = opt(None, "device for every torch stage: auto | cpu | cuda | cuda:N (the preset's, else auto)")
     threads: int | None = opt(None, "CPU threads for torch in every stage (0 = all cores; the preset's, else 0)")
     progress: bool | None = opt(None, "progress bars (default: when stderr is a terminal)")
+    minutes: float | None = opt(None, "a wall-clock budget for the whole run, in minutes: the teacher's schedule is fitted to "
+                                      "45% of it, the students' to 25% (an equal part each), compress's recoveries to 10%, each "
+                                      "from its measured step time; the rest is left for export, eval, bench and deploy")
     students: str | None = opt(None, "the student ladder distilled beside the distill section's student, every rung a deploy "
                                      "candidate: auto (two ResNet-10 widths from the teacher's, MobileNetV3 Small, and Large "
                                      "from 64 px) | none | a comma list of MODEL[@WIDTH] (the preset's, else auto)")
@@ -722,6 +731,8 @@ class PipelineConfig:
             setattr(self, name, {k.replace("-", "_"): x for k, x in v.items()})
 
         ladder_spec(self.students or p.get("students", "auto"))  # a malformed list fails here, before anything runs
+        if self.minutes is not None and self.minutes <= 0:
+            raise ConfigError(f"--minutes is a wall-clock budget in minutes, > 0; got {self.minutes}")
 
     def sections(self) -> dict[str, dict]:
         """Each stage's options: the preset's, overridden by the file's."""
@@ -732,6 +743,13 @@ class PipelineConfig:
         d = to_dict(self)
         d.update(self.sections())
         return d
+
+
+# `edgeclr pipeline --minutes B`: the share of B that each training stage's schedule is fitted to
+# (fit_minutes); the rest (export, eval, bench, deploy, report, loading and evaluation inside the
+# training stages) runs as configured. The teacher gets the largest share: the students can only be as
+# good as it is.
+BUDGET_SHARES = {"train": 0.45, "distill": 0.25, "compress": 0.10}
 
 
 @dataclass(frozen=True)

@@ -257,7 +257,8 @@ def _distill(cfg: config.DistillConfig, teacher: Encoder, tck: dict, tpath: Path
                    spec=student.spec.to_dict(), preprocess=pp.to_dict(), embed_dim=student.embed_dim, metrics=final,
                    wall_time_s=time.time() - t0,
                    artifacts={"checkpoint": str(tr.ckpt_path), "checkpoint_sha256": checkpoint.sha256(tr.ckpt_path)},
-                   extra={**tr.precision, "completed": completed, "epoch": tr.epoch, "step": tr.step, "global_step": tr.global_step,
+                   extra={**tr.precision, "fitted": tr.fitted,
+                          "completed": completed, "epoch": tr.epoch, "step": tr.step, "global_step": tr.global_step,
                           "train_seconds": round(train_s, 1), "parameters": count_params(student),
                           "adapter": not isinstance(tr.adapter, nn.Identity), "skipped_files": sorted(tr.skipped)})
     exit_for_signal(tr.stop_signal)

@@ -12,6 +12,7 @@ before the update. Under torchrun only rank 0 logs, monitors and writes.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import signal
@@ -120,10 +121,67 @@ def set_layout(cfg, model: torch.nn.Module, device: torch.device) -> torch.nn.Mo
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA by default; off on CPU (CPU bf16 autocast was many times slower on the reference machine)."""
+    """bf16 on CUDA by default; on a CPU, fp32 until `choose_cpu_precision` has measured bf16 (auto)."""
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+# --amp auto on a CPU: bf16 only where a warmed-up probe measures it at least this much faster than fp32
+# (on 8x8 digits bf16 was 1.15x faster and cost 0.67 kNN points; the Fashion-MNIST teacher ran 1.48x:
+# benchmarks/results/train_precision/), and only for a schedule long enough to pay for the probe
+BF16_MIN_GAIN = 1.2
+PROBE_MIN_SECONDS = 60.0
+
+
+def cpu_bf16_units() -> str | None:
+    """The CPU's bf16 matrix units from /proc/cpuinfo's flags (amx_bf16, avx512_bf16), or None."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    have = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return ", ".join(have) or None
+
+
+def choose_cpu_precision(model: Encoder, x: torch.Tensor, steps_left: int, rounds: int = 3) -> dict:
+    """--amp auto on a CPU: time training steps (forward through the projection, backward) of a copy
+    of `model` on the real batch x, fp32 and bf16 autocast, each warmed up first (oneDNN builds its
+    primitives on the first calls), then alternated `rounds` times; bf16 when its median step is at
+    least BF16_MIN_GAIN faster. A schedule that fp32 finishes within PROBE_MIN_SECONDS is not
+    probed. Returns {precision_ran, why, probe}."""
+    units = cpu_bf16_units()
+    if units is None:
+        return {"precision_ran": "fp32", "why": "--amp auto: this CPU has no bf16 units (amx_bf16, avx512_bf16)"}
+    m = copy.deepcopy(model).train()
+
+    def step(bf16: bool) -> float:
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = m.project(x)
+        out.float().square().mean().backward()
+        m.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    step(False)
+    fp32 = step(False)
+    if fp32 * steps_left < PROBE_MIN_SECONDS:
+        return {"precision_ran": "fp32", "why": f"--amp auto: the schedule takes about {fp32 * steps_left:.0f} s in fp32, too "
+                                                f"short for a bf16 probe to pay ({units})"}
+    step(True), step(True)
+    times = {False: [fp32], True: []}
+    for _ in range(rounds):
+        for bf16 in (True, False):
+            times[bf16].append(step(bf16))
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    gain = med[False] / med[True]
+    use = gain >= BF16_MIN_GAIN
+    probe = {"fp32_step_s": round(med[False], 4), "bf16_step_s": round(med[True], 4), "bf16_gain": round(gain, 3),
+             "batch": list(x.shape), "units": units}
+    why = (f"--amp auto: bf16 {gain:.2f}x fp32 in a warmed-up probe ({1e3 * med[True]:.0f} vs {1e3 * med[False]:.0f} ms per "
+           f"step, {units}): {'bf16' if use else f'fp32 (bf16 is used from {BF16_MIN_GAIN}x)'}")
+    return {"precision_ran": "bf16" if use else "fp32", "why": why, "probe": probe}
 
 
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # what the manifest records
@@ -183,8 +241,9 @@ def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: 
     raise config.ConfigError(f"unknown optimizer {name!r}; valid: sgd, lars, adamw")
 
 
-def build_scheduler(opt, total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
-    """Linear warm-up to the peak, then cosine decay to min_ratio * peak, stepped per batch."""
+def build_scheduler(opt, total_steps: int, warmup_steps: int, min_ratio: float = 0.0, at_step: int = 0):
+    """Linear warm-up to the peak, then cosine decay to min_ratio * peak, stepped per batch; at_step:
+    a schedule rebuilt mid-run (fit_minutes) continues from that step."""
 
     def f(step: int) -> float:
         if step < warmup_steps:
@@ -192,7 +251,15 @@ def build_scheduler(opt, total_steps: int, warmup_steps: int, min_ratio: float =
         p = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
+    if at_step:
+        sched.last_epoch = at_step
+        for g, base in zip(opt.param_groups, sched.base_lrs):
+            g["lr"] = base * f(at_step)
+    return sched
+
+
+FIT_STEPS = 4  # fit_minutes: the training steps timed (after a first, cold one) before the schedule is fitted
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,6 +287,8 @@ class Trainer:
         self.opt = build_optimizer(self.trainable, cfg.optimizer, cfg.scaled_lr, cfg.weight_decay, cfg.momentum)
         self.sched = build_scheduler(self.opt, self.total_steps, round(cfg.warmup_epochs * self.steps_per_epoch),
                                      cfg.min_lr_ratio)
+        self.fitted: dict | None = None  # fit_minutes: how the schedule was fitted (None: --epochs as given)
+        self.fit_started = time.time()  # fit() resets it: the budget of fit_minutes counts from there
         self.amp = amp_dtype(cfg.amp, device)
         self.precision = {"precision_ran": PRECISION_NAMES[self.amp], "why": f"--amp {cfg.amp}"}
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
@@ -262,6 +331,43 @@ class Trainer:
             for b, saved in state["buffers"]:
                 b.copy_(saved)
 
+    def set_epochs(self, epochs: int) -> None:
+        """A schedule of `epochs` from the current step on (the warm-up's steps do not depend on it)."""
+        self.cfg.epochs = epochs
+        self.total_steps = self.steps_per_epoch * epochs
+        self.sched = build_scheduler(self.opt, self.total_steps, round(self.cfg.warmup_epochs * self.steps_per_epoch),
+                                     self.cfg.min_lr_ratio, at_step=self.global_step)
+
+    def fit_schedule(self, step_s: float, elapsed_s: float) -> None:
+        """fit_minutes: the epochs that the measured step time allows in what is left of the budget,
+        at most --epochs and at least 1; the cosine decay is rebuilt to end there."""
+        cfg = self.cfg
+        budget = cfg.fit_minutes * 60
+        steps = self.global_step + max(0.0, budget - elapsed_s) / max(step_s, 1e-9)
+        epochs = int(min(cfg.epochs, max(1, steps // self.steps_per_epoch)))
+        self.fitted = {"budget_s": round(budget, 1), "step_s": round(step_s, 4), "asked_epochs": cfg.epochs, "epochs": epochs,
+                       "why": f"fit_minutes {cfg.fit_minutes:g}: {1e3 * step_s:.0f} ms per step x {self.steps_per_epoch} "
+                              f"steps per epoch: {epochs} of {cfg.epochs} epochs fit"}
+        if epochs != cfg.epochs:
+            self.set_epochs(epochs)
+        log.info("%s: %s", self.stage, self.fitted["why"])
+
+    def set_precision(self, chosen: dict) -> None:
+        self.amp = torch.bfloat16 if chosen["precision_ran"] == "bf16" else None
+        self.precision = chosen
+
+    def probe_batch(self) -> torch.Tensor:
+        """A training step's input for the precision probe: real images of the data (at most 64,
+        the two views of train as two copies), preprocessed as the model sees them."""
+        from edgeclr.heldout import eval_inputs
+
+        n = min(len(self.ds), self.cfg.batch_size, 64)
+        x, _ = eval_inputs(self.ds, self.pp, range(n))
+        if len(x) == 0:
+            x = torch.zeros(n, self.pp.channels, self.cfg.input_size, self.cfg.input_size)
+        x = torch.cat([x, x]) if self.stage == "train" else x
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
     # -- checkpoints --------------------------------------------------------------------------
     def state(self) -> dict:
         return {
@@ -274,7 +380,7 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch, "rng": checkpoint.rng_state(),
             "config": config.to_dict(self.cfg), "metrics": dict(self.last_metrics),
             "augment": self.aug_cfg.to_dict(), "skipped_files": sorted(self.skipped),
-            "nonfinite_skipped": self.nonfinite_skipped, "precision": dict(self.precision),
+            "nonfinite_skipped": self.nonfinite_skipped, "precision": dict(self.precision), "fitted": self.fitted,
         }
 
     def save(self) -> Path:
@@ -293,6 +399,12 @@ class Trainer:
             raise checkpoint.CheckpointError(f"cannot resume {self.stage} from {path}: it is a {ckpt['stage']} checkpoint")
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("fitted"):  # a schedule fitted to fit_minutes goes on as fitted
+            self.fitted = ckpt["fitted"]
+            self.cfg.epochs = ckpt["fitted"]["epochs"]
+            self.total_steps = self.steps_per_epoch * self.cfg.epochs
+            self.sched = build_scheduler(self.opt, self.total_steps, round(self.cfg.warmup_epochs * self.steps_per_epoch),
+                                         self.cfg.min_lr_ratio)
         self.sched.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -302,6 +414,10 @@ class Trainer:
                           f"{self.steps_per_epoch} (different data or batch size): the data order will not "
                           "match an uninterrupted run")
         self.epoch, self.step, self.global_step = ckpt["epoch"], ckpt["step"], ckpt["global_step"]
+        ran = (ckpt.get("precision") or {}).get("precision_ran")
+        if self.cfg.amp == "auto" and self.device.type == "cpu" and ran in ("fp32", "bf16"):  # the run goes on as it began
+            self.amp = torch.bfloat16 if ran == "bf16" else None
+            self.precision = {**ckpt["precision"], "why": ckpt["precision"].get("why", "--amp auto") + " (kept on resume)"}
         self.skipped = set(ckpt.get("skipped_files") or [])
         self.nonfinite_skipped = int(ckpt.get("nonfinite_skipped") or 0)
         self.last_metrics = dict(ckpt.get("metrics") or {})
@@ -381,6 +497,8 @@ def train_one_epoch(tr: Trainer, loss_fn, metrics, progress=None, deadline: floa
     tr.model.train()
     t_last, n_last = time.perf_counter(), 0
     loss = gnorm = None
+    fitting = bool(getattr(cfg, "fit_minutes", 0)) and tr.fitted is None
+    stamps = [time.perf_counter()]
     for step, x, bad, idx in data.iterate_batches(tr.ds, cfg.batch_size, cfg.seed, tr.epoch, tr.step, cfg.num_workers,
                                                   d.rank, d.world):
         tr.step = step
@@ -408,6 +526,12 @@ def train_one_epoch(tr: Trainer, loss_fn, metrics, progress=None, deadline: floa
                 tr.sched.step()
                 loss = None
         tr.step, tr.global_step = step + 1, tr.global_step + 1
+        if fitting:  # the first, cold step apart: the next FIT_STEPS steps' median time fits the schedule
+            stamps.append(time.perf_counter())
+            if len(stamps) == FIT_STEPS + 2 or tr.global_step >= tr.total_steps:
+                gaps = sorted(b - a for a, b in zip(stamps[1:], stamps[2:])) or [stamps[-1] - stamps[0]]
+                tr.fit_schedule(gaps[len(gaps) // 2], time.time() - tr.fit_started)
+                fitting = False
         if progress is not None:
             progress.update(1)
         if loss is not None and (tr.global_step % cfg.log_every == 0 or tr.step == tr.steps_per_epoch):
@@ -513,6 +637,10 @@ def fit(tr: Trainer, loss_fn, monitor=None, deadline: float | None = None) -> tu
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     completed = True
     t0 = time.time()
+    tr.fit_started = t0
+    if tr.global_step == 0 and cfg.amp == "auto" and tr.device.type == "cpu" and not tr.dist.enabled and not cfg.compile:
+        tr.set_precision(choose_cpu_precision(tr.model, tr.probe_batch(), tr.total_steps))
+        log.info("%s", tr.precision["why"])
     try:
         while tr.epoch < cfg.epochs:
             if not train_one_epoch(tr, loss_fn, log_metrics, progress, deadline):

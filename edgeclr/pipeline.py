@@ -78,18 +78,21 @@ def stage_configs(cfg: config.PipelineConfig) -> dict[str, Any]:
 
     exp = dict(sec["export"])
     formats = exp.pop("formats", "onnx,openvino")
-    train = build("train", data=cfg.data, out=str(out), **common, **prog)
+    plan = budget_plan(cfg, sec)
+    train = build("train", {**plan["train"], **sec["train"]}, data=cfg.data, out=str(out), **common, **prog)
     ladder = config.student_ladder(cfg.students or config.PIPELINE_PRESETS[cfg.preset].get("students", "auto"), sec["distill"],
                                    train)
-    distill = [build("distill", r.options, teacher=str(out / "train"), out=str(rung_dir(out, r.name)), **common, **prog)
-               for r in ladder]
+    per_student = {"fit_minutes": round(plan["distill"]["fit_minutes"] / len(ladder), 3)} if cfg.minutes else {}
+    distill = [build("distill", {**per_student, **r.options}, teacher=str(out / "train"), out=str(rung_dir(out, r.name)),
+                     **common, **prog) for r in ladder]
     dep = dict(sec["deploy"])
     also = [a for a in str(dep.pop("also", None) or "").split(",") if a]
     also += [str(rung_dir(out, r.name)) for r in ladder if r.name]
     return {
         "train": train,
         "distill": distill,
-        "compress": build("compress", student=str(out / "distill"), out=str(out), **common, **prog),
+        "compress": build("compress", {**plan["compress"], **sec["compress"]}, student=str(out / "distill"), out=str(out),
+                          **common, **prog),
         "export": [build("export", exp, target=str(out / "train"), format=f, out=str(out / "export"), name="teacher")
                    for f in formats.split(",") if f],
         "eval": build("eval", target=str(out), **common),
@@ -99,17 +102,32 @@ def stage_configs(cfg: config.PipelineConfig) -> dict[str, Any]:
     }
 
 
+def budget_plan(cfg: config.PipelineConfig, sec: dict) -> dict[str, dict]:
+    """--minutes B: {stage: {"fit_minutes": share of B}} by config.BUDGET_SHARES (a stage's own
+    fit_minutes in the config file wins); without --minutes, nothing."""
+    if not cfg.minutes:
+        return {s: {} for s in config.BUDGET_SHARES}
+    return {s: {"fit_minutes": round(cfg.minutes * share, 3)} for s, share in config.BUDGET_SHARES.items()}
+
+
 def rung_dir(out: Path, name: str) -> Path:
     """Where a student of the ladder is distilled: RUN itself for the distill section's student
     (RUN/distill), RUN/students/NAME (its own distill/) for the others."""
     return out / "students" / name if name else out
 
 
+# options added after runs were keyed, at the value that means what a run did before they existed: left out
+# of the key there, so that an upgraded edgeclr keeps the finished stages of an existing run folder
+_SINCE = {"fit_minutes": 0.0}
+
+
 def _plain(c, stage: str = "") -> Any:
+    if isinstance(c, list) and stage == "distill" and len(c) == 1:  # one student: keyed as before the ladder
+        return _plain(c[0], stage)
     if isinstance(c, list):
         return [_plain(x, stage) for x in c]
     d = config.to_dict(c) if dataclasses.is_dataclass(c) else dict(c)
-    return {k: v for k, v in d.items() if k not in _NOT_IN_KEY - _IN_KEY.get(stage, set())}
+    return {k: v for k, v in d.items() if k not in _NOT_IN_KEY - _IN_KEY.get(stage, set()) and (k not in _SINCE or v != _SINCE[k])}
 
 
 def stage_key(name: str, cfg_obj, upstream: str) -> str:
@@ -364,8 +382,27 @@ def _fit_label_levels(c: config.EvalConfig, tc: config.TrainConfig) -> config.Ev
     return dataclasses.replace(c, label_efficiency=",".join(map(str, keep)))
 
 
+def _budget(cfg: config.PipelineConfig, configs: dict) -> dict | None:
+    """--minutes: the plan in minutes per stage (what pipeline.json and the report compare with)."""
+    if not cfg.minutes:
+        return None
+    plan = {"train": configs["train"].fit_minutes, "distill": round(sum(c.fit_minutes for c in configs["distill"]), 3),
+            "compress": configs["compress"].fit_minutes}
+    rest = round(cfg.minutes - sum(plan.values()), 3)
+    log.info("--minutes %g: the teacher's schedule is fitted to %.1f min, %d student(s) to %.1f min each, the recoveries to "
+             "%.1f min; %.1f min are left for loading, evaluation, export, bench, deploy and the report (each training "
+             "stage fits its epochs to its share from its measured step time)", cfg.minutes, plan["train"],
+             len(configs["distill"]), plan["distill"] / len(configs["distill"]), plan["compress"], rest)
+    return {"minutes": cfg.minutes, "plan_minutes": {**plan, "rest": rest}, "shares": config.BUDGET_SHARES}
+
+
 def _run(cfg: config.PipelineConfig, out: Path, configs: dict, first: int, last: int) -> dict:
     state = _start(cfg, out)
+    budget = _budget(cfg, configs)
+    t_run = time.time()
+    if budget:
+        state.d["budget"] = {**budget, "started": t_run}
+        state.save()
     done: dict[str, str] = {}
     upstream = ""
     for i, name in enumerate(STAGES[:last + 1]):
@@ -388,6 +425,11 @@ def _run(cfg: config.PipelineConfig, out: Path, configs: dict, first: int, last:
         state.set(name, status="done", seconds=round(time.time() - t0, 1), summary=summary)
         done[name] = "resumed" if resume else "ran"
         upstream = key
+    if budget:
+        took = (time.time() - t_run) / 60
+        state.d["budget"]["took_minutes"] = round(took, 2)
+        state.save()
+        (log.info if took <= cfg.minutes else log.warning)("the run took %.1f min of its %g-minute budget", took, cfg.minutes)
     return {"out": str(out), "stages": done, "report": str(out / "report.html") if "report" in done else None}
 
 

@@ -16,6 +16,7 @@ import io
 import json
 import platform
 import re
+import time
 from pathlib import Path
 
 from edgeclr.formats import format_of
@@ -432,9 +433,20 @@ def _students_section(state: dict) -> list[tuple]:
 def _provenance_section(out: Path, state: dict) -> list[tuple]:
     blocks = [("h", 2, "Stages, commands and versions")]
     st = state.get("stages") or {}
+    budget = state.get("budget")
+    if budget:
+        plan = budget["plan_minutes"]
+        took = (f"; the run took {budget['took_minutes']:.1f} min" if budget.get("took_minutes") is not None else
+                f"; the run took {(time.time() - budget['started']) / 60:.1f} min up to this report" if budget.get("started") else "")
+        blocks.append(("p", f"Budget (--minutes {budget['minutes']:g}){took}. Each training stage fitted its epochs to its share "
+                            f"from its measured step time (train {plan['train']:.1f} min, students {plan['distill']:.1f} min, "
+                            f"recoveries {plan['compress']:.1f} min); the rest ({plan['rest']:.1f} min) covers loading, "
+                            "evaluation, export, bench, deploy and the report."))
     if st:
-        blocks.append(("table", markdown_table(["stage", "status", "seconds", "key"], [
-            [n, f"{s.get('status')}{' (resumed)' if s.get('resumed') else ''}", _fmt(s.get("seconds"), "{:.0f}"), f"`{s.get('key')}`"]
+        planned = (budget or {}).get("plan_minutes") or {}
+        blocks.append(("table", markdown_table(["stage", "status", "seconds"] + (["training share s"] if planned else []) + ["key"], [
+            [n, f"{s.get('status')}{' (resumed)' if s.get('resumed') else ''}", _fmt(s.get("seconds"), "{:.0f}")]
+            + ([_fmt(planned.get(n) and 60 * planned[n], "{:.0f}")] if planned else []) + [f"`{s.get('key')}`"]
             for n, s in st.items()])))
     cmds = [r.get("command") for r in state.get("runs", []) if r.get("command")]
     blocks.append(("code", "\n".join(cmds[-3:] + [f"# reproduce: edgeclr pipeline --config {out / 'pipeline.yaml'}"])))

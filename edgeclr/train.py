@@ -124,7 +124,8 @@ def _main(cfg: config.TrainConfig, d: dist_.Dist) -> dict:
                        spec=model.spec.to_dict(), preprocess=pp.to_dict(), embed_dim=model.embed_dim, metrics=final,
                        wall_time_s=time.time() - t0,
                        artifacts={"checkpoint": str(tr.ckpt_path), "checkpoint_sha256": checkpoint.sha256(tr.ckpt_path)},
-                       extra={**tr.precision, "completed": completed, "epoch": tr.epoch, "step": tr.step, "global_step": tr.global_step,
+                       extra={**tr.precision, "fitted": tr.fitted,
+                              "completed": completed, "epoch": tr.epoch, "step": tr.step, "global_step": tr.global_step,
                               "train_seconds": round(train_s, 1), "parameters": count_params(model),
                               "world_size": d.world, "skipped_files": sorted(tr.skipped), "augment": tr.aug_cfg.to_dict()})
     dist_.barrier(d)  # no rank leaves before rank 0 has written

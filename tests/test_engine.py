@@ -118,3 +118,82 @@ def test_the_manifest_and_checkpoint_say_which_precision_ran(tmp_path):
     ck = checkpoint.load(tmp_path / "r" / "train" / "checkpoints" / "last.pt")
     assert man["precision_ran"] in ("fp32", "bf16") and man["why"]
     assert ck["precision"]["precision_ran"] == man["precision_ran"]
+
+
+def _tiny_train(out, **kw):
+    from edgeclr import config
+
+    kw = {"epochs": 1, **kw}
+    return config.TrainConfig(data="digits", width=8, stem_stride=1, input_size=8, batch_size=64, knn_every=0,
+                              tensorboard=False, threads=1, out=str(out), **kw)
+
+
+def test_amp_auto_on_a_cpu_probes_bf16_and_a_resumed_run_keeps_what_it_chose(tmp_path, monkeypatch):
+    """--amp auto on a CPU: fp32 without bf16 units, or for a schedule too short to pay for the probe;
+    otherwise the warmed-up probe's choice, with its figures in the manifest, kept on resume."""
+    import json
+
+    from edgeclr import checkpoint, train
+
+    monkeypatch.setattr(engine, "cpu_bf16_units", lambda: None)
+    r = engine.choose_cpu_precision(engine.models.create_model("resnet18", in_chans=1, width=8, stem_stride=1),
+                                    torch.randn(4, 1, 8, 8), 10 ** 6)
+    assert r == {"precision_ran": "fp32", "why": "--amp auto: this CPU has no bf16 units (amx_bf16, avx512_bf16)"}
+    monkeypatch.undo()
+
+    train.main(_tiny_train(tmp_path / "short"))  # about a second of fp32 training: not worth a probe
+    m = json.loads((tmp_path / "short/train/manifest.json").read_text())
+    assert m["precision_ran"] == "fp32" and m["why"].startswith("--amp auto: ")
+    if engine.cpu_bf16_units() is None:
+        pytest.skip("this CPU has no bf16 units: the probe itself cannot run")
+
+    # a probe that always pays, and a bar that bf16 always clears: the run trains in bf16 and says why
+    monkeypatch.setattr(engine, "PROBE_MIN_SECONDS", 0.0)
+    monkeypatch.setattr(engine, "BF16_MIN_GAIN", 0.0)
+    train.main(_tiny_train(tmp_path / "bf16", epochs=2))
+    m = json.loads((tmp_path / "bf16/train/manifest.json").read_text())
+    assert m["precision_ran"] == "bf16" and "warmed-up probe" in m["why"]
+    assert m["probe"]["fp32_step_s"] > 0 and m["probe"]["bf16_step_s"] > 0 and m["probe"]["batch"] == [128, 1, 8, 8]
+    # resumed with a bar bf16 can never clear: the run goes on in the precision it began with
+    monkeypatch.setattr(engine, "BF16_MIN_GAIN", 1e9)
+    ck = checkpoint.load(tmp_path / "bf16/train/checkpoints/last.pt")
+    assert ck["precision"]["precision_ran"] == "bf16"
+    train.main(_tiny_train(tmp_path / "bf16", epochs=3, resume=True))
+    m = json.loads((tmp_path / "bf16/train/manifest.json").read_text())
+    assert m["precision_ran"] == "bf16" and m["why"].endswith("(kept on resume)")
+
+
+def test_fit_minutes_sizes_the_schedule_from_the_measured_steps(tmp_path):
+    """fit_minutes: the first steps are timed, the epochs that fit are kept (at most --epochs) and the
+    cosine decay ends there; the manifest says how."""
+    import json
+
+    from edgeclr import checkpoint, train
+
+    # a budget far under one epoch: one epoch
+    train.main(_tiny_train(tmp_path / "short", epochs=50, fit_minutes=0.001, amp="off"))
+    m = json.loads((tmp_path / "short/train/manifest.json").read_text())
+    ck = checkpoint.load(tmp_path / "short/train/checkpoints/last.pt")
+    assert m["fitted"]["epochs"] == 1 and m["fitted"]["asked_epochs"] == 50 and m["fitted"]["step_s"] > 0
+    assert ck["epoch"] == 1 and ck["config"]["epochs"] == 1 and "1 of 50 epochs fit" in m["fitted"]["why"]
+    # resumed with the same options (--epochs 50): the fitted schedule holds, nothing more is trained
+    train.main(_tiny_train(tmp_path / "short", epochs=50, fit_minutes=0.001, amp="off", resume=True))
+    assert checkpoint.load(tmp_path / "short/train/checkpoints/last.pt")["global_step"] == ck["global_step"]
+    # a budget far over the schedule: --epochs as asked
+    train.main(_tiny_train(tmp_path / "long", epochs=2, fit_minutes=60, amp="off"))
+    m = json.loads((tmp_path / "long/train/manifest.json").read_text())
+    assert m["fitted"]["epochs"] == 2 and checkpoint.load(tmp_path / "long/train/checkpoints/last.pt")["epoch"] == 2
+
+
+def test_a_schedule_rebuilt_mid_run_continues_from_its_step():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    full = engine.build_scheduler(opt, total_steps=100, warmup_steps=10)
+    for _ in range(30):
+        opt.step()
+        full.step()
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    engine.build_scheduler(opt2, total_steps=100, warmup_steps=10)
+    rebuilt = engine.build_scheduler(opt2, total_steps=100, warmup_steps=10, at_step=30)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"]) and rebuilt.last_epoch == 30
+    opt.step(), full.step(), opt2.step(), rebuilt.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])

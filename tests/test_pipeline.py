@@ -242,6 +242,22 @@ def test_stage_keys_chain_and_ignore_runtime_options():
     assert config.PipelineConfig().out == "runs/demo" and config.PipelineConfig(preset="fashion-mnist").data == "fashion-mnist"
 
 
+def test_an_option_added_later_keeps_the_keys_of_finished_runs_at_its_old_behaviour():
+    """An upgrade must not re-run an existing run folder's finished stages: a new option at the value
+    that means what edgeclr did before it existed is left out of the stage's key, and a ladder of one
+    student is keyed as the single student was."""
+    import dataclasses
+
+    cs = pipeline.stage_configs(config.PipelineConfig(out="/tmp/x", students="none"))
+    before = config.to_dict(cs["train"])
+    before.pop("fit_minutes")
+    assert pipeline.stage_key("train", cs["train"], "") == pipeline.stage_key("train", before, "")
+    assert pipeline.stage_key("train", dataclasses.replace(cs["train"], fit_minutes=3.0), "") != \
+        pipeline.stage_key("train", cs["train"], "")
+    (student,) = cs["distill"]
+    assert pipeline.stage_key("distill", cs["distill"], "u") == pipeline.stage_key("distill", student, "u")
+
+
 @pytest.mark.parametrize("preset", sorted(config.PIPELINE_PRESETS))
 def test_every_preset_builds_its_stage_configs(preset, tmp_path):
     cs = pipeline.stage_configs(config.PipelineConfig(preset=preset, out=str(tmp_path)))
@@ -309,15 +325,23 @@ def test_unlabeled_folder_runs_every_stage(tmp_path):
     cfg = write_cfg(tmp_path / "p.yaml", train=dict(input_size=16, stem_stride=1, batch_size=32),
                     distill=dict(batch_size=32))
     out = tmp_path / "run"
-    text = finish("--config", cfg, "--data", d, "--out", out)
+    text = finish("--config", cfg, "--data", d, "--out", out, "--minutes", 2)
     assert set(stages_line(text).values()) == {"ran"}
-    st = json.loads((out / "pipeline.json").read_text())["stages"]
+    state = json.loads((out / "pipeline.json").read_text())
+    st = state["stages"]
     assert st["eval"]["summary"] == {"no_labels": True}
+    # --minutes 2: each training stage's schedule fitted to its share, and the report says how the time went
+    assert state["budget"]["plan_minutes"] == {"train": 0.9, "distill": 0.5, "compress": 0.2, "rest": 0.4}
+    assert 0 < state["budget"]["took_minutes"] and "--minutes 2: the teacher's schedule is fitted to 0.9 min" in text
+    fitted = json.loads((out / "train/manifest.json").read_text())["fitted"]
+    assert fitted["budget_s"] == 54 and fitted["epochs"] == 1 and fitted["step_s"] > 0
+    assert json.loads((out / "distill/manifest.json").read_text())["fitted"]["budget_s"] == 30
+    assert "Budget (--minutes 2); the run took" in (out / "report.md").read_text()
     assert (out / "compress/models/int8.onnx").exists() and (out / "report.html").exists()
     sel = json.loads((out / "deploy/selection.json").read_text())
     assert not sel["labeled"] and "top-10 neighbour overlap with the teacher >= 0.5" in sel["rule_text"]
     assert "Deployment" in (out / "report.md").read_text() and list((out / "deploy").glob("model.*"))
-    assert set(stages_line(finish("--config", cfg, "--data", d, "--out", out)).values()) == {"skipped"}
+    assert set(stages_line(finish("--config", cfg, "--data", d, "--out", out, "--minutes", 2)).values()) == {"skipped"}
 
 
 def test_a_stained_tissue_image_as_tiles_runs_to_the_end_calibrating_on_the_tiles_it_has(tmp_path):

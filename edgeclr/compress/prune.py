@@ -133,6 +133,7 @@ def recovery_config(cfg, sck: dict, tpath: Path, tck: dict, pp: Preprocess) -> c
     dcfg.epochs = max(cfg.recover_epochs, 1)  # the schedule's length; no training at all when recover_epochs is 0
     dcfg.lr = cfg.recover_lr or dcfg.lr
     dcfg.knn_every, dcfg.cache_teacher, dcfg.device = 0, False, cfg.device
+    dcfg.fit_minutes = cfg.fit_minutes / max(cfg.prune_steps, 1)  # the student's own distillation budget does not carry over
     for k in ("seed", "progress", "tensorboard", "threads"):
         setattr(dcfg, k, getattr(cfg, k))
     if cfg.data:
