@@ -707,7 +707,8 @@ class PipelineConfig:
     progress: bool | None = opt(None, "progress bars (default: when stderr is a terminal)")
     minutes: float | None = opt(None, "a wall-clock budget for the whole run, in minutes: the teacher's schedule is fitted to "
                                       "45% of it, the students' to 25% (an equal part each), compress's recoveries to 10%, each "
-                                      "from its measured step time; the rest is left for export, eval, bench and deploy")
+                                      "from its measured step time; deploy builds candidates for 10%; the rest is left for "
+                                      "export, eval, bench and deploy's timing")
     students: str | None = opt(None, "the student ladder distilled beside the distill section's student, every rung a deploy "
                                      "candidate: auto (two ResNet-10 widths from the teacher's, MobileNetV3 Small, and Large "
                                      "from 64 px) | none | a comma list of MODEL[@WIDTH] (the preset's, else auto)")
@@ -746,10 +747,10 @@ class PipelineConfig:
 
 
 # `edgeclr pipeline --minutes B`: the share of B that each training stage's schedule is fitted to
-# (fit_minutes); the rest (export, eval, bench, deploy, report, loading and evaluation inside the
-# training stages) runs as configured. The teacher gets the largest share: the students can only be as
-# good as it is.
-BUDGET_SHARES = {"train": 0.45, "distill": 0.25, "compress": 0.10}
+# (fit_minutes) and deploy builds candidates for (search_minutes); the rest (export, eval, bench,
+# deploy's timing, the report, loading and evaluation inside the training stages) runs as configured.
+# The teacher gets the largest share: the students can only be as good as it is.
+BUDGET_SHARES = {"train": 0.45, "distill": 0.25, "compress": 0.10, "deploy": 0.10}  # deploy: building its candidates
 
 
 @dataclass(frozen=True)

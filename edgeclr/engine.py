@@ -145,12 +145,13 @@ def cpu_bf16_units() -> str | None:
     return ", ".join(have) or None
 
 
-def choose_cpu_precision(model: Encoder, x: torch.Tensor, steps_left: int, rounds: int = 3) -> dict:
+def choose_cpu_precision(model: Encoder, x: torch.Tensor, steps_left: int, rounds: int = 3, scale: float = 1.0) -> dict:
     """--amp auto on a CPU: time training steps (forward through the projection, backward) of a copy
     of `model` on the real batch x, fp32 and bf16 autocast, each warmed up first (oneDNN builds its
     primitives on the first calls), then alternated `rounds` times; bf16 when its median step is at
-    least BF16_MIN_GAIN faster. A schedule that fp32 finishes within PROBE_MIN_SECONDS is not
-    probed. Returns {precision_ran, why, probe}."""
+    least BF16_MIN_GAIN faster. A schedule that fp32 finishes within PROBE_MIN_SECONDS (a probe
+    step times `scale`: the probe's batch is at most 64 images of the step's) is not probed.
+    Returns {precision_ran, why, probe}."""
     units = cpu_bf16_units()
     if units is None:
         return {"precision_ran": "fp32", "why": "--amp auto: this CPU has no bf16 units (amx_bf16, avx512_bf16)"}
@@ -166,8 +167,8 @@ def choose_cpu_precision(model: Encoder, x: torch.Tensor, steps_left: int, round
 
     step(False)
     fp32 = step(False)
-    if fp32 * steps_left < PROBE_MIN_SECONDS:
-        return {"precision_ran": "fp32", "why": f"--amp auto: the schedule takes about {fp32 * steps_left:.0f} s in fp32, too "
+    if fp32 * scale * steps_left < PROBE_MIN_SECONDS:
+        return {"precision_ran": "fp32", "why": f"--amp auto: the schedule takes about {fp32 * scale * steps_left:.0f} s in fp32, too "
                                                 f"short for a bf16 probe to pay ({units})"}
     step(True), step(True)
     times = {False: [fp32], True: []}
@@ -275,7 +276,8 @@ class Trainer:
 
     def __init__(self, cfg, stage: str, model: Encoder, ds: data.Dataset, pp: Preprocess, device: torch.device,
                  stage_dir: Path, trainable: torch.nn.Module | None = None, dist: dist_.Dist = dist_.SINGLE):
-        self.cfg, self.stage, self.model, self.ds, self.pp = cfg, stage, model, ds, pp
+        # its own copy: a fitted schedule (fit_minutes) changes its epochs, not the caller's config
+        self.cfg, self.stage, self.model, self.ds, self.pp = copy.copy(cfg), stage, model, ds, pp
         self.device, self.dir, self.dist = device, stage_dir, dist
         self.steps_per_epoch = data.steps_per_epoch(len(ds), cfg.batch_size, dist.world)
         if self.steps_per_epoch == 0:
@@ -639,7 +641,9 @@ def fit(tr: Trainer, loss_fn, monitor=None, deadline: float | None = None) -> tu
     t0 = time.time()
     tr.fit_started = t0
     if tr.global_step == 0 and cfg.amp == "auto" and tr.device.type == "cpu" and not tr.dist.enabled and not cfg.compile:
-        tr.set_precision(choose_cpu_precision(tr.model, tr.probe_batch(), tr.total_steps))
+        x = tr.probe_batch()
+        images = len(x) // 2 if tr.stage == "train" else len(x)  # train's batch holds two views of each image
+        tr.set_precision(choose_cpu_precision(tr.model, x, tr.total_steps, scale=cfg.batch_size / images))
         log.info("%s", tr.precision["why"])
     try:
         while tr.epoch < cfg.epochs:

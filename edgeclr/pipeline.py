@@ -97,7 +97,7 @@ def stage_configs(cfg: config.PipelineConfig) -> dict[str, Any]:
                    for f in formats.split(",") if f],
         "eval": build("eval", target=str(out), **common),
         "bench": build("bench", models=(str(out),), out=str(out / "bench")),
-        "deploy": build("deploy", dep, run=str(out), out=str(out / "deploy"), also=",".join(also) or None),
+        "deploy": build("deploy", {**plan["deploy"], **dep}, run=str(out), out=str(out / "deploy"), also=",".join(also) or None),
         "report": {"out": str(out)},
     }
 
@@ -107,7 +107,8 @@ def budget_plan(cfg: config.PipelineConfig, sec: dict) -> dict[str, dict]:
     fit_minutes in the config file wins); without --minutes, nothing."""
     if not cfg.minutes:
         return {s: {} for s in config.BUDGET_SHARES}
-    return {s: {"fit_minutes": round(cfg.minutes * share, 3)} for s, share in config.BUDGET_SHARES.items()}
+    return {s: {"search_minutes" if s == "deploy" else "fit_minutes": round(cfg.minutes * share, 3)}
+            for s, share in config.BUDGET_SHARES.items()}
 
 
 def rung_dir(out: Path, name: str) -> Path:
@@ -276,10 +277,18 @@ def _deploy_summary(r: dict) -> dict:
 
 
 def _distilled_also(c: config.DeployConfig) -> config.DeployConfig:
-    """deploy's --also without the ladder's students that were skipped (they have no checkpoint)."""
-    also = [a for a in (c.also or "").split(",") if a and (Path(a).parent.name != "students"
-                                                           or (Path(a) / "distill/checkpoints/last.pt").exists())]
-    return dataclasses.replace(c, also=",".join(also) or None)
+    """deploy's --also: the ladder's students that were distilled (a skipped one has no checkpoint) and
+    met the budget at the end of their distillation (the INT8 files of one that missed it could only
+    lose more; the distill section's student in RUN/distill is a candidate whatever it scored)."""
+    from edgeclr.rundir import read_manifest
+
+    def wanted(a: str) -> bool:
+        if Path(a).parent.name != "students":
+            return True
+        man = read_manifest(Path(a) / "distill")
+        return (Path(a) / "distill/checkpoints/last.pt").exists() and meets_budget(man.get("metrics") or {}, c) is not False
+
+    return dataclasses.replace(c, also=",".join(a for a in (c.also or "").split(",") if a and wanted(a)) or None)
 
 
 def _run_stage(name: str, c, resume: bool, configs: dict) -> dict:
@@ -387,12 +396,13 @@ def _budget(cfg: config.PipelineConfig, configs: dict) -> dict | None:
     if not cfg.minutes:
         return None
     plan = {"train": configs["train"].fit_minutes, "distill": round(sum(c.fit_minutes for c in configs["distill"]), 3),
-            "compress": configs["compress"].fit_minutes}
+            "compress": configs["compress"].fit_minutes, "deploy": configs["deploy"].search_minutes}
     rest = round(cfg.minutes - sum(plan.values()), 3)
     log.info("--minutes %g: the teacher's schedule is fitted to %.1f min, %d student(s) to %.1f min each, the recoveries to "
-             "%.1f min; %.1f min are left for loading, evaluation, export, bench, deploy and the report (each training "
-             "stage fits its epochs to its share from its measured step time)", cfg.minutes, plan["train"],
-             len(configs["distill"]), plan["distill"] / len(configs["distill"]), plan["compress"], rest)
+             "%.1f min, deploy builds candidates for %.1f min; %.1f min are left for loading, evaluation, export, bench, "
+             "deploy's timing and the report (each training stage fits its epochs to its share from its measured step time)",
+             cfg.minutes, plan["train"], len(configs["distill"]), plan["distill"] / len(configs["distill"]), plan["compress"],
+             plan["deploy"], rest)
     return {"minutes": cfg.minutes, "plan_minutes": {**plan, "rest": rest}, "shares": config.BUDGET_SHARES}
 
 

@@ -423,9 +423,10 @@ def _students_section(state: dict) -> list[tuple]:
         return []
     labeled = any(r.get("knn_top1") is not None for r in ladder)
     return [("h", 2, "Students"),
-            ("p", "Every student distilled from the teacher, by family, smallest first; each is a deployment candidate "
-                  "(FP32 and INT8; the distill section's student in `distill/` is also pruned). A student is skipped "
-                  "when a smaller one of its family already met the budget, measured at the end of its distillation "
+            ("p", "Every student distilled from the teacher, by family, smallest first; each one within the budget is a "
+                  "deployment candidate (FP32 and INT8), and the distill section's student in `distill/` is one whatever "
+                  "it scored, and is also pruned. A student is skipped when a smaller one of its family already met the "
+                  "budget, measured at the end of its distillation "
                   + ("(kNN points against the teacher)." if labeled else "(top-10 neighbour overlap with the teacher).")),
             ("table", students_table(ladder, labeled))]
 
@@ -440,8 +441,9 @@ def _provenance_section(out: Path, state: dict) -> list[tuple]:
                 f"; the run took {(time.time() - budget['started']) / 60:.1f} min up to this report" if budget.get("started") else "")
         blocks.append(("p", f"Budget (--minutes {budget['minutes']:g}){took}. Each training stage fitted its epochs to its share "
                             f"from its measured step time (train {plan['train']:.1f} min, students {plan['distill']:.1f} min, "
-                            f"recoveries {plan['compress']:.1f} min); the rest ({plan['rest']:.1f} min) covers loading, "
-                            "evaluation, export, bench, deploy and the report."))
+                            f"recoveries {plan['compress']:.1f} min) and deploy built candidates for "
+                            f"{plan.get('deploy', 0):.1f} min; the rest ({plan['rest']:.1f} min) covers loading, "
+                            "evaluation, export, bench, deploy's timing and the report."))
     if st:
         planned = (budget or {}).get("plan_minutes") or {}
         blocks.append(("table", markdown_table(["stage", "status", "seconds"] + (["training share s"] if planned else []) + ["key"], [

@@ -1,6 +1,7 @@
 """`edgeclr pipeline`: every stage in one command; skip, resume, re-run on changed options; the report."""
 
 import base64
+import dataclasses
 import importlib.util
 import io
 import json
@@ -331,7 +332,7 @@ def test_unlabeled_folder_runs_every_stage(tmp_path):
     st = state["stages"]
     assert st["eval"]["summary"] == {"no_labels": True}
     # --minutes 2: each training stage's schedule fitted to its share, and the report says how the time went
-    assert state["budget"]["plan_minutes"] == {"train": 0.9, "distill": 0.5, "compress": 0.2, "rest": 0.4}
+    assert state["budget"]["plan_minutes"] == {"train": 0.9, "distill": 0.5, "compress": 0.2, "deploy": 0.2, "rest": 0.2}
     assert 0 < state["budget"]["took_minutes"] and "--minutes 2: the teacher's schedule is fitted to 0.9 min" in text
     fitted = json.loads((out / "train/manifest.json").read_text())["fitted"]
     assert fitted["budget_s"] == 54 and fitted["epochs"] == 1 and fitted["step_s"] > 0
@@ -414,3 +415,19 @@ def test_a_native_crash_in_a_stage_is_one_line_naming_stage_signal_and_resume(tm
     assert "Fatal Python error" in (out / "crash.log").read_text() and "Fatal Python error" not in p.stderr
     s = stages_line(finish("--config", cfg, "--out", out, "--until", "distill"))
     assert s == {"train": "skipped", "distill": "resumed"}
+
+
+def test_deploy_builds_the_ladder_students_that_met_the_budget(tmp_path):
+    """A ladder student that missed deploy's budget at the end of its distillation is not built for
+    deploy (its INT8 files could only lose more); one that was skipped has no folder."""
+    rungs = {}
+    for name, overlap in (("narrow", 0.3), ("wide", 0.7), ("skipped", None)):
+        d = tmp_path / "students" / name
+        rungs[name] = str(d)
+        if overlap is not None:
+            (d / "distill/checkpoints").mkdir(parents=True)
+            (d / "distill/checkpoints/last.pt").write_bytes(b"")
+            (d / "distill/manifest.json").write_text(json.dumps({"metrics": {"topk_overlap": overlap}}))
+    c = config.DeployConfig(run=str(tmp_path), also=",".join(rungs.values()), min_overlap=0.5)
+    assert pipeline._distilled_also(c).also == rungs["wide"]
+    assert pipeline._distilled_also(dataclasses.replace(c, min_overlap=0.2)).also == f"{rungs['narrow']},{rungs['wide']}"
