@@ -103,8 +103,9 @@ def stage_configs(cfg: config.PipelineConfig) -> dict[str, Any]:
 
 
 def budget_plan(cfg: config.PipelineConfig, sec: dict) -> dict[str, dict]:
-    """--minutes B: {stage: {"fit_minutes": share of B}} by config.BUDGET_SHARES (a stage's own
-    fit_minutes in the config file wins); without --minutes, nothing."""
+    """--minutes B: {stage: {option: share of B}} by config.BUDGET_SHARES: fit_minutes for the
+    training stages, search_minutes for deploy (a stage's own value in the config file wins);
+    without --minutes, nothing."""
     if not cfg.minutes:
         return {s: {} for s in config.BUDGET_SHARES}
     return {s: {"search_minutes" if s == "deploy" else "fit_minutes": round(cfg.minutes * share, 3)}
@@ -237,20 +238,20 @@ def _run_ladder(cs: list, resume: bool, deploy: config.DeployConfig) -> dict:
             log.info("distill: %s skipped: a smaller %s student already meets the budget", name, fam)
             rows.append({"student": name, "family": fam, "skipped": f"a smaller {fam} student meets the budget"})
             continue
-        man = read_manifest(out / "distill") if resume and (out / "distill" / "manifest.json").is_file() else None
+        man = read_manifest(out / "distill") if resume else {}
         t0 = time.time()
-        if man and man.get("completed"):
+        if man.get("completed"):
             m, seconds = dict(man.get("metrics") or {}), man.get("wall_time_s")
             log.info("distill: %s finished earlier, kept", name)
         else:
-            ck = out / "distill" / "checkpoints"
-            m = _run_training("distill", c, resume and ((ck / "last.pt").exists() or (ck / "last.prev.pt").exists()))
+            m = _run_training("distill", c, resume and _has_checkpoint(out / "distill"))
             seconds = time.time() - t0
+            man = read_manifest(out / "distill")
         ok = meets_budget(m, deploy)
         if ok:
             fitted.add(fam)
         rows.append({"student": name, "family": fam, "model": c.model, "width": c.width, "seconds": round(seconds or 0, 1),
-                     "parameters": read_manifest(out / "distill").get("parameters"),
+                     "parameters": man.get("parameters"),
                      "meets_budget": ok, **{k: m[k] for k in ("knn_top1", "teacher_knn_top1", "retention", "topk_overlap")
                                             if m.get(k) is not None}})
     first = next(r for r in rows if r["student"] == "distill")
@@ -461,8 +462,13 @@ def data_fingerprint(c: config.TrainConfig) -> dict:
     return open_pretrain(c).fingerprint()
 
 
+def _has_checkpoint(stage_dir: Path) -> bool:
+    """A training stage's folder holds a checkpoint to resume from (the last one, or the one before it)."""
+    ck = stage_dir / "checkpoints"
+    return (ck / "last.pt").exists() or (ck / "last.prev.pt").exists()
+
+
 def _resumable(out: Path, name: str) -> bool:
-    ck = out / name / "checkpoints"
     if name == "deploy":  # built candidates and their scores are kept; the timing runs again
         return (out / "deploy" / "candidates").is_dir()
-    return (ck / "last.pt").exists() or (ck / "last.prev.pt").exists() or (name == "compress" and (ck / "prune.pt").exists())
+    return _has_checkpoint(out / name) or (name == "compress" and (out / name / "checkpoints" / "prune.pt").exists())
