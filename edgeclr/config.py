@@ -473,8 +473,9 @@ class DeployConfig:
     eval_images: int = opt(10000, "labeled bank / query images for the held-out accuracy (at most)")
     min_overlap: float = opt(0.5, "unlabeled data: the budget is a top-10 neighbour overlap with the teacher of at least this")
     search_minutes: float = opt(0.0, "stop building new candidates after this many minutes (those built are measured); 0 = no limit")
-    tie_margin: float = opt(0.05, "candidates not measurably more than this fraction slower than the fastest (the low end of "
-                                  "the bootstrap interval of their latency ratio) are tied: the most accurate, then the smallest, ships")
+    tie_margin: float = opt(0.05, "candidates at most this fraction slower than the fastest (the median of their per-round "
+                                  "latency ratio), or not measurably slower at all (its bootstrap interval reaches 1), are tied: "
+                                  "the most accurate, then the smallest, ships")
     rounds: int = opt(10, "interleaved timing rounds over all candidates (the tie rule compares candidates round by round)")
     runs: int = opt(10, "timed runs per candidate per round")
     warmup: float = opt(0.5, "warm-up seconds per candidate")
@@ -792,6 +793,14 @@ def family(model: str) -> str:
     return "resnet" if model.startswith("resnet") else "mobilenet"
 
 
+def student_size(model: str, width: int | None) -> int:
+    """A student's order within its family, smallest first (ResNets by depth x width squared)."""
+    if family(model) == "mobilenet":
+        return MOBILENET_SIZES.index(model) if model in MOBILENET_SIZES else len(MOBILENET_SIZES)
+    depth = int("".join(c for c in model if c.isdigit()) or 18)
+    return depth * (width or 64) ** 2
+
+
 def student_ladder(spec: str, primary: dict, teacher: "TrainConfig") -> list[Rung]:
     """The students the pipeline distils, in the order they run: the distill section's own student
     (always; RUN/distill) and the ladder's others, by family, smallest first. `auto`: ResNet-10 at a
@@ -812,12 +821,7 @@ def student_ladder(spec: str, primary: dict, teacher: "TrainConfig") -> list[Run
     else:
         pairs = parsed
 
-    def size(model: str, width: int | None) -> int:
-        if family(model) == "mobilenet":
-            return MOBILENET_SIZES.index(model) if model in MOBILENET_SIZES else len(MOBILENET_SIZES)
-        depth = int("".join(c for c in model if c.isdigit()) or 18)
-        return depth * (width or 64) ** 2
-
+    size = student_size
     rungs = [Rung("", family(first[0]), size(*first), dict(primary))]
     for model, width in dict.fromkeys(pairs):
         if (model, width) == first or (family(model) == family(first[0]) == "mobilenet" and model == first[0]):

@@ -124,6 +124,10 @@ class DistillTrainer(Trainer):
         self.adapter.load_state_dict(ckpt["adapter"])
         self.queue.load_state_dict(ckpt["queue"])
 
+    def frozen_forward(self):
+        """The teacher's forward of every step (none with --cache-teacher): the precision probe times it too."""
+        return self.teacher.embed if self.targets is None else None
+
     def distill_loss(self, x: torch.Tensor, indices) -> torch.Tensor:
         """x: (B, C, H, W) uint8 -> weighted cosine + relational loss of one augmented view."""
         cfg = self.cfg

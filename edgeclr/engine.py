@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -145,13 +146,15 @@ def cpu_bf16_units() -> str | None:
     return ", ".join(have) or None
 
 
-def choose_cpu_precision(model: Encoder, x: torch.Tensor, steps_left: int, rounds: int = 3, scale: float = 1.0) -> dict:
+def choose_cpu_precision(model: Encoder, x: torch.Tensor, steps_left: int, rounds: int = 3, scale: float = 1.0,
+                         frozen: Callable | None = None) -> dict:
     """--amp auto on a CPU: time training steps (forward through the projection, backward) of a copy
     of `model` on the real batch x, fp32 and bf16 autocast, each warmed up first (oneDNN builds its
     primitives on the first calls), then alternated `rounds` times; bf16 when its median step is at
-    least BF16_MIN_GAIN faster. A schedule that fp32 finishes within PROBE_MIN_SECONDS (a probe
-    step times `scale`: the probe's batch is at most 64 images of the step's) is not probed.
-    Returns {precision_ran, why, probe}."""
+    least BF16_MIN_GAIN faster. `frozen` is a forward each step also runs without gradients under the
+    same autocast (distillation's teacher): it is part of the step's time and of bf16's gain. A
+    schedule that fp32 finishes within PROBE_MIN_SECONDS (a probe step times `scale`: the probe's
+    batch is at most 64 images of the step's) is not probed. Returns {precision_ran, why, probe}."""
     units = cpu_bf16_units()
     if units is None:
         return {"precision_ran": "fp32", "why": "--amp auto: this CPU has no bf16 units (amx_bf16, avx512_bf16)"}
@@ -160,6 +163,9 @@ def choose_cpu_precision(model: Encoder, x: torch.Tensor, steps_left: int, round
     def step(bf16: bool) -> float:
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if frozen is not None:
+                with torch.no_grad():
+                    frozen(x)
             out = m.project(x)
         out.float().square().mean().backward()
         m.zero_grad(set_to_none=True)
@@ -357,6 +363,10 @@ class Trainer:
     def set_precision(self, chosen: dict) -> None:
         self.amp = torch.bfloat16 if chosen["precision_ran"] == "bf16" else None
         self.precision = chosen
+
+    def frozen_forward(self) -> Callable | None:
+        """A forward each training step also runs without gradients (distillation's teacher), for the precision probe."""
+        return None
 
     def probe_batch(self) -> torch.Tensor:
         """A training step's input for the precision probe: real images of the data (at most 64,
@@ -643,7 +653,7 @@ def fit(tr: Trainer, loss_fn, monitor=None, deadline: float | None = None) -> tu
     if tr.global_step == 0 and cfg.amp == "auto" and tr.device.type == "cpu" and not tr.dist.enabled and not cfg.compile:
         x = tr.probe_batch()
         images = len(x) // 2 if tr.stage == "train" else len(x)  # train's batch holds two views of each image
-        tr.set_precision(choose_cpu_precision(tr.model, x, tr.total_steps, scale=cfg.batch_size / images))
+        tr.set_precision(choose_cpu_precision(tr.model, x, tr.total_steps, scale=cfg.batch_size / images, frozen=tr.frozen_forward()))
         log.info("%s", tr.precision["why"])
     try:
         while tr.epoch < cfg.epochs:

@@ -223,23 +223,51 @@ def meets_budget(metrics: dict, d: config.DeployConfig) -> bool | None:
     return None
 
 
+def _rung_name(c: config.DistillConfig) -> str:
+    """A ladder student's name: its folder under RUN/students/, or "distill" for the distill section's own."""
+    return Path(c.out).name if Path(c.out).parent.name == "students" else "distill"
+
+
 def _run_ladder(cs: list, resume: bool, deploy: config.DeployConfig) -> dict:
     """Distil every student of the ladder (config.student_ladder's order). The distill section's own
     student always runs; another rung is skipped when a smaller student of its family already meets
-    deploy's budget (it would be slower for nothing). A finished rung is kept on resume."""
+    deploy's budget (it would be slower for nothing). A finished rung is kept on resume.
+
+    Under --minutes the students' share is one pool, and a student is secured first: the largest
+    rung of the first family (the likeliest to meet the budget) may take all of it, up to its own
+    schedule; the others follow smallest first, each fitted to what is left over the students still
+    to run, so the time of a skipped student, or of one that took less than its part, goes to the
+    next. A student that finds the pool spent is skipped and says so."""
     from edgeclr.rundir import read_manifest
 
-    rows, fitted = [], set()
-    for c in cs:
-        out = Path(c.out)
-        name = out.name if out.parent.name == "students" else "distill"
+    pool = sum(c.fit_minutes for c in cs) * 60 if all(c.fit_minutes for c in cs) else None
+    size = [config.student_size(c.model, c.width) for c in cs]
+    order = list(range(len(cs)))
+    if pool is not None and len(cs) > 1:
+        fam0 = config.family(cs[0].model)
+        first = max((i for i in order if config.family(cs[i].model) == fam0), key=lambda i: size[i])
+        order = [first] + [i for i in order if i != first]
+        log.info("distill: --minutes: %s first, with as much of the students' %.1f min as its schedule takes: the largest "
+                 "%s student is the likeliest to meet the budget", _rung_name(cs[first]), pool / 60, fam0)
+    rows, fitted, spent = {}, {}, 0.0
+    for n, i in enumerate(order):
+        c = cs[i]
+        out, name = Path(c.out), _rung_name(c)
         fam = config.family(c.model)
-        if name != "distill" and fam in fitted:
+        if name != "distill" and fitted.get(fam, size[i]) < size[i]:
             log.info("distill: %s skipped: a smaller %s student already meets the budget", name, fam)
-            rows.append({"student": name, "family": fam, "skipped": f"a smaller {fam} student meets the budget"})
+            rows[i] = {"student": name, "family": fam, "skipped": f"a smaller {fam} student meets the budget"}
             continue
         man = read_manifest(out / "distill") if resume else {}
         t0 = time.time()
+        if pool is not None and not man.get("completed"):
+            share = (pool - spent) / (1 if n == 0 else len(order) - n)
+            if share < MIN_RUNG_SECONDS and name != "distill":
+                why = f"the students' share of --minutes is spent ({spent / 60:.1f} of {pool / 60:.1f} min)"
+                log.info("distill: %s skipped: %s", name, why)
+                rows[i] = {"student": name, "family": fam, "skipped": why}
+                continue
+            c = dataclasses.replace(c, fit_minutes=round(max(share, MIN_RUNG_SECONDS) / 60, 3))
         if man.get("completed"):
             m, seconds = dict(man.get("metrics") or {}), man.get("wall_time_s")
             log.info("distill: %s finished earlier, kept", name)
@@ -247,17 +275,21 @@ def _run_ladder(cs: list, resume: bool, deploy: config.DeployConfig) -> dict:
             m = _run_training("distill", c, resume and _has_checkpoint(out / "distill"))
             seconds = time.time() - t0
             man = read_manifest(out / "distill")
+        spent += seconds or 0.0
         ok = meets_budget(m, deploy)
         if ok:
-            fitted.add(fam)
-        rows.append({"student": name, "family": fam, "model": c.model, "width": c.width, "seconds": round(seconds or 0, 1),
-                     "parameters": man.get("parameters"),
-                     "meets_budget": ok, **{k: m[k] for k in ("knn_top1", "teacher_knn_top1", "retention", "topk_overlap")
-                                            if m.get(k) is not None}})
+            fitted[fam] = min(fitted.get(fam, size[i]), size[i])
+        rows[i] = {"student": name, "family": fam, "model": c.model, "width": c.width, "seconds": round(seconds or 0, 1),
+                   "parameters": man.get("parameters"),
+                   "meets_budget": ok, **{k: m[k] for k in ("knn_top1", "teacher_knn_top1", "retention", "topk_overlap")
+                                          if m.get(k) is not None}}
+    rows = [rows[i] for i in sorted(rows)]  # the ladder's order, as the report lists it
     first = next(r for r in rows if r["student"] == "distill")
     return {**{k: first[k] for k in ("knn_top1", "teacher_knn_top1", "retention", "topk_overlap") if k in first},
             "ladder": rows}
 
+
+MIN_RUNG_SECONDS = 15.0  # --minutes: a ladder student is not started on less of the students' share than this
 
 RUNNERS = {  # (the stage's config, resume, every stage's config) -> a summary for pipeline.json
     "train": lambda c, resume, _: _run_training("train", c, resume),
@@ -401,10 +433,23 @@ def _budget(cfg: config.PipelineConfig, configs: dict) -> dict | None:
     rest = round(cfg.minutes - sum(plan.values()), 3)
     log.info("--minutes %g: the teacher's schedule is fitted to %.1f min, %d student(s) to %.1f min each, the recoveries to "
              "%.1f min, deploy builds candidates for %.1f min; %.1f min are left for loading, evaluation, export, bench, "
-             "deploy's timing and the report (each training stage fits its epochs to its share from its measured step time)",
+             "deploy's timing and the report (each training stage fits its epochs to its share from its measured step time; "
+             "each share is of the time still left when the stage starts, so what a stage leaves unused goes to the later ones)",
              cfg.minutes, plan["train"], len(configs["distill"]), plan["distill"] / len(configs["distill"]), plan["compress"],
              plan["deploy"], rest)
     return {"minutes": cfg.minutes, "plan_minutes": {**plan, "rest": rest}, "shares": config.BUDGET_SHARES}
+
+
+def passed_on(name: str, c, left_s: float) -> tuple[Any, float]:
+    """--minutes: stage `name`'s config with its share of the time still left (its share over the
+    shares of the stages after it and the rest), so that what an earlier stage did not use goes to
+    the later ones rather than to nothing; (the config, its minutes)."""
+    shares = list(config.BUDGET_SHARES)
+    later = sum(config.BUDGET_SHARES[s] for s in shares[shares.index(name):]) + (1 - sum(config.BUDGET_SHARES.values()))
+    minutes = max(0.0, left_s / 60) * config.BUDGET_SHARES[name] / later
+    if name == "distill":  # the ladder's pool: an equal part each (_run_ladder passes on within it)
+        return [dataclasses.replace(x, fit_minutes=round(minutes / len(c), 3)) for x in c], round(minutes, 3)
+    return dataclasses.replace(c, **{"search_minutes" if name == "deploy" else "fit_minutes": round(minutes, 3)}), round(minutes, 3)
 
 
 def _run(cfg: config.PipelineConfig, out: Path, configs: dict, first: int, last: int) -> dict:
@@ -432,7 +477,11 @@ def _run(cfg: config.PipelineConfig, out: Path, configs: dict, first: int, last:
         log.info("%s: %s", name, "resuming" if resume else "running")
         state.set(name, key=key, status="running", started=time.time(), resumed=resume)
         t0 = time.time()
-        summary = _run_stage(name, configs[name], resume, configs)
+        c = configs[name]
+        if budget and name in config.BUDGET_SHARES:  # after the key: a resumed stage keeps its key, and its checkpoint its schedule
+            c, given = passed_on(name, c, cfg.minutes * 60 - (t0 - t_run))
+            state.d["budget"].setdefault("given_minutes", {})[name] = given
+        summary = _run_stage(name, c, resume, {**configs, name: c})
         state.set(name, status="done", seconds=round(time.time() - t0, 1), summary=summary)
         done[name] = "resumed" if resume else "ran"
         upstream = key

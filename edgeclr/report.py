@@ -443,9 +443,11 @@ def _provenance_section(out: Path, state: dict) -> list[tuple]:
                             f"from its measured step time (train {plan['train']:.1f} min, students {plan['distill']:.1f} min, "
                             f"recoveries {plan['compress']:.1f} min) and deploy built candidates for "
                             f"{plan.get('deploy', 0):.1f} min; the rest ({plan['rest']:.1f} min) covers loading, "
-                            "evaluation, export, bench, deploy's timing and the report."))
+                            "evaluation, export, bench, deploy's timing and the report. Each share is of the time still "
+                            "left when its stage starts (the table's share column), so what a stage leaves unused goes "
+                            "to the later ones."))
     if st:
-        planned = (budget or {}).get("plan_minutes") or {}
+        planned = {**((budget or {}).get("plan_minutes") or {}), **((budget or {}).get("given_minutes") or {})}
         blocks.append(("table", markdown_table(["stage", "status", "seconds"] + (["training share s"] if planned else []) + ["key"], [
             [n, f"{s.get('status')}{' (resumed)' if s.get('resumed') else ''}", _fmt(s.get("seconds"), "{:.0f}")]
             + ([_fmt(planned.get(n) and 60 * planned[n], "{:.0f}")] if planned else []) + [f"`{s.get('key')}`"]

@@ -236,6 +236,22 @@ def test_candidates_tied_within_noise_ship_the_most_accurate_and_the_choice_does
     assert deploy.choose(rs, {**rule, "tie_margin": 0.05})["name"] == "student/int8.onnx"
 
 
+def test_a_candidate_slower_by_its_median_is_not_tied_by_the_low_end_of_its_interval():
+    """The rounds of a demo deploy (Intel Xeon, 1 thread): the INT8 copy of the shipped student was
+    1.09x slower by its median ratio, with an interval down to 1.04. Held to the interval's low end it
+    tied under the 5% margin and, as accurate and smaller, shipped, where two other deploys of the
+    same files shipped the FP32 copy; held to the median, the faster file ships every time."""
+    rule = {"max_drop": 1.5, "min_overlap": 0.5, "max_latency_ms": None, "tie_margin": 0.05}
+    fp32 = [0.0453, 0.0418, 0.0388, 0.042, 0.0414, 0.0402, 0.0392, 0.0413, 0.0412, 0.0418]
+    int8 = [0.043, 0.0433, 0.0461, 0.064, 0.0432, 0.0434, 0.0457, 0.0458, 0.0428, 0.046]
+    rs = timed(rows(("teacher/fp32.onnx", 92.89, 0.204), ("w8/fp32.onnx", 94.89, 0.0415), ("w8/int8.onnx", 94.89, 0.0455)),
+               [[0.204] * 10, fp32, int8])
+    rs[2]["size_bytes"] = rs[1]["size_bytes"] // 2
+    ratio, lo, _ = bench.ratio_interval(int8, fp32)
+    assert ratio > 1.08 and lo < 1.05  # the case: tied by the low end, not by the median
+    assert deploy.choose(rs, rule)["name"] == "w8/fp32.onnx" and rs[2]["status"] == "slower"
+
+
 def test_without_rounds_a_board_bench_ties_only_equal_latencies():
     rs = rows(("teacher/fp32.onnx", 90.0, 0.40), ("pruned/int8.onnx", 89.0, 0.10), ("student/int8.onnx", 89.6, 0.11))
     win = deploy.choose(rs, {"max_drop": 1.5, "min_overlap": 0.5, "max_latency_ms": None})

@@ -128,6 +128,29 @@ def _tiny_train(out, **kw):
                               tensorboard=False, threads=1, out=str(out), **kw)
 
 
+def test_the_precision_probe_times_the_frozen_forward_of_every_step(monkeypatch):
+    """Distillation's step also runs the teacher: the probe's schedule estimate (and bf16's gain)
+    counts that forward, so a schedule the student alone would finish in a blink is still probed."""
+    import time
+
+    monkeypatch.setattr(engine, "cpu_bf16_units", lambda: "avx512_bf16")
+    monkeypatch.setattr(engine, "PROBE_MIN_SECONDS", 1.0)
+    model = engine.models.create_model("resnet18", in_chans=1, width=8, stem_stride=1)
+    x = torch.randn(4, 1, 8, 8)
+    calls = []
+
+    def teacher(v):
+        calls.append(torch.is_grad_enabled())
+        time.sleep(0.2)
+        return v.flatten(1)
+
+    alone = engine.choose_cpu_precision(model, x, 10)
+    assert alone["precision_ran"] == "fp32" and "too short" in alone["why"] and not calls
+    with_teacher = engine.choose_cpu_precision(model, x, 10, frozen=teacher)
+    assert "probe" in with_teacher and with_teacher["probe"]["fp32_step_s"] >= 0.2 and with_teacher["probe"]["bf16_step_s"] >= 0.2
+    assert calls and not any(calls)  # every probe step ran it, without gradients
+
+
 def test_amp_auto_on_a_cpu_probes_bf16_and_a_resumed_run_keeps_what_it_chose(tmp_path, monkeypatch):
     """--amp auto on a CPU: fp32 without bf16 units, or for a schedule too short to pay for the probe;
     otherwise the warmed-up probe's choice, with its figures in the manifest, kept on resume."""
