@@ -82,7 +82,9 @@ def main() -> None:
         plan = budget["plan_minutes"]
         lines += [f"Budget: `--minutes {budget['minutes']:g}`, the run took **{budget.get('took_minutes', float('nan')):.2f} min** "
                   f"(training shares: teacher {plan['train']:.2f} min, students {plan['distill']:.2f}, recoveries "
-                  f"{plan['compress']:.2f}; the rest {plan['rest']:.2f}).", ""]
+                  f"{plan['compress']:.2f}; the rest {plan['rest']:.2f})"
+                  + ("; each stage's share of the time left when it started: " + ", ".join(
+                      f"{k} {v:.2f}" for k, v in budget["given_minutes"].items()) if budget.get("given_minutes") else "") + ".", ""]
         rec["budget"] = budget
     if base:
         lines += [f"Baselines (kNN top-1, same held-out images): raw pixels {base.get('pixels', float('nan')):.2f}%, random-init "

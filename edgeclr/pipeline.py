@@ -294,13 +294,34 @@ MIN_RUNG_SECONDS = 15.0  # --minutes: a ladder student is not started on less of
 RUNNERS = {  # (the stage's config, resume, every stage's config) -> a summary for pipeline.json
     "train": lambda c, resume, _: _run_training("train", c, resume),
     "distill": lambda c, resume, cs: _run_ladder(c, resume, cs["deploy"]),
-    "compress": lambda c, resume, _: _run_training("compress", c, resume),
+    "compress": lambda c, resume, _: _run_training("compress", compress_target(c), resume),
     "export": lambda c, resume, _: {Path(e["path"]).name: e["parity"] for e in map(stage_main("export"), c)},
     "eval": lambda c, resume, _: _run_eval(c, resume),
     "bench": lambda c, resume, _: {"configurations": len(stage_main("bench")(c)["rows"])},
     "deploy": lambda c, resume, _: _deploy_summary(stage_main("deploy")(_distilled_also(c))),
     "report": lambda c, resume, _: {k: v for k, v in stage_main("report")(Path(c["out"])).items() if k in ("html", "md")},
 }
+
+
+def compress_target(c: config.CompressConfig) -> config.CompressConfig:
+    """compress's config for the student it should prune: the smallest student of the ladder (by
+    parameters) that met deploy's budget at the end of its distillation, pruning being the way to a
+    faster model within the budget; the distill section's own student when none met it, or when the
+    run has no ladder (pipeline.json's distill summary). A config naming another student is kept."""
+    out = Path(c.out)
+    if Path(c.student) != out / "distill":
+        return c
+    st = json.loads((out / "pipeline.json").read_text()) if (out / "pipeline.json").is_file() else {}
+    ladder = ((st.get("stages") or {}).get("distill") or {}).get("summary", {}).get("ladder") or []
+    met = [r for r in ladder if r.get("meets_budget") and r.get("parameters")]
+    if not met:
+        return c
+    best = min(met, key=lambda r: (r["parameters"], r["student"] != "distill"))
+    if best["student"] == "distill":
+        return c
+    log.info("compress: prunes students/%s (%.2fM parameters), the smallest student within deploy's budget", best["student"],
+             best["parameters"] / 1e6)
+    return dataclasses.replace(c, student=str(rung_dir(out, best["student"]) / "distill"))
 
 
 def _deploy_summary(r: dict) -> dict:

@@ -327,26 +327,94 @@ def _label_efficiency_section(out: Path) -> list[tuple]:
             ("img", "label_efficiency.png", label_efficiency_chart(le), "Accuracy against labelled images per class")]
 
 
-def _retention_section(rows: list[dict]) -> list[tuple]:
+def _file_id(path: Path) -> str | None:
+    """sha256 of a model file (an OpenVINO .xml with its .bin), None when it is not there."""
+    from edgeclr.data import sha256_file  # torch-free, as the report is
+
+    files = [path] + ([path.with_suffix(".bin")] if path.suffix == ".xml" else [])
+    return "+".join(sha256_file(f) for f in files) if all(f.is_file() for f in files) else None
+
+
+def deploy_latencies(out: Path, sel: dict | None) -> dict[str, float]:
+    """{file sha256: p50 ms} of every file deploy timed at 1 thread and batch 1. Where another table
+    of the report shows one of these files at those settings, it shows deploy's figure (its rounds
+    interleave every candidate): one file, one latency in one report."""
+    if not sel or sel.get("threads") != 1 or sel.get("batch") != 1:
+        return {}
+    got = {}
+    for c in sel.get("candidates") or []:
+        p = Path(c["path"]) if Path(c["path"]).is_file() else out / "deploy" / "candidates" / c["name"]
+        fid = _file_id(p)
+        if fid and c.get("p50_ms"):
+            got[fid] = c["p50_ms"]
+    return got
+
+
+def with_deploy_latency(rows: list[dict], lat: dict[str, float], path_of, ms_key: str, ref_of, speed_key: str) -> int:
+    """Rows (dicts) whose file deploy also timed take deploy's latency; a row with a speed-up takes
+    it only when deploy also timed the file the speed-up is against, and then the ratio of the two
+    (a pair measured apart is left as it was). Returns how many rows changed."""
+    ids = {id(r): _file_id(p) if (p := path_of(r)) else None for r in rows}
+    n = 0
+    for r in rows:
+        ref = ref_of(r)
+        a = ids[id(r)]
+        b = ids.get(id(ref)) if ref is not None else None
+        if a in lat and (ref is None or b in lat):
+            r[ms_key] = lat[a]
+            if ref is not None:
+                r[speed_key] = lat[b] / lat[a]
+            r["latency_from"] = "deploy"
+            n += 1
+    return n
+
+
+def _retention_section(rows: list[dict], lat: dict[str, float] | None = None) -> list[tuple]:
     if not rows:
         return []
+    rows = [dict(r) for r in rows]
+    by_name = {r["model"]: r for r in rows}
+    n = with_deploy_latency(rows, lat or {}, lambda r: Path(r["path"]) if r.get("runtime") != "torch" else None, "latency_ms_1thread",
+                            lambda r: by_name.get(r.get("speedup_reference")), "speedup_vs_teacher")
+    same = (f" The {n} files that deploy also timed show deploy's latency (and the speed-up between two of them), so a file "
+            "has one latency in this report.") if n else ""
     blocks = [("h", 2, "Retention across stages"),
               ("p", "Every stage and exported artifact on the same held-out images; retention = kNN accuracy / the "
                     "teacher's; agreement columns compare with the teacher's predictions and neighbours; latency at 1 "
                     "thread, batch 1, every row timed in one interleaved measurement; speed-up against the teacher in the "
-                    "same runtime (column vs: its own export for a file, torch eager for a checkpoint)."),
+                    "same runtime (column vs: its own export for a file, torch eager for a checkpoint)." + same),
               ("table", compare_table(rows))]
     png = _speed_chart(rows)
     return blocks + ([("img", "latency_size.png", png, "Latency and size of every artifact")] if png else [])
 
 
-def _compression_section(out: Path, creport: dict | None) -> list[tuple]:
+def _compression_section(out: Path, creport: dict | None, lat: dict[str, float] | None = None) -> list[tuple]:
     if not creport:
         return []
+    creport = {k: dict(v) for k, v in creport.items()}
+    models = out / "compress" / "models"
+
+    def path_of(r):  # "onnx-int8" -> compress/models/int8.onnx
+        name = next((k for k, v in creport.items() if v is r), "")
+        fmt, _, variant = name.partition("-")
+        return models / f"{variant}{'.onnx' if fmt == 'onnx' else '.xml'}" if fmt in ("onnx", "openvino") and variant else None
+
+    def fp32_of(r):
+        name = next((k for k, v in creport.items() if v is r), "")
+        return creport.get(name.partition("-")[0] + "-fp32") if name.endswith("-int8") else None
+
+    n = with_deploy_latency(list(creport.values()), lat or {}, path_of, "latency_ms_1thread", fp32_of, "speedup_vs_fp32")
     blocks = [("h", 2, "Compression")]
-    pr = read_manifest(out / "compress").get("pruning") or {}
+    if n:
+        blocks.append(("p", f"The {n} files that deploy also timed show deploy's latency (an INT8 file's speed-up over "
+                            "the FP32 file from the same measurement), so a file has one latency in this report."))
+    man = read_manifest(out / "compress")
+    pr = man.get("pruning") or {}
+    src = Path(str((man.get("inputs") or {}).get("student") or ""))
+    which = next((f" of `{'/'.join(src.parts[i:i + 2])}/` (the smallest student within the budget)" for i in range(len(src.parts) - 1)
+                  if src.parts[i] == "students"), "")
     if pr.get("base_macs"):
-        blocks.append(("p", f"Pruning: {pr['base_macs'] / 1e6:.2f}M -> {pr['macs'] / 1e6:.2f}M MACs "
+        blocks.append(("p", f"Pruning{which}: {pr['base_macs'] / 1e6:.2f}M -> {pr['macs'] / 1e6:.2f}M MACs "
                             f"({100 * pr['mac_ratio']:.0f}%), {pr['base_params'] / 1e6:.3f}M -> {pr['params'] / 1e6:.3f}M "
                             f"parameters, in {pr['steps']} step(s) with {pr['recover_epochs']} recovery epoch(s) each. "
                             "INT8 speed-up is against the same runtime's FP32 model."))
@@ -465,12 +533,13 @@ def build_blocks(out: Path) -> list[tuple]:
     cmp = _load(out / "compare.json")
     rows = cmp["rows"] if cmp else []
     sel = _load(out / "deploy" / "selection.json")
+    lat = deploy_latencies(out, sel)
     data = state.get("data") or ((read_manifest(out / "train").get("inputs") or {}).get("data") or {}).get("name")
     return [("h", 1, f"edgeclr run report: {out.name}"),
             ("p", f"Dataset: {data}. Preset: {state.get('preset', '-')}. Built from the files in `{out}`."),
             *_headline(sel, teacher_eval), *_teacher_section(teacher_eval), *_label_efficiency_section(out),
-            *_deployment_section(out, sel), *_students_section(state), *_retention_section(rows),
-            *_compression_section(out, _load(out / "compress" / "report.json")), *_curves_and_embeddings(out),
+            *_deployment_section(out, sel), *_students_section(state), *_retention_section(rows, lat),
+            *_compression_section(out, _load(out / "compress" / "report.json"), lat), *_curves_and_embeddings(out),
             *_bench_section(out, _load(out / "bench" / "bench.json")), *_provenance_section(out, state)]
 
 

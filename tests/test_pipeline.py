@@ -117,7 +117,9 @@ def test_pipeline_killed_mid_stage_resumes_skips_and_reports(tmp_path):
     sel = json.loads((out / "deploy/selection.json").read_text())
     nets = {c["name"]: c["architecture"] for c in sel["candidates"]}
     assert nets["resnet10-w8.student/fp32.onnx"] == "resnet10 w8" and nets["student/fp32.onnx"] == "resnet10 w16"
-    assert nets["pruned/fp32.onnx"] == "resnet10 w16 pruned" and not any("w24" in n for n in nets)
+    # compress pruned the smallest student within the budget (every one is, with no overlap asked for)
+    assert nets["pruned/fp32.onnx"] == "resnet10 w8 pruned" and not any("w24" in n for n in nets)
+    assert json.loads((out / "compress/manifest.json").read_text())["inputs"]["student"].endswith("students/resnet10-w8/distill/checkpoints/last.pt")
 
     # the report: markdown and a self-contained HTML whose every image is a decodable PNG
     html = (out / "report.html").read_text()
@@ -130,7 +132,8 @@ def test_pipeline_killed_mid_stage_resumes_skips_and_reports(tmp_path):
     md = (out / "report.md").read_text()
     for text in ("Teacher against the baselines", "raw pixels", "random init", "Retention across stages", "## Students",
                  "| `students/resnet10-w8/` | resnet | resnet10 w8 |", "skipped: a smaller resnet student meets the budget",
-                 "compress/models/int8.onnx", "Deployment", "onnxruntime", ". Deployed ", "the teacher's own",
+                 "compress/models/int8.onnx", "Pruning of `students/resnet10-w8/` (the smallest student within the budget)",
+                 "Deployment", "onnxruntime", ". Deployed ", "the teacher's own",
                  "Few labels", "| full fine-tuning |", "3 / class"):
         assert text in md, text
     for f in re.findall(r"\]\((report_files/[^)]+)\)", md):
@@ -351,6 +354,27 @@ def test_the_ladder_spends_one_pool_under_minutes(tmp_path, monkeypatch):
     assert given == [("resnet10-w24", 1.5), ("distill", 0.375)]  # all 90 s offered, 45 taken; then 45 s over two
     assert [r["student"] for r in rows] == ["distill", "resnet10-w24", "mobilenet_v3_small_minimal"]
     assert "spent" in rows[2]["skipped"] and rows[0]["meets_budget"] is False
+
+
+def test_compress_prunes_the_smallest_student_within_the_budget(tmp_path):
+    """From pipeline.json's ladder: the smallest student (by parameters) that met deploy's budget;
+    the distill section's student when none did, or when the config names another student."""
+    cfg = pipeline.stage_configs(config.PipelineConfig(out=str(tmp_path)))["compress"]
+
+    def ladder(*rows):
+        (tmp_path / "pipeline.json").write_text(json.dumps({"stages": {"distill": {"summary": {"ladder": [
+            {"student": n, "meets_budget": ok, "parameters": p} for n, ok, p in rows]}}}}))
+        return Path(pipeline.compress_target(cfg).student)
+
+    assert ladder(("resnet10-w8", True, 1e5), ("distill", True, 4e5), ("mobilenet_v3_small_minimal", True, 7e5)) == \
+        tmp_path / "students" / "resnet10-w8" / "distill"
+    assert ladder(("resnet10-w8", False, 1e5), ("distill", True, 4e5), ("resnet10-w32", True, 1.4e6)) == tmp_path / "distill"
+    assert ladder(("distill", False, 4e5), ("resnet10-w32", True, 1.4e6)) == tmp_path / "students" / "resnet10-w32" / "distill"
+    assert ladder(("distill", False, 4e5), ("resnet10-w32", False, 1.4e6)) == tmp_path / "distill"  # none met: as before
+    (tmp_path / "pipeline.json").unlink()
+    assert Path(pipeline.compress_target(cfg).student) == tmp_path / "distill"
+    named = dataclasses.replace(cfg, student=str(tmp_path / "mine"))
+    assert pipeline.compress_target(named) is named
 
 
 def test_unlabeled_folder_runs_every_stage(tmp_path):
