@@ -58,7 +58,10 @@ def embed(fn, x: torch.Tensor, batch_size: int = 256, device: str | torch.device
 @torch.no_grad()
 def knn_predict(bank: torch.Tensor, bank_y: torch.Tensor, query: torch.Tensor, k: int = 20, t: float = 0.1,
                 num_classes: int | None = None, chunk: int = 1024) -> torch.Tensor:
-    """Weighted kNN. bank (M, D), bank_y (M,), query (N, D) -> predicted labels (N,)."""
+    """Weighted kNN. bank (M, D), bank_y (M,), query (N, D) -> predicted labels (N,): the top-k by
+    cosine in torch, the vote by runtime.index.weighted_vote (the rule's one owner)."""
+    from edgeclr.runtime.index import weighted_vote
+
     num_classes = num_classes or int(bank_y.max()) + 1
     bank = F.normalize(bank.float(), dim=1)
     k = min(k, len(bank))
@@ -66,9 +69,7 @@ def knn_predict(bank: torch.Tensor, bank_y: torch.Tensor, query: torch.Tensor, k
     for i in range(0, len(query), chunk):
         q = F.normalize(query[i:i + chunk].float(), dim=1)
         sim, nn_idx = (q @ bank.T).topk(k, dim=1)  # (n, k)
-        w = (sim / t).exp()
-        votes = torch.zeros(len(q), num_classes).scatter_add_(1, bank_y[nn_idx], w)
-        preds.append(votes.argmax(1))
+        preds.append(torch.from_numpy(weighted_vote(sim.cpu().numpy(), bank_y[nn_idx].cpu().numpy(), num_classes, t)))
     return torch.cat(preds)
 
 

@@ -31,6 +31,23 @@ def test_knn_matches_the_reference():
     assert (got == reference_knn(bank, bank_y, query, 7, 0.1)).all()
 
 
+def test_evaluation_and_the_device_index_apply_one_knn_rule():
+    """heldout.knn_predict (evaluation, torch) and runtime.Index.classify (the task scorer, `edgeclr
+    search`) both vote through runtime.index.weighted_vote: the same predictions on the same data."""
+    from edgeclr.runtime import Index
+    from edgeclr.runtime.index import weighted_vote
+
+    # one neighbour at 0.9 against two at 0.85: exp(9) < 2 exp(8.5), so the pair wins; a tie goes to the first class
+    assert weighted_vote(np.array([[0.9, 0.85, 0.85]]), np.array([[0, 1, 1]]), 2, 0.1).tolist() == [1]
+    assert weighted_vote(np.array([[0.5, 0.5]]), np.array([[1, 0]]), 2, 0.1).tolist() == [0]
+    rng = np.random.default_rng(1)
+    bank, query = rng.normal(size=(300, 12)).astype(np.float32), rng.normal(size=(80, 12)).astype(np.float32)
+    bank_y = rng.integers(0, 4, 300)
+    ours = knn_predict(torch.tensor(bank), torch.tensor(bank_y), torch.tensor(query), 9, 0.1, 4).numpy()
+    device = Index(bank, labels=bank_y).classify(query, 9, 0.1).astype(int)
+    assert (ours == device).all() and (ours == reference_knn(bank, bank_y, query, 9, 0.1)).all()
+
+
 def held(n_bank=300, n_query=100, **kw):
     bank, query = data.open_dataset("digits", "train"), data.open_dataset("digits", "test")
     return HeldOut.from_datasets(bank, query, Preprocess(8, 8, (0.3,), (0.3,), 1), 0, n_bank, n_query, **kw)

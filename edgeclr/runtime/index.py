@@ -15,6 +15,17 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def weighted_vote(scores: np.ndarray, labels: np.ndarray, num_classes: int, t: float = 0.1) -> np.ndarray:
+    """The weighted kNN rule (Wu et al. 2018), the one edgeclr applies everywhere (evaluation in torch,
+    the task table's scorer, `edgeclr search --labels` on the device): each of a query's k neighbours
+    votes exp(cosine / t) for its class; the class with the most wins (the first on a tie).
+    scores (Q, k) cosine similarities, labels (Q, k) class indices in [0, num_classes) -> (Q,) int64."""
+    scores = np.asarray(scores, np.float32)
+    votes = np.zeros((len(scores), num_classes), np.float32)
+    np.add.at(votes, (np.arange(len(scores))[:, None], np.asarray(labels, np.int64)), np.exp(scores / np.float32(t)))
+    return votes.argmax(1)
+
+
 INDEX_BACKENDS = ("numpy", "usearch")
 
 
@@ -80,9 +91,7 @@ class Index:
             raise ValueError("this index has no labels: build it with labels to classify")
         classes, y = np.unique(self.labels, return_inverse=True)
         scores, idx = self.search(queries, k)
-        votes = np.zeros((len(scores), len(classes)))
-        np.add.at(votes, (np.arange(len(scores))[:, None], y[idx]), np.exp(scores / t))
-        return classes[votes.argmax(1)]
+        return classes[weighted_vote(scores, y[idx], len(classes), t)]
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
