@@ -228,19 +228,19 @@ def _rung_name(c: config.DistillConfig) -> str:
     return Path(c.out).name if Path(c.out).parent.name == "students" else "distill"
 
 
-def _run_ladder(cs: list, resume: bool, deploy: config.DeployConfig) -> dict:
+def _run_ladder(cs: list, resume: bool, deploy: config.DeployConfig, pool_minutes: float | None = None) -> dict:
     """Distil every student of the ladder (config.student_ladder's order). The distill section's own
     student always runs; another rung is skipped when a smaller student of its family already meets
     deploy's budget (it would be slower for nothing). A finished rung is kept on resume.
 
-    Under --minutes the students' share is one pool, and a student is secured first: the largest
+    Under --minutes the students' share (`pool_minutes`) is one pool, and a student is secured first: the largest
     rung of the first family (the likeliest to meet the budget) may take all of it, up to its own
     schedule; the others follow smallest first, each fitted to what is left over the students still
     to run, so the time of a skipped student, or of one that took less than its part, goes to the
     next. A student that finds the pool spent is skipped and says so."""
     from edgeclr.rundir import read_manifest
 
-    pool = sum(c.fit_minutes for c in cs) * 60 if all(c.fit_minutes for c in cs) else None
+    pool = pool_minutes * 60 if pool_minutes else None
     size = [config.student_size(c.model, c.width) for c in cs]
     order = list(range(len(cs)))
     if pool is not None and len(cs) > 1:
@@ -291,9 +291,9 @@ def _run_ladder(cs: list, resume: bool, deploy: config.DeployConfig) -> dict:
 
 MIN_RUNG_SECONDS = 15.0  # --minutes: a ladder student is not started on less of the students' share than this
 
-RUNNERS = {  # (the stage's config, resume, every stage's config) -> a summary for pipeline.json
+RUNNERS = {  # (the stage's config, resume, every stage's config and given_minutes under --minutes) -> a summary for pipeline.json
     "train": lambda c, resume, _: _run_training("train", c, resume),
-    "distill": lambda c, resume, cs: _run_ladder(c, resume, cs["deploy"]),
+    "distill": lambda c, resume, cs: _run_ladder(c, resume, cs["deploy"], cs.get("given_minutes")),
     "compress": lambda c, resume, _: _run_training("compress", compress_target(c), resume),
     "export": lambda c, resume, _: {Path(e["path"]).name: e["parity"] for e in map(stage_main("export"), c)},
     "eval": lambda c, resume, _: _run_eval(c, resume),
@@ -498,11 +498,13 @@ def _run(cfg: config.PipelineConfig, out: Path, configs: dict, first: int, last:
         log.info("%s: %s", name, "resuming" if resume else "running")
         state.set(name, key=key, status="running", started=time.time(), resumed=resume)
         t0 = time.time()
-        c = configs[name]
-        if budget and name in config.BUDGET_SHARES:  # after the key: a resumed stage keeps its key, and its checkpoint its schedule
+        c, given = configs[name], None
+        own = "search_minutes" if name == "deploy" else "fit_minutes"
+        if budget and name in config.BUDGET_SHARES and own not in cfg.sections()[name]:  # the section's own value wins
+            # after the key: a resumed stage keeps its key, and its checkpoint its schedule
             c, given = passed_on(name, c, cfg.minutes * 60 - (t0 - t_run))
             state.d["budget"].setdefault("given_minutes", {})[name] = given
-        summary = _run_stage(name, c, resume, {**configs, name: c})
+        summary = _run_stage(name, c, resume, {**configs, name: c, "given_minutes": given})
         state.set(name, status="done", seconds=round(time.time() - t0, 1), summary=summary)
         done[name] = "resumed" if resume else "ran"
         upstream = key

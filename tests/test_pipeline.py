@@ -350,7 +350,7 @@ def test_the_ladder_spends_one_pool_under_minutes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline, "_run_training", fake_training)
     monkeypatch.setattr(pipeline.time, "time", lambda: clock[0])
-    rows = pipeline._run_ladder(ds, False, cs["deploy"])["ladder"]
+    rows = pipeline._run_ladder(ds, False, cs["deploy"], pool)["ladder"]
     assert given == [("resnet10-w24", 1.5), ("distill", 0.375)]  # all 90 s offered, 45 taken; then 45 s over two
     assert [r["student"] for r in rows] == ["distill", "resnet10-w24", "mobilenet_v3_small_minimal"]
     assert "spent" in rows[2]["skipped"] and rows[0]["meets_budget"] is False
@@ -387,7 +387,7 @@ def test_unlabeled_folder_runs_every_stage(tmp_path):
         for j in range(0, 512 - 32, 48):
             Image.fromarray(img[i:i + 32, j:j + 32]).save(d / f"t{i}_{j}.png")
     cfg = write_cfg(tmp_path / "p.yaml", train=dict(input_size=16, stem_stride=1, batch_size=32),
-                    distill=dict(batch_size=32))
+                    distill=dict(batch_size=32), deploy=dict(search_minutes=0.1))
     out = tmp_path / "run"
     text = finish("--config", cfg, "--data", d, "--out", out, "--minutes", 2)
     assert set(stages_line(text).values()) == {"ran"}
@@ -395,13 +395,16 @@ def test_unlabeled_folder_runs_every_stage(tmp_path):
     st = state["stages"]
     assert st["eval"]["summary"] == {"no_labels": True}
     # --minutes 2: each training stage's schedule fitted to its share, and the report says how the time went
-    assert state["budget"]["plan_minutes"] == {"train": 0.9, "distill": 0.5, "compress": 0.2, "deploy": 0.2, "rest": 0.2}
+    # deploy's own search_minutes (0.1) wins over its share, in the plan and in the run
+    assert state["budget"]["plan_minutes"] == {"train": 0.9, "distill": 0.5, "compress": 0.2, "deploy": 0.1, "rest": 0.3}
     assert 0 < state["budget"]["took_minutes"] and "--minutes 2: the teacher's schedule is fitted to 0.9 min" in text
     fitted = json.loads((out / "train/manifest.json").read_text())["fitted"]
     assert 50 <= fitted["budget_s"] <= 54 and fitted["epochs"] == 1 and fitted["step_s"] > 0
     # the teacher took seconds of its 0.9 minutes: the rest went on to the later stages, each its share of what was left
     given = state["budget"]["given_minutes"]
-    assert given["distill"] > 0.6 and given["compress"] > 0.2 and given["deploy"] > 0.2
+    assert given["distill"] > 0.6 and given["compress"] > 0.2
+    # a stage's own value in the config file wins over its share
+    assert "deploy" not in given and yaml.safe_load((out / "deploy/config.yaml").read_text())["search_minutes"] == 0.1
     assert json.loads((out / "distill/manifest.json").read_text())["fitted"]["budget_s"] == pytest.approx(60 * given["distill"], abs=0.1)
     assert "Budget (--minutes 2); the run took" in (out / "report.md").read_text()
     assert (out / "compress/models/int8.onnx").exists() and (out / "report.html").exists()
