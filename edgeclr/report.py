@@ -393,14 +393,14 @@ def _compression_section(out: Path, creport: dict | None, lat: dict[str, float] 
         return []
     creport = {k: dict(v) for k, v in creport.items()}
     models = out / "compress" / "models"
+    name_of = {id(v): k for k, v in creport.items()}
 
     def path_of(r):  # "onnx-int8" -> compress/models/int8.onnx
-        name = next((k for k, v in creport.items() if v is r), "")
-        fmt, _, variant = name.partition("-")
+        fmt, _, variant = name_of[id(r)].partition("-")
         return models / f"{variant}{'.onnx' if fmt == 'onnx' else '.xml'}" if fmt in ("onnx", "openvino") and variant else None
 
     def fp32_of(r):
-        name = next((k for k, v in creport.items() if v is r), "")
+        name = name_of[id(r)]
         return creport.get(name.partition("-")[0] + "-fp32") if name.endswith("-int8") else None
 
     n = with_deploy_latency(list(creport.values()), lat or {}, path_of, "latency_ms_1thread", fp32_of, "speedup_vs_fp32")
@@ -493,7 +493,8 @@ def _students_section(state: dict) -> list[tuple]:
     return [("h", 2, "Students"),
             ("p", "Every student distilled from the teacher, by family, smallest first; each one within the budget is a "
                   "deployment candidate (FP32 and INT8), and the distill section's student in `distill/` is one whatever "
-                  "it scored, and is also pruned. A student is skipped when a smaller one of its family already met the "
+                  "it scored; compress prunes the smallest student within the budget (the distill section's when none "
+                  "is). A student is skipped when a smaller one of its family already met the "
                   "budget, measured at the end of its distillation "
                   + ("(kNN points against the teacher)." if labeled else "(top-10 neighbour overlap with the teacher).")),
             ("table", students_table(ladder, labeled))]
