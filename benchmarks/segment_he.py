@@ -1,6 +1,8 @@
 """Segmentation from few labelled tiles on real H&E: SimCLR initialisation against random
 initialisation, frozen against full fine-tuning, at 4, 16 and all labelled tiles, mean and spread
-over seeds; the INT8 export against its FP32; a transfer check on a hand-annotated fluorescence image.
+over seeds; the INT8 export against its FP32; edge students (a narrow ResNet with DeepLabV3, a
+MobileNet with LR-ASPP and with DeepLabV3) distilled from the teacher, FP32 and INT8, timed with the
+teacher's segmenter in one bench run; a transfer check on a hand-annotated fluorescence image.
 
     pip install --no-deps histolytics==0.3.0 stardist==0.9.2   # the data (their own dependencies conflict)
     pip install pyarrow shapely                                # to read and rasterise the stromal field's polygons
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -113,8 +116,9 @@ def main():
     ap.add_argument("--steps", default="200")
     ap.add_argument("--batch-size", default="16")
     ap.add_argument("--lr", default="3e-3")
-    ap.add_argument("--student", default="resnet10", help="the edge student distilled from the teacher ('' to skip)")
-    ap.add_argument("--student-width", default="16")
+    ap.add_argument("--students", default="resnet10:16,mobilenet_v3_small_minimal",
+                    help="edge students distilled from the teacher, NAME[:WIDTH] each ('' to skip); a ResNet gets the "
+                         "DeepLabV3 head, a MobileNet both LR-ASPP and DeepLabV3")
     ap.add_argument("--distill-epochs", default="60")
     ap.add_argument("--tag", default="", help="name of the record [latest]")
     a = ap.parse_args()
@@ -148,8 +152,8 @@ def main():
     ref = out / "seg" / f"pretrained-full-t0-s{seeds[0]}"
     res = json.loads((ref / "result.json").read_text())
     fp32, int8 = Path(res["artifacts"]["onnx-fp32"]["path"]), Path(res["artifacts"]["onnx-int8"]["path"])
-    student = student_arm(a, exe, out, common, seeds[0]) if a.student else None
-    files = [fp32, int8] + ([Path(student["fp32_path"]), Path(student["int8_path"])] if student else [])
+    students = [arm for st in filter(None, a.students.split(",")) for arm in student_arms(a, st, exe, out, common, seeds[0])]
+    files = [fp32, int8] + [Path(st[k]) for st in students for k in ("fp32_path", "int8_path")]
     run(exe + ["bench", *map(str, files), "--threads", "1", "--batch", "1", "--out", str(out / "bench")])
     bench = json.loads((out / "bench" / "bench.json").read_text())
     lat = {"/".join(Path(r["path"]).parts[-3:]): r["p50_ms"] for r in bench["rows"]}
@@ -167,26 +171,34 @@ def main():
            "pretrain": json.loads((out / "train" / "manifest.json").read_text()).get("model_spec"),
            "cells": cells, "int8": {"fp32_miou": res["artifacts"]["onnx-fp32"]["test_miou"],
                                     "int8_miou": res["artifacts"]["onnx-int8"]["test_miou"], "latency_ms_1_thread": lat},
-           "student": student, "transfer": tr, "times_s": times, "wall_time_min": round((time.time() - t0) / 60, 1)}
+           "students": students, "transfer": tr, "times_s": times, "wall_time_min": round((time.time() - t0) / 60, 1)}
     record_path("segment_he", a.tag, "json").write_text(json.dumps(rec, indent=1) + "\n")
     write_md(rec, a, levels)
 
 
-def student_arm(a, exe: list[str], out: Path, common: list[str], seed: int) -> dict:
-    """The edge student: distilled from the teacher on the same unlabeled tiles, then fine-tuned
-    into a segmenter the same way (full, every labelled tile), FP32 and INT8."""
-    if not (out / "distill" / "checkpoints" / "last.pt").exists():
-        run(exe + ["distill", "--teacher", str(out), "--model", a.student, "--width", a.student_width, "--epochs", a.distill_epochs,
-                   "--knn-every", "0"])
-    d = out / "seg" / f"student-full-t0-s{seed}"
-    if not (d / "result.json").exists():
-        run(exe + ["finetune", str(out), "--stage", "student", *common, "--seed", str(seed), "--mode", "full",
-                   "--formats", "onnx", "--int8", "--out", str(d)])
-    r = json.loads((d / "result.json").read_text())
-    spec = json.loads((out / "distill" / "manifest.json").read_text()).get("model_spec")
-    return {"spec": spec, "miou": r["test_miou"], "fp32_miou": r["artifacts"]["onnx-fp32"]["test_miou"],
-            "int8_miou": r["artifacts"]["onnx-int8"]["test_miou"], "fp32_path": r["artifacts"]["onnx-fp32"]["path"],
-            "int8_path": r["artifacts"]["onnx-int8"]["path"]}
+def student_arms(a, student: str, exe: list[str], out: Path, common: list[str], seed: int) -> list[dict]:
+    """An edge student (NAME[:WIDTH]): distilled from the teacher on the same unlabeled tiles into
+    OUT/students/NAME, then fine-tuned into a segmenter the same way (full, every labelled tile) with
+    each head its family takes, FP32 and INT8."""
+    name, _, width = student.partition(":")
+    run_dir = out / "students" / (name + (f"-w{width}" if width else ""))
+    if not (run_dir / "distill" / "checkpoints" / "last.pt").exists():
+        run(exe + ["distill", "--teacher", str(out), "--out", str(run_dir), "--model", name, *(["--width", width] if width else []),
+                   "--epochs", a.distill_epochs, "--knn-every", "0"])
+    spec = json.loads((run_dir / "distill" / "manifest.json").read_text()).get("model_spec")
+    arms = []
+    for head in ("deeplabv3",) if name.startswith("resnet") else ("lraspp", "deeplabv3"):
+        d = out / "seg" / f"student-{run_dir.name}-{head}-full-t0-s{seed}"
+        if not (d / "result.json").exists():
+            run(exe + ["finetune", str(run_dir), "--stage", "student", *common, "--seed", str(seed), "--mode", "full",
+                       "--seg-head", head, "--formats", "onnx", "--int8", "--out", str(d)])
+        r = json.loads((d / "result.json").read_text())
+        ck = torch.load(d / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+        arms.append({"spec": spec, "head": head, "output_stride": r.get("output_stride"), "miou": r["test_miou"],
+                     "head_params": sum(v.numel() for v in ck["head"].values() if v.is_floating_point()),
+                     "fp32_miou": r["artifacts"]["onnx-fp32"]["test_miou"], "int8_miou": r["artifacts"]["onnx-int8"]["test_miou"],
+                     "fp32_path": r["artifacts"]["onnx-fp32"]["path"], "int8_path": r["artifacts"]["onnx-int8"]["path"]})
+    return arms
 
 
 def write_md(rec: dict, a, levels: list[int]) -> None:
@@ -213,11 +225,12 @@ def write_md(rec: dict, a, levels: list[int]) -> None:
               + ", ".join(f"{c} {v}" for c, v in zip(CLASSES, rec["cells"]["pretrained full"][str(levels[-1])][0]["iou"])), "",
               f"INT8 (onnxruntime QDQ) of the teacher's segmenter (SimCLR full, all tiles): mIoU {i8['int8_miou']:.2f}% "
               f"against FP32 {i8['fp32_miou']:.2f}%.", ""]
-    st = rec.get("student")
-    if st:
-        lines += [f"Edge student ({st['spec']['name']}, width {st['spec'].get('width')}), distilled from the teacher on the same "
-                  f"unlabeled tiles, fine-tuned the same way (full, all tiles): mIoU FP32 {st['fp32_miou']:.2f}%, INT8 "
-                  f"{st['int8_miou']:.2f}% ({st['int8_miou'] - st['fp32_miou']:+.2f} points).", ""]
+    for st in rec.get("students", []):
+        lines += [f"Edge student {st['spec']['name']}" + (f" w{st['spec']['width']}" if st["spec"].get("width") else "")
+                  + f" with the {st['head']} head (output stride {st['output_stride']}, {st['head_params'] / 1e6:.2f}M head "
+                  f"parameters), distilled from the teacher on the same unlabeled tiles, fine-tuned the same way (full, all "
+                  f"tiles): mIoU FP32 {st['fp32_miou']:.2f}%, INT8 {st['int8_miou']:.2f}% ({st['int8_miou'] - st['fp32_miou']:+.2f} "
+                  "points).", ""]
     lines += ["p50 latency per 64-px tile, 1 thread, batch 1, one interleaved `edgeclr bench` run: "
               + ", ".join(f"{k} {v:.3f} ms" for k, v in i8["latency_ms_1_thread"].items()), "",
               "Transfer to stardist's hand-annotated fluorescence nuclei (nucleus vs background IoU %): "

@@ -292,16 +292,19 @@ class FinetuneConfig:
                      ("teacher", "student", "pruned", "model"))
     data: str | None = opt(None, "labelled dataset (default: the source's); segment: the images (a folder or files)", path=True)
     masks: str | None = opt(None, "segment: folder of label maps (PNG / TIFF of class ids, 0 = background, 255 = unlabelled) "
-                                  "with the images' file stems", path=True)
-    classes: str | None = opt(None, "segment: class names, one per line, line 1 = id 0 (default: MASKS/classes.txt)", path=True)
+                                  "or GeoJSON polygons in pixels (QuPath's export) with the images' file stems", path=True)
+    classes: str | None = opt(None, "segment: class names, one per line, line 1 = id 0 (default: MASKS/classes.txt; "
+                                    "polygons: background + their class names)", path=True)
     test_data: str | None = opt(None, "segment: test images (another image or slide; default: --test-fraction of the tiles)",
                                 path=True)
     test_masks: str | None = opt(None, "segment: the test images' label maps", path=True)
     test_fraction: float = opt(0.25, "segment without --test-data: this share of the tiles is held out for the test")
     tiles: int = opt(0, "segment: labelled training tiles drawn (0 = every tile of the images; the tile is the encoder's "
                         "input size)")
-    output_stride: int = opt(8, "segment: output stride of the encoder's feature maps (ResNet stages dilated to reach it)",
-                             (8, 16))
+    seg_head: str = opt("auto", "segment: deeplabv3 (ASPP) | lraspp (LR-ASPP, the edge head) | auto (lraspp on a MobileNet, "
+                                "deeplabv3 on a ResNet)", ("auto", "deeplabv3", "lraspp"))
+    output_stride: int | None = opt(None, "segment: output stride of the encoder's feature maps, its last stages dilated to "
+                                          "reach it (default: 8 for deeplabv3, 16 for lraspp)", (8, 16))
     out: str | None = opt(None, "folder to write into (default: RUN/finetune)")
     labels_per_class: int | None = opt(None, "labelled images drawn per class (default 10 unless --labels-fraction)")
     labels_fraction: float | None = opt(None, "instead: this fraction of each class's labelled images")

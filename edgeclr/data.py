@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import logging
 import math
 import pickle
@@ -554,7 +555,8 @@ def iterate_batches(ds: Dataset, batch_size: int, seed: int, epoch: int, start_s
 # ----------------------------------------------------------------------------------------------
 # images with masks (segmentation): IMAGES/x.png + MASKS/x.png, cut into tiles together
 
-MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".geojson")
+POLYGON_SUFFIXES = (".geojson",)  # polygons in the image's pixel coordinates (QuPath's export), rasterised on load
 IGNORE = 255  # a mask value that no loss or score counts (unlabelled pixels)
 
 
@@ -567,6 +569,7 @@ class MaskedTiles:
     source: np.ndarray  # (N,) index into `files` of the image each tile comes from
     files: list[str]  # the image files, in order
     classes: list[str]  # class names, index = class id (0 = background)
+    corners: np.ndarray | None = None  # (N, 2) each tile's top-left (y, x) in its image (a slide's level)
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -586,6 +589,86 @@ def read_mask(path: Path) -> np.ndarray:
     return a.astype(np.int64)
 
 
+def read_polygons(path: Path) -> list[tuple[str | None, list]]:
+    """A GeoJSON file's features as (class name or None, polygons), each polygon a list of rings
+    (exterior first, then holes) of (x, y) pixel coordinates. The class name is QuPath's
+    `properties.classification.name` (or a `classification` / `class_name` / `class` string)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"mask {path} is not readable GeoJSON ({type(e).__name__}: {e})") from e
+    feats = doc if isinstance(doc, list) else doc.get("features", [doc]) if isinstance(doc, dict) else None
+    out = []
+    for i, f in enumerate(feats or []):
+        geom = f.get("geometry") if isinstance(f, dict) else None
+        if not isinstance(geom, dict) or geom.get("type") not in ("Polygon", "MultiPolygon"):
+            kind = geom.get("type") if isinstance(geom, dict) else type(geom).__name__
+            raise DataError(f"mask {path}: feature {i} is a {kind}, not a Polygon or MultiPolygon: a polygon mask labels areas")
+        props = f.get("properties") or {}
+        c = props.get("classification")
+        name = (c.get("name") if isinstance(c, dict) else c) or props.get("class_name") or props.get("class")
+        polys = [geom["coordinates"]] if geom["type"] == "Polygon" else geom["coordinates"]
+        out.append((None if name is None else str(name), polys))
+    if feats is None:
+        raise DataError(f"mask {path} is not a GeoJSON FeatureCollection, Feature or list of Features")
+    return out
+
+
+def polygon_class_names(paths: list[Path]) -> list[str]:
+    """background + the class names of these GeoJSON masks' features, sorted (QuPath's Ignore*
+    class is unlabelled, not a class)."""
+    names = {n for p in paths for n, _ in read_polygons(p) if n is not None and not _ignored(n)}
+    return ["background"] + sorted(names or {"object"})
+
+
+def _ignored(name: str) -> bool:
+    return name.rstrip("*").lower() == "ignore"
+
+
+def rasterise_polygons(path: Path, shape: tuple[int, int], classes: list[str], downsample: float = 1.0) -> np.ndarray:
+    """A GeoJSON mask drawn as an (H, W) int64 label map: 0 outside every polygon, each feature's
+    class id inside it (a hole keeps what lies under it; later features on top), 255 for QuPath's
+    Ignore* class. Parts outside the image are clipped. `downsample`: the image is a slide level
+    this many times coarser than the polygons' level-0 coordinates."""
+    from PIL import ImageDraw
+
+    ids = {n: i for i, n in enumerate(classes)}
+    out = np.zeros(shape, np.int64)
+    features, drawn = read_polygons(path), 0
+    for i, (name, polys) in enumerate(features):
+        if name is None and len(classes) != 2:
+            raise DataError(f"mask {path}: feature {i} has no class name (properties.classification.name or class_name), "
+                            f"and there are {len(classes)} classes: name it, or use two classes")
+        cid = IGNORE if name is not None and _ignored(name) else 1 if name is None else ids.get(name)
+        if cid is None:
+            raise DataError(f"mask {path}: feature {i}'s class {name!r} is not one of the classes {classes}: "
+                            "fix the class names (--classes / MASKS/classes.txt) or the annotation")
+        for rings in polys:
+            try:
+                rings = [np.asarray([(float(p[0]), float(p[1])) for p in ring], np.float64) / downsample for ring in rings]
+            except (TypeError, ValueError, IndexError) as e:
+                raise DataError(f"mask {path}: feature {i} has malformed coordinates ({e})") from e
+            if not rings or len(rings[0]) < 3:
+                continue
+            x0, y0 = np.floor(rings[0].min(0)).astype(int)
+            x1, y1 = np.ceil(rings[0].max(0)).astype(int) + 1
+            cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, shape[1]), min(y1, shape[0])
+            if cx0 >= cx1 or cy0 >= cy1:
+                continue  # wholly outside the image
+            layer = Image.new("1", (x1 - x0, y1 - y0), 0)  # the polygon in its own box: holes cut out of it alone
+            draw = ImageDraw.Draw(layer)
+            for j, ring in enumerate(rings):
+                if len(ring) >= 3:
+                    draw.polygon([(x - x0, y - y0) for x, y in ring], fill=0 if j else 1)
+            inside = np.asarray(layer)[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+            out[cy0:cy1, cx0:cx1][inside] = cid
+            drawn += 1
+    if features and not drawn:
+        raise DataError(f"mask {path}: none of its {len(features)} polygon(s) lies inside its {shape[1]}x{shape[0]} image: "
+                        "coordinates of another image, or of another level of a slide?")
+    return out
+
+
 def read_class_names(masks_dir: Path, num_ids: int, classes_file: str | None = None) -> list[str]:
     """Class names from --classes FILE or MASKS/classes.txt (one per line, line i = id i), else
     background, class1, class2, ..."""
@@ -600,12 +683,13 @@ def read_class_names(masks_dir: Path, num_ids: int, classes_file: str | None = N
     return ["background"] + [f"class{i}" for i in range(1, max(num_ids, 2))]
 
 
-def mask_pairs(images: str | Path, masks: str | Path) -> list[tuple[Path, Path]]:
-    """(image, mask) pairs: every image of IMAGES with the file of the same stem in MASKS."""
+def mask_pairs(images: str | Path | list[Path], masks: str | Path) -> list[tuple[Path, Path]]:
+    """(image, mask) pairs: every image of IMAGES (a folder or file, or a list of files) with the
+    file of the same stem in MASKS."""
     masks = Path(masks).expanduser()
     _require_dir(masks, "--masks", "give the folder of label maps (same file stems as the images)")
     try:
-        files = list_inputs([Path(images).expanduser()])
+        files = images if isinstance(images, list) else list_inputs([Path(images).expanduser()])
     except ImageError as e:
         raise DataError(f"--data {images}: {e}") from e
     by_stem = {p.stem: p for p in sorted(masks.iterdir()) if p.suffix.lower() in MASK_SUFFIXES}
@@ -619,21 +703,42 @@ def mask_pairs(images: str | Path, masks: str | Path) -> list[tuple[Path, Path]]
 def load_masked(images: str | Path, masks: str | Path, tile_size: int, stride: int, channels: int = 3,
                 classes_file: str | None = None, classes: list[str] | None = None) -> MaskedTiles:
     """Images and their masks cut into tile_size tiles every `stride` px (the last row and column
-    of tiles end at the border); tiles whose pixels are all unlabelled are left out. The class
-    names are `classes` when given (a test set takes its training set's), else read_class_names'.
+    of tiles end at the border); tiles whose pixels are all unlabelled are left out. A mask is a
+    label map (MASK_SUFFIXES) or GeoJSON polygons in the image's pixels (rasterise_polygons).
+    IMAGES may be `slide:A.svs[,B][@level=N|@mpp=X]`: each slide's level is read whole
+    (runtime.slides.read_level), its polygons scaled from level 0, its label map (if a raster) the
+    level's size, and only tiles at least half tissue are kept. The
+    class names are `classes` when given (a test set takes its training set's), else
+    read_class_names', else (polygons) background + the polygons' class names, sorted.
 
     Raises:
         DataError: a missing folder, an image without a mask, a mask whose size differs from its
             image, a class id outside the class list, an unreadable file, an image smaller than a tile.
     """
-    pairs = mask_pairs(images, masks)
+    slides = str(images).startswith("slide:")
+    if slides:  # whole-slide images at a level: their polygons are in level-0 pixels, as QuPath writes them
+        files, level, mpp = parse_slide_spec(str(images)[len("slide:"):])
+        pairs = mask_pairs([Path(f).expanduser() for f in files], masks)
+    else:
+        pairs = mask_pairs(images, masks)
+    polygons = [m for _, m in pairs if m.suffix.lower() in POLYGON_SUFFIXES]
+    if polygons and classes is None:  # polygons name their classes: the ids follow from the class list
+        named = classes_file or (Path(masks).expanduser() / "classes.txt").is_file()
+        classes = read_class_names(Path(masks).expanduser(), 2, classes_file) if named else polygon_class_names(polygons)
     loaded, top = [], 0
     for img_path, mask_path in pairs:
+        tissue, down = None, 1.0
         try:
-            img = np.asarray(load_image(img_path, channels))
+            if slides:
+                from edgeclr.runtime.slides import read_level
+
+                level_img, tissue, _, down = read_level(img_path, level, mpp)
+                img = np.asarray(level_img.convert("L") if channels == 1 else level_img)
+            else:
+                img = np.asarray(load_image(img_path, channels))
         except ImageError as e:
             raise DataError(str(e)) from e
-        m = read_mask(mask_path)
+        m = rasterise_polygons(mask_path, img.shape[:2], classes, down) if mask_path in polygons else read_mask(mask_path)
         if m.shape != img.shape[:2]:
             raise DataError(f"mask {mask_path} is {m.shape[1]}x{m.shape[0]}, its image {img_path} "
                             f"{img.shape[1]}x{img.shape[0]}: a mask labels every pixel of its image")
@@ -642,10 +747,10 @@ def load_masked(images: str | Path, masks: str | Path, tile_size: int, stride: i
         if m.min() < 0:
             raise DataError(f"mask {mask_path} holds negative class ids")
         top = max(top, int(m[m != IGNORE].max(initial=0)))
-        loaded.append((img, m))
+        loaded.append((img, m, tissue))
     classes = classes or read_class_names(Path(masks).expanduser(), top + 1, classes_file)
-    out_img, out_mask, out_src = [], [], []
-    for i, ((img, m), (_, mask_path)) in enumerate(zip(loaded, pairs)):
+    out_img, out_mask, out_src, out_yx = [], [], [], []
+    for i, ((img, m, tissue), (_, mask_path)) in enumerate(zip(loaded, pairs)):
         bad = np.unique(m[(m != IGNORE) & (m >= len(classes))])
         if len(bad):
             raise DataError(f"mask {mask_path} holds class ids {bad[:8].tolist()} outside the {len(classes)} classes "
@@ -655,9 +760,14 @@ def load_masked(images: str | Path, masks: str | Path, tile_size: int, stride: i
         for y in tile_starts(h, tile_size, tile_size - stride):  # the runtime's grid: the last tile ends at the border
             for x in tile_starts(w, tile_size, tile_size - stride):
                 t = m[y:y + tile_size, x:x + tile_size]
+                if tissue is not None and tissue[y:y + tile_size, x:x + tile_size].mean() < 0.5:
+                    continue  # a slide's glass: `segment` calls it background without the model
                 if (t != IGNORE).any():
                     out_img.append(img[y:y + tile_size, x:x + tile_size])
                     out_mask.append(t.astype(np.uint8))
                     out_src.append(i)
+                    out_yx.append((y, x))
+    if not out_img:
+        raise DataError(f"{images}: no tile of {tile_size} px with labelled pixels" + (" on tissue" if slides else ""))
     return MaskedTiles(np.stack(out_img), np.stack(out_mask), np.asarray(out_src, np.int64), [str(p) for p, _ in pairs],
-                       classes)
+                       classes, np.asarray(out_yx, np.int64))

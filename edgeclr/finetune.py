@@ -20,8 +20,9 @@ Segmentation: data.load_masked cuts IMAGES + MASKS into tiles at the images' own
 encoder's input size); --tiles N of them train (a validation share held out from 20 on), the test
 tiles are --test-data / --test-masks (another image: the honest split) or --test-fraction of the
 pool. models.SegmenterNet: the encoder's last stages dilated to --output-stride, a DeepLabV3 (ASPP)
-head, bilinear upsampling. SegTuner is the same Tuner: tile and mask flipped and turned together,
-mild colour jitter, cross-entropy that ignores unlabelled pixels (255), early stopping on mIoU.
+or LR-ASPP head (--seg-head; LR-ASPP on MobileNets by default), bilinear upsampling. SegTuner is
+the same Tuner: tile and mask flipped and turned together, mild colour jitter, cross-entropy that
+ignores unlabelled pixels (255), early stopping on mIoU.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from edgeclr.errors import CheckpointError, ConfigError, DataError, NonFiniteLos
 from edgeclr.heldout import batchnorms, eval_inputs
 from edgeclr.loading import find_checkpoint, load_encoder, open_like_run
 from edgeclr.lock import hold
-from edgeclr.models import ClassifierNet, Encoder, SegmenterNet, create_model
+from edgeclr.models import ClassifierNet, Encoder, SegmenterNet, create_model, seg_head_for
 from edgeclr.rundir import MetricsLog, write_json_atomic, write_manifest
 from edgeclr.runtime import Preprocess
 
@@ -468,7 +469,9 @@ def classify_job(cfg, data_spec: str, pp: Preprocess, run_cfg: dict) -> Job:
 
 def build_tuner(job: Job, encoder: Encoder, recipe: Recipe, pp: Preprocess, run_cfg: dict, device, cfg) -> Tuner:
     if job.task == "segment":
-        net = SegmenterNet(encoder, len(job.classes), cfg.output_stride).to(device)
+        net = SegmenterNet(encoder, len(job.classes), cfg.output_stride, seg_head_for(encoder.spec.name, cfg.seg_head)).to(device)
+        log.info("segmenter: %s, %s head at output stride %d (%.2fM head parameters)", encoder.spec.name, net.head_name,
+                 net.output_stride, sum(p.numel() for p in net.head.parameters()) / 1e6)
         return SegTuner(net, recipe, job.x, job.y, job.xv, job.yv, pp, run_cfg, device)
     net = build_classifier(encoder, job.x, job.y, len(job.classes), recipe, device)
     return Tuner(net, recipe, job.x, job.y, job.xv, job.yv, pp, run_cfg, device)
@@ -524,7 +527,8 @@ def _finetune(cfg, encoder, sck, src, pp, run_cfg, data_spec, out_dir, device, t
     result = {"task": job.task, **{f"test_{k_}": v for k_, v in score.items()},
               tuner.VAL_KEY: tuner.best_acc if len(job.yv) else None, "best_step": tuner.best_step, "steps_run": tuner.step,
               "train_images": len(job.y), "val_images": len(job.yv), "test_images": len(job.yt), "classes": job.classes,
-              "mode": cfg.mode, "init": cfg.init, "source_stage": sck["stage"], "bn_frozen": tuner.bn_frozen}
+              "mode": cfg.mode, "init": cfg.init, "source_stage": sck["stage"], "bn_frozen": tuner.bn_frozen,
+              **({"seg_head": net.head_name, "output_stride": net.output_stride} if job.task == "segment" else {})}
     checkpoint.save(ckpt_dict(True), ckpt_path)
     log.info("test %s (%d labelled, mode %s)", tasks.describe_score(result), len(job.y), cfg.mode)
     artifacts = export_model(cfg, ckpt_path, out_dir, data_spec, pp, run_cfg, job)
@@ -614,7 +618,9 @@ def export_model(cfg, ckpt_path: Path, out_dir: Path, data_spec: str, pp: Prepro
         got = open_model(path, threads=0, precision="f32").run_arrays(job.xt.numpy(), 64)
         return {f"test_{k}": v for k, v in task.score(got, job.yt.numpy()).items()}
 
-    parity_data = f"tiles:{data_spec}" if job.task == "segment" else data_spec  # real images at the tile size
+    parity_data = data_spec  # real images at the tile size: a segmenter's images cut into tiles (slides are already)
+    if job.task == "segment" and not str(data_spec).startswith("slide:"):
+        parity_data = f"tiles:{data_spec}"
     out: dict[str, dict] = {}
     calib = job.calib
     for fmt in [f for f in cfg.formats.split(",") if f]:

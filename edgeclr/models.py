@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeclr.errors import CheckpointError, ConfigError
+from edgeclr.errors import CheckpointError, ConfigError, ModelError
 from edgeclr.runtime import Preprocess, default_palette
 
 
@@ -364,16 +364,40 @@ def classifier_from_checkpoint(ck: dict) -> ClassifierNet:
 
 
 # ----------------------------------------------------------------------------------------------
-# the segmentation head: DeepLabV3 (ASPP) on the encoder's last feature maps
+# the segmentation heads: DeepLabV3 (ASPP) and LR-ASPP on the encoder's feature maps
 
 
-def feature_maps(encoder: Encoder, x: torch.Tensor) -> torch.Tensor:
-    """The backbone's last feature maps before global pooling: (B, C, h, w)."""
+def blocks(encoder: Encoder) -> list:
+    """The backbone as the callables that take an image batch to its last feature maps, in order:
+    a ResNet's stem and its four stages, a MobileNet's `features` blocks."""
     b = encoder.backbone
     if hasattr(b, "layer4"):  # torchvision ResNet
-        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
-        return b.layer4(b.layer3(b.layer2(b.layer1(x))))
-    return b.features(x)  # torchvision MobileNet
+        return [lambda x: b.maxpool(b.relu(b.bn1(b.conv1(x)))), b.layer1, b.layer2, b.layer3, b.layer4]
+    return list(b.features)  # torchvision MobileNet
+
+
+def feature_maps(encoder: Encoder, x: torch.Tensor, tap: int | None = None):
+    """The backbone's last feature maps before global pooling: (B, C, h, w); with `tap` (a block
+    index, see `blocks`), (that block's output, the last maps)."""
+    low = None
+    for i, block in enumerate(blocks(encoder)):
+        x = block(x)
+        if i == tap:
+            low = x
+    return x if tap is None else (low, x)
+
+
+def block_shapes(encoder: Encoder, size: int = 64) -> list[tuple[int, int]]:
+    """(channels, output stride) after each of the backbone's blocks, for one size x size input."""
+    was = encoder.training
+    encoder.eval()
+    x, out = torch.zeros(1, encoder.spec.in_chans, size, size, device=next(encoder.parameters()).device), []
+    with torch.no_grad():
+        for block in blocks(encoder):
+            x = block(x)
+            out.append((x.shape[1], max(1, round(size / x.shape[-1]))))
+    encoder.train(was)
+    return out
 
 
 def _strided_conv(block: nn.Module) -> nn.Conv2d:
@@ -396,13 +420,16 @@ def output_stride(encoder: Encoder, size: int = 64) -> int:
 
 
 def dilate(encoder: Encoder, target: int | None) -> int:
-    """Trade the last ResNet stages' strides for dilation (weights unchanged, as DeepLabV3 does)
-    until the output stride is <= target; returns the output stride reached. MobileNets keep their
-    strides (their output stride is returned as it is)."""
+    """Trade the last stages' strides for dilation (weights unchanged) until the output stride is
+    <= target; returns the output stride reached. ResNets as DeepLabV3 does (a dilated stage's first
+    block keeps the previous rate); MobileNets as torchvision's dilated MobileNetV3 does (every
+    depthwise conv from the un-strided block on at the new rate). The stem keeps its stride."""
     os_ = output_stride(encoder)
-    b = encoder.backbone
-    if not target or not hasattr(b, "layer4"):
+    if not target or os_ <= target:
         return os_
+    b = encoder.backbone
+    if not hasattr(b, "layer4"):
+        return _dilate_mobilenet(list(b.features), os_, target)
     undo = set()
     for name in ("layer4", "layer3"):
         if os_ <= target:
@@ -425,38 +452,113 @@ def dilate(encoder: Encoder, target: int | None) -> int:
     return os_
 
 
+def _dilate_mobilenet(features: list, os_: int, target: int) -> int:
+    def strided(block):
+        return [m for m in block.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
+
+    undo = set()
+    for i in reversed(range(1, len(features))):  # features[0] is the stem
+        if os_ <= target:
+            break
+        if strided(features[i]):
+            undo.add(i)
+            os_ //= 2
+    factor = 1
+    for i, block in enumerate(features):
+        if i in undo:
+            for conv in strided(block):
+                conv.stride = (1, 1)
+            factor *= 2
+        if factor > 1:
+            for conv in block.modules():
+                if isinstance(conv, nn.Conv2d) and conv.groups > 1 and conv.kernel_size[0] > 1:  # depthwise
+                    conv.dilation = (factor, factor)
+                    conv.padding = ((conv.kernel_size[0] - 1) // 2 * factor,) * 2
+    return os_
+
+
 def aspp_rates(os_: int) -> tuple[int, int, int]:
     """DeepLabV3's atrous rates: (6, 12, 18) at output stride 16, doubled at 8."""
     return (12, 24, 36) if os_ <= 8 else (6, 12, 18)
 
 
-class SegmenterNet(nn.Module):
-    """encoder's feature maps (B, C, h, w) -> DeepLabV3 head (ASPP, 3x3 conv, 1x1 classifier) ->
-    bilinear upsampling to the input -> (B, K, H, W). forward() gives softmax probabilities: what is
-    exported. The ASPP width follows the backbone's (at most DeepLabV3's 256), so an edge student
-    keeps an edge-sized head."""
+class DeepLabV3Head(nn.Sequential):
+    """ASPP, 3x3 conv, 1x1 classifier on the last feature maps (torchvision's DeepLabHead). Its width
+    follows the backbone's (at most DeepLabV3's 256), so an edge student keeps an edge-sized head."""
 
-    def __init__(self, encoder: Encoder, num_classes: int, target_stride: int | None = 8):
+    tap = None  # the last maps only
+
+    def __init__(self, shapes: list[tuple[int, int]], num_classes: int):
         from torchvision.models.segmentation.deeplabv3 import ASPP
 
-        super().__init__()
-        self.encoder, self.num_classes, self.target_stride = encoder, num_classes, target_stride
-        self.output_stride = dilate(encoder, target_stride)
-        c = map_shape(encoder)[0]
+        c, os_ = shapes[-1]
         width = int(min(256, max(32, c)))
-        self.head = nn.Sequential(ASPP(c, list(aspp_rates(self.output_stride)), width),
-                                  nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                                  nn.Conv2d(width, num_classes, 1))
+        super().__init__(ASPP(c, list(aspp_rates(os_)), width), nn.Conv2d(width, width, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, num_classes, 1))
+
+
+class LRASPPHead(nn.Module):
+    """LR-ASPP (Howard et al. 2019, MobileNetV3's segmentation head; torchvision's LRASPPHead): the
+    last maps through a 1x1 conv gated by their global average, upsampled to the maps of twice their
+    resolution (`tap`: the last block at half the last maps' stride), each side classified and summed.
+    No atrous branches: a head an edge CPU runs for little more than the backbone."""
+
+    def __init__(self, shapes: list[tuple[int, int]], num_classes: int, inter: int = 128):
+        from torchvision.models.segmentation.lraspp import LRASPPHead as Head
+
+        super().__init__()
+        c, os_ = shapes[-1]
+        finer = [i for i, (_, s) in enumerate(shapes) if s < os_]
+        if not finer:
+            raise ModelError("LR-ASPP needs feature maps finer than the last ones: this backbone has none")
+        at_half = [i for i in finer if shapes[i][1] == os_ // 2]
+        self.tap = (at_half or finer)[-1]
+        self.head = Head(shapes[self.tap][0], c, num_classes, int(min(inter, max(32, c // 2))))
+
+    def forward(self, maps) -> torch.Tensor:
+        low, high = maps
+        return self.head({"low": low, "high": high})
+
+
+# name -> (head class, default output stride): the segmentation heads a segmenter can carry
+SEG_HEADS: dict[str, tuple[type, int]] = {"deeplabv3": (DeepLabV3Head, 8), "lraspp": (LRASPPHead, 16)}
+
+
+def seg_head_for(encoder_name: str, asked: str = "auto") -> str:
+    """The head `asked` names; `auto`: LR-ASPP on a MobileNet (the edge head its paper pairs with
+    it), DeepLabV3 on a ResNet."""
+    if asked != "auto":
+        if asked not in SEG_HEADS:
+            raise ConfigError(f"unknown segmentation head {asked!r}; valid: auto, {', '.join(SEG_HEADS)}")
+        return asked
+    return "lraspp" if encoder_name.startswith("mobilenet") else "deeplabv3"
+
+
+class SegmenterNet(nn.Module):
+    """encoder's feature maps -> a segmentation head (SEG_HEADS: DeepLabV3 or LR-ASPP) -> bilinear
+    upsampling to the input -> (B, K, H, W). The encoder's last stages are dilated to the output
+    stride asked (the head's default when None). forward() gives softmax probabilities: what is exported."""
+
+    def __init__(self, encoder: Encoder, num_classes: int, target_stride: int | None = None, head: str = "deeplabv3"):
+        super().__init__()
+        if head not in SEG_HEADS:
+            raise ConfigError(f"unknown segmentation head {head!r}; valid: {', '.join(SEG_HEADS)}")
+        cls, default_stride = SEG_HEADS[head]
+        self.encoder, self.num_classes, self.head_name = encoder, num_classes, head
+        self.target_stride = target_stride or default_stride
+        self.output_stride = dilate(encoder, self.target_stride)
+        self.head = cls(block_shapes(encoder), num_classes)
 
     def head_state(self) -> dict:
         return {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
 
     def checkpoint_extras(self) -> dict:
         """What a segmenter checkpoint holds beyond the classifier's keys."""
-        return {"target_stride": self.target_stride, "palette": default_palette(self.num_classes).tolist()}
+        return {"target_stride": self.target_stride, "seg_head": self.head_name,
+                "palette": default_palette(self.num_classes).tolist()}
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.head(feature_maps(self.encoder, x))  # (B, K, h, w)
+        y = self.head(feature_maps(self.encoder, x, self.head.tap))  # (B, K, h, w)
         return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)  # (B, K, H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -468,6 +570,7 @@ def segmenter_from_checkpoint(ck: dict) -> SegmenterNet:
     plan and weights; dilation and head from the checkpoint)."""
     if ck.get("task") != "segment" or "head" not in ck:
         raise CheckpointError("not a segmenter checkpoint (written by `edgeclr finetune --task segment`)")
-    net = SegmenterNet(model_from_checkpoint(ck), len(ck["classes"]), ck.get("target_stride"))
+    head = ck.get("seg_head", "deeplabv3")  # a checkpoint from before LR-ASPP holds DeepLabV3
+    net = SegmenterNet(model_from_checkpoint(ck), len(ck["classes"]), ck.get("target_stride"), head)
     net.head.load_state_dict(ck["head"])
     return net.eval()

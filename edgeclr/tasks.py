@@ -5,8 +5,9 @@ at import (the torch side of each entry imports torch when it is called).
     embed     encoder.embed (+ L2 norm)          embeddings     min cosine to torch >= --min-cosine    kNN top-1 points
     classify  encoder -> standardise -> linear   probabilities  max |p - p_torch| <= 1e-4              top-1 points
               -> softmax (models.ClassifierNet)
-    segment   feature maps -> DeepLabV3 head     probabilities  per-pixel argmax agreement >= 0.999    mIoU points
-              -> upsampling -> softmax           (N, K, H, W)   and max |p - p_torch| <= 1e-3
+    segment   feature maps -> a SEG_HEADS head   probabilities  per-pixel argmax agreement >= 0.999    mIoU points
+              (DeepLabV3, LR-ASPP) -> upsampling (N, K, H, W)   and max |p - p_torch| <= 1e-3
+              -> softmax
               (models.SegmenterNet)
 
 A checkpoint or an exported file without a `task` is an embedding model (everything written

@@ -16,7 +16,18 @@ from PIL import Image
 
 from edgeclr import checkpoint, data, tasks
 from edgeclr.errors import DataError, ModelError
-from edgeclr.models import ModelSpec, SegmenterNet, create_model, output_stride, segmenter_from_checkpoint
+from edgeclr.models import (
+    SEG_HEADS,
+    ModelSpec,
+    SegmenterNet,
+    block_shapes,
+    create_model,
+    dilate,
+    feature_maps,
+    output_stride,
+    seg_head_for,
+    segmenter_from_checkpoint,
+)
 from edgeclr.runtime import Classifier, Segmenter, normalize, open_model
 from edgeclr.runtime.embedder import tile_starts
 
@@ -151,19 +162,67 @@ def test_bad_segment_requests(tmp_path):
     assert not (tmp_path / "o" / "checkpoints").exists() and not (tmp_path / "o" / "result.json").exists()  # refused before training
 
 
-@pytest.mark.parametrize("name,stride", [("resnet18", 8), ("resnet18", 16), ("mobilenet_v3_small", None)])
-def test_the_segmenter_head_on_each_backbone_family(name, stride):
+@pytest.mark.parametrize("name,head,stride", [("resnet18", "deeplabv3", 8), ("resnet18", "deeplabv3", 16), ("resnet18", "lraspp", None),
+                                              ("mobilenet_v3_small", "deeplabv3", 16), ("mobilenet_v3_small", "lraspp", None),
+                                              ("mobilenet_v2", "lraspp", 8)])
+def test_each_segmentation_head_on_each_backbone_family(name, head, stride):
     torch.manual_seed(0)
-    enc = create_model(ModelSpec(name, in_chans=3, stem_stride=2 if name.startswith("resnet") else 1, width=8 if name == "resnet18" else None))
+    enc = create_model(ModelSpec(name, in_chans=3, stem_stride=2, width=8 if name == "resnet18" else None))
     native = output_stride(enc)
-    net = SegmenterNet(enc, 4, stride).eval()
+    net = SegmenterNet(enc, 4, stride, head).eval()
     with torch.no_grad():
         p = net(torch.rand(2, 3, 64, 64))
     assert p.shape == (2, 4, 64, 64) and torch.allclose(p.sum(1), torch.ones(2, 64, 64), atol=1e-5)
-    if stride:
-        assert net.output_stride == min(native, stride) == output_stride(enc)
-    else:
-        assert net.output_stride == native  # MobileNets keep their strides
+    want = stride or SEG_HEADS[head][1]
+    assert net.output_stride == min(native, want) == output_stride(enc)
+    assert net.checkpoint_extras()["seg_head"] == head
+    if head == "lraspp":  # the low-level maps: the last block at half the last maps' stride
+        assert block_shapes(enc)[net.head.tap][1] == net.output_stride // 2
+    assert seg_head_for(name) == ("lraspp" if name.startswith("mobilenet") else "deeplabv3")
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "mobilenet_v3_large"])
+def test_a_dilated_mobilenet_is_torchvisions_dilated_mobilenet(arch):
+    """dilate() on a built MobileNetV3 gives exactly torchvision's `dilated=True` network (the
+    backbone of its LR-ASPP and DeepLabV3 MobileNet models) with the same weights."""
+    import torchvision
+
+    torch.manual_seed(0)
+    ref = getattr(torchvision.models, arch)(weights=None, dilated=True).eval()
+    enc = create_model(ModelSpec(arch, in_chans=3)).eval()
+    enc.backbone.features.load_state_dict(ref.features.state_dict())
+    assert output_stride(enc) == 32 and dilate(enc, 16) == 16
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(feature_maps(enc, x), ref.features(x))
+
+
+def test_a_checkpoint_without_a_head_name_is_deeplabv3(segmenter):
+    """Segmenter checkpoints written before the head table carry no `seg_head`: they load as DeepLabV3."""
+    d, _ = segmenter
+    ck = checkpoint.load(d / "seg" / "checkpoints" / "last.pt")
+    assert ck["seg_head"] == "deeplabv3"
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        ref = segmenter_from_checkpoint(ck)(x)
+        del ck["seg_head"]
+        net = segmenter_from_checkpoint(ck)
+        assert net.head_name == "deeplabv3" and torch.equal(net(x), ref)
+
+
+def test_a_mobilenet_student_segments_with_lraspp_and_its_int8_file_passes(tmp_path):
+    """The edge segmenter: a MobileNet encoder gets LR-ASPP by default (a fraction of DeepLabV3's
+    head), trains, exports with its parity check, and quantises."""
+    make_checkpoint(tmp_path / "run" / "train" / "checkpoints" / "last.pt", "mobilenet_v3_small")
+    root = digit_fields(tmp_path / "f", fields=2)
+    run(["finetune", str(tmp_path / "run"), *SEG, "--data", str(root / "images"), "--masks", str(root / "masks"),
+         "--formats", "onnx", "--int8", "--calib-images", "32", "--out", str(tmp_path / "seg")])
+    res = json.loads((tmp_path / "seg" / "result.json").read_text())
+    assert res["seg_head"] == "lraspp" and res["output_stride"] == 16
+    assert res["artifacts"]["onnx-fp32"]["parity"]["pixel_agreement"] >= 0.999
+    assert abs(res["artifacts"]["onnx-fp32"]["test_miou"] - res["test_miou"]) <= 0.1 and "onnx-int8" in res["artifacts"]
+    net = segmenter_from_checkpoint(checkpoint.load(tmp_path / "seg" / "checkpoints" / "last.pt"))
+    assert net.head_name == "lraspp" and sum(p.numel() for p in net.head.parameters()) < 200_000
 
 
 def test_tiles_cover_every_pixel_with_overlap_and_the_scores():
@@ -290,3 +349,107 @@ def test_init_from_a_weights_file_the_user_has(tmp_path):
                  "--init", str(tmp_path / f), "--out", str(tmp_path / f"o-{f}")], ok=False)
         assert r.exit_code == 2 and msg in r.output, r.output
         assert not (tmp_path / f"o-{f}" / "checkpoints").exists()
+
+
+def _boxes_as_geojson(root, qupath: bool = True):
+    """Each digit field's masks as GeoJSON: one rectangle per digit around its inked pixels, class
+    "digit D" (QuPath's classification object, or a class_name string); returns the expected label
+    maps (the same rectangles drawn with numpy)."""
+    expected = {}
+    for mask_path in sorted((root / "masks").glob("*.png")):
+        m = np.asarray(Image.open(mask_path))
+        want, feats = np.zeros(m.shape, np.int64), []
+        for y in range(0, m.shape[0], 16):
+            for x in range(0, m.shape[1], 16):
+                ys, xs = np.nonzero(m[y:y + 16, x:x + 16])
+                if not len(ys):
+                    continue
+                x0, x1, y0, y1 = x + xs.min(), x + xs.max(), y + ys.min(), y + ys.max()
+                cid = int(m[y + ys[0], x + xs[0]])
+                want[y0:y1 + 1, x0:x1 + 1] = cid
+                name = f"digit {cid - 1}"
+                feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [
+                    [[int(x0), int(y0)], [int(x1), int(y0)], [int(x1), int(y1)], [int(x0), int(y1)], [int(x0), int(y0)]]]},
+                    "properties": {"classification": {"name": name, "color": [255, 0, 0]}} if qupath else {"class_name": name}})
+        mask_path.unlink()
+        mask_path.with_suffix(".geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+        expected[mask_path.stem] = want
+    return expected
+
+
+def test_polygon_masks_are_rasterised_like_the_rectangles_they_draw(tmp_path):
+    root = digit_fields(tmp_path / "f", fields=2, classes=False)
+    want = _boxes_as_geojson(root)
+    t = data.load_masked(root / "images", root / "masks", 16, 16, 1)
+    present = sorted({int(v) for w in want.values() for v in np.unique(w) if v})  # names sorted: "digit 0" < "digit 1" ...
+    assert t.classes == ["background"] + [f"digit {c - 1}" for c in present]
+    remap = np.zeros(12, np.int64)
+    remap[present] = np.arange(1, len(present) + 1)
+    got = np.zeros((2, 96, 96), np.int64)
+    for k, (y, x) in enumerate((y, x) for _ in range(2) for y in range(0, 96, 16) for x in range(0, 96, 16)):
+        got[t.source[k], y:y + 16, x:x + 16] = t.masks[k]
+    for i, stem in enumerate(("field0", "field1")):
+        assert np.array_equal(got[i], remap[want[stem]])
+    (root / "masks" / "classes.txt").write_text("\n".join(["background"] + [f"digit {i}" for i in range(10)]) + "\n")
+    t = data.load_masked(root / "images", root / "masks", 16, 16, 1)  # the class list given: ids follow it
+    assert len(t.classes) == 11 and np.array_equal(t.masks[t.source == 0].reshape(-1), want["field0"].reshape(6, 16, 6, 16)
+                                                   .transpose(0, 2, 1, 3).reshape(-1))
+
+
+def test_polygon_holes_ignore_multipolygons_and_bad_polygons(tmp_path):
+    def write(features):
+        p = tmp_path / "m.geojson"
+        p.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+        return p
+
+    def poly(rings, name, kind="Polygon"):
+        return {"type": "Feature", "geometry": {"type": kind, "coordinates": rings}, "properties": {"class_name": name}}
+
+    def sq(a, b):
+        return [[a, a], [b, a], [b, b], [a, b], [a, a]]
+
+    classes = ["background", "stroma", "tumour"]
+    m = data.rasterise_polygons(write([poly([sq(0, 40)], "stroma"), poly([sq(10, 30), sq(15, 25)], "tumour"),
+                                       poly([[sq(50, 55)], [sq(57, 70)]], "Ignore*", "MultiPolygon")]), (64, 64), classes)
+    assert m[5, 5] == 1 and m[12, 12] == 2 and m[20, 20] == 1  # the hole shows the stroma under it
+    assert m[52, 52] == 255 and m[60, 60] == 255 and m[45, 45] == 0 and m.shape == (64, 64)  # clipped at the border
+    with pytest.raises(DataError, match="class 'necrosis' is not one of the classes"):
+        data.rasterise_polygons(write([poly([sq(0, 9)], "necrosis")]), (64, 64), classes)
+    with pytest.raises(DataError, match="none of its 1 polygon"):
+        data.rasterise_polygons(write([poly([sq(100, 120)], "stroma")]), (64, 64), classes)
+    with pytest.raises(DataError, match="feature 0 is a Point"):
+        data.rasterise_polygons(write([{"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}}]), (64, 64), classes)
+    with pytest.raises(DataError, match="feature 0 has no class name"):
+        data.rasterise_polygons(write([poly([sq(0, 9)], None)]), (64, 64), classes)
+    assert data.rasterise_polygons(write([poly([sq(0, 9)], None)]), (64, 64), ["background", "nucleus"])[3, 3] == 1
+    (tmp_path / "m.geojson").write_text('{"type": "FeatureCollection", "features": [')
+    with pytest.raises(DataError, match="is not readable GeoJSON"):
+        data.rasterise_polygons(tmp_path / "m.geojson", (64, 64), classes)
+
+
+def test_a_slide_with_polygon_annotations_gives_labelled_tissue_tiles(tmp_path):
+    """QuPath's whole-slide workflow: polygons in level-0 pixels, the slide read at a coarser level
+    (the polygons scaled to it), tiles on glass left out."""
+    slide = write_slide(tmp_path / "slides" / "case1.tif")  # level 0 1024 px, tissue on the left half
+    (tmp_path / "ann").mkdir()
+
+    def rect(x0, y0, x1, y1, name):
+        return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
+                "properties": {"classification": {"name": name}}}
+
+    (tmp_path / "ann" / "case1.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        rect(0, 0, 511, 255, "Tumor"), rect(0, 512, 255, 1023, "Stroma")]}))
+    t = data.load_masked(f"slide:{slide}@level=1", tmp_path / "ann", 64, 64, 3)
+    assert t.classes == ["background", "Stroma", "Tumor"] and t.images.shape[1:] == (64, 64, 3)
+    assert len(t.masks) >= 16 and (t.corners[:, 1] < 256).all()  # tissue tiles only: none on the glass half
+    want = np.zeros((512, 512), np.int64)
+    want[:128, :256], want[256:, :128] = 2, 1  # the polygons at level 1 (downsample 2; PIL fills the edge pixels)
+    for (y, x), m in zip(t.corners, t.masks):
+        assert np.array_equal(m, want[y:y + 64, x:x + 64])
+    (tmp_path / "ann" / "case1.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        rect(4000, 4000, 5000, 5000, "Tumor")]}))
+    with pytest.raises(DataError, match="none of its 1 polygon"):
+        data.load_masked(f"slide:{slide}@level=1", tmp_path / "ann", 64, 64, 3)
+    (tmp_path / "ann" / "case1.geojson").rename(tmp_path / "ann" / "other.geojson")
+    with pytest.raises(DataError, match="have no mask"):
+        data.load_masked(f"slide:{slide}@level=1", tmp_path / "ann", 64, 64, 3)

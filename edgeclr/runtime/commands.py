@@ -274,7 +274,7 @@ def segment_files_to(model: str | Path, inputs: Sequence[str | Path], out: str |
             tissue = None
             try:
                 if is_slide(f):
-                    img, tissue, _ = read_level(f, level, mpp)
+                    img, tissue, _, _ = read_level(f, level, mpp)
                 else:
                     img = load_image(f, seg.meta.preprocess.channels, None)
             except ImageError as e:

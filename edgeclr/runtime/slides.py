@@ -3,7 +3,7 @@ a level chosen by index or by microns per pixel, tissue found on a thumbnail, ti
 there is tissue. Torch-free; openslide is imported inside the functions (`edgeclr[slides]`).
 
     tiles, corners = slide_tiles("s.svs", size=64, mpp=1.0)   # (N, 64, 64, 3) uint8 tissue tiles
-    image, tissue = read_level("s.svs", level=2)             # a whole level, for `edgeclr segment`
+    image, tissue, lv, down = read_level("s.svs", level=2)   # a whole level, for `edgeclr segment` and slide masks
 
 Tissue detection follows the field's tools (CLAM, histolab): the saturation channel of a
 thumbnail, median-blurred, thresholded by Otsu's method (tissue is coloured, glass is not).
@@ -136,9 +136,9 @@ def slide_tiles(path: str | Path, size: int, stride: int | None = None, level: i
     return np.stack(tiles), (np.asarray(corners, np.float64) * down).astype(np.int64)
 
 
-def read_level(path: str | Path, level: int | None = None, mpp: float | None = None) -> tuple[Image.Image, np.ndarray, int]:
-    """(a whole level as an RGB image, its tissue mask at the same size, the level read). The
-    default level is the finest one within MAX_LEVEL_PIXELS."""
+def read_level(path: str | Path, level: int | None = None, mpp: float | None = None) -> tuple[Image.Image, np.ndarray, int, float]:
+    """(a whole level as an RGB image, its tissue mask at the same size, the level read, its
+    downsample from level 0). The default level is the finest one within MAX_LEVEL_PIXELS."""
     with open_slide(path) as s:
         if level is None and mpp is None:
             level = next((i for i, (w, h) in enumerate(s.level_dimensions) if w * h <= MAX_LEVEL_PIXELS), s.level_count - 1)
@@ -149,5 +149,6 @@ def read_level(path: str | Path, level: int | None = None, mpp: float | None = N
                              f"coarser level (0..{s.level_count - 1})")
         img = s.read_region((0, 0), lv, (w, h)).convert("RGB")
         mask, _ = tissue_mask(s)
+        down = float(s.level_downsamples[lv])
     tissue = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
-    return img, tissue, lv
+    return img, tissue, lv, down
