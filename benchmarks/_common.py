@@ -106,8 +106,8 @@ def export_set(model, pp, folder, name: str, calib, runtimes=("onnx", "openvino"
         i8 = folder / f"{name}-int8.onnx"
         if "onnx" in runtimes:
             out["onnx-int8"] = i8
-            compress.quantize_onnx(onnx, i8, calib, target, exclude)
+            compress.write_int8(onnx, i8, calib, target, exclude)
         if "openvino" in runtimes:
             out["openvino-int8"] = i8.with_suffix(".xml")
-            compress.quantize_openvino(out["openvino"], out["openvino-int8"], calib, exclude)
+            compress.write_int8(out["openvino"], out["openvino-int8"], calib, target, exclude)
     return out

@@ -31,8 +31,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine, record_path, run
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from edgeclr.finetune import LE_METHODS  # noqa: E402
-from edgeclr.report import label_efficiency_table  # noqa: E402
+from edgeclr.report import (
+    LE_METHODS,  # noqa: E402
+    label_efficiency_table,  # noqa: E402
+)
 
 
 def best(le: dict, features: str, level: int) -> tuple[float, str]:

@@ -175,7 +175,9 @@ def finetune(config_file=None, **options) -> dict:
     encoder or full fine-tuning, from its weights or (`init="random"`) from random ones; tested and exported
     (softmax probabilities, class names in the file).
 
-    Returns {"stage_dir", "checkpoint", "task", "test_top1" or "test_miou", "artifacts", ...}."""
+    Returns {"stage_dir", "checkpoint", "task", "test_top1" or "test_miou", "artifacts", ...}; with a
+    segmenter's `label_efficiency="4,16,0"`, the curve instead: {"stage_dir", "label_efficiency" (its
+    JSON), "table", "verdict", "report"}."""
     cfg = config.build(config.FinetuneConfig, config_file, **options)
     from edgeclr import finetune as stage
 

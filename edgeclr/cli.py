@@ -178,15 +178,21 @@ def finetune(source, config_file, **options):
 
     classify: draws --labels-per-class labelled images, trains (--mode linear | frozen | full; --init
     random for the baseline), tests on the whole test split and exports the classifier (softmax
-    probabilities, class names and preprocessing in the file). segment: --data IMAGES with --masks
-    (label maps), cut into tiles at the encoder's input size; a DeepLabV3 head (--mode frozen | full),
-    tested by mIoU on --test-data / --test-masks or held-out tiles, exported as a segmenter. Writes
-    OUT/{checkpoints/last.pt, result.json, metrics.csv, manifest.json, export/classifier.* or segmenter.*}.
+    probabilities, class names and preprocessing in the file). segment: --data IMAGES (or slide:FILES)
+    with --masks (label maps or GeoJSON polygons), cut into tiles at the encoder's input size; a
+    DeepLabV3 or LR-ASPP head (--mode frozen | full), tested by mIoU on --test-data / --test-masks or
+    held-out tiles, exported as a segmenter. Writes OUT/{checkpoints/last.pt, result.json,
+    metrics.csv, manifest.json, export/classifier.* or segmenter.*}, and for a segmenter overlays.png
+    and report.{md,html}. segment --label-efficiency 4,16,0: the curve against random init instead
+    (OUT/label_efficiency.{json,md,png}, report.{md,html}).
     """
     from edgeclr.tasks import describe_score
 
     r = run_stage(api.finetune, config_file=config_file, source=source, **options,
                   interrupted="interrupted: the checkpoint is written; add --resume to continue")
+    if r.get("label_efficiency"):
+        click.echo(f"{r['table']}\n{r['verdict']}\nreport: {r['report']}")
+        return
     if not r["completed"]:
         click.echo(f"stopped at step {r['step']}: {r['checkpoint']} (add --resume to continue)")
         return
@@ -206,10 +212,14 @@ def predict(inputs, config_file, **options):
 
     Writes --out: .csv (path, top1, p_top1, ...) or .json; unreadable images are skipped and listed.
     """
-    r = run_stage(api.predict, config_file=config_file, inputs=tuple(inputs), **options)
+    _echo_files(run_stage(api.predict, config_file=config_file, inputs=tuple(inputs), **options), "predicted", "classified")
+
+
+def _echo_files(r: dict, count: str, verb: str) -> None:
+    """A runtime command's skipped files (stderr), then its one-line summary."""
     for e in r["errors"]:
         click.echo(f"skipped: {e}", err=True)
-    click.echo(f"{r['out']}: {r['predicted']} image(s) classified into {len(r['classes'])} classes ({len(r['errors'])} unreadable)")
+    click.echo(f"{r['out']}: {r[count]} image(s) {verb} into {len(r['classes'])} classes ({len(r['errors'])} unreadable)")
 
 
 @cli.command()
@@ -222,10 +232,7 @@ def segment(inputs, config_file, **options):
     STEM.overlay.png, classes.txt and segments.csv (each image's share of every class). Large images
     are tiled at the model's input size with overlap and stitched; unreadable images are skipped.
     """
-    r = run_stage(api.segment, config_file=config_file, inputs=tuple(inputs), **options)
-    for e in r["errors"]:
-        click.echo(f"skipped: {e}", err=True)
-    click.echo(f"{r['out']}: {r['segmented']} image(s) segmented into {len(r['classes'])} classes ({len(r['errors'])} unreadable)")
+    _echo_files(run_stage(api.segment, config_file=config_file, inputs=tuple(inputs), **options), "segmented", "segmented")
 
 
 @cli.command()

@@ -303,6 +303,10 @@ class FinetuneConfig:
                         "input size)")
     seg_head: str = opt("auto", "segment: deeplabv3 (ASPP) | lraspp (LR-ASPP, the edge head) | auto (lraspp on a MobileNet, "
                                 "deeplabv3 on a ResNet)", ("auto", "deeplabv3", "lraspp"))
+    label_efficiency: str = opt("", "segment: instead of one segmenter, the curve over these labelled tile counts (comma list, "
+                                    "0 = all), e.g. 4,16,0: frozen and full fine-tuning of the encoder against full fine-tuning "
+                                    "from random weights, --draws draws each; no checkpoint or export")
+    draws: int = opt(3, "--label-efficiency: draws of the labelled tiles per count (mean and spread)")
     output_stride: int | None = opt(None, "segment: output stride of the encoder's feature maps, its last stages dilated to "
                                           "reach it (default: 8 for deeplabv3, 16 for lraspp)", (8, 16))
     out: str | None = opt(None, "folder to write into (default: RUN/finetune)")
@@ -367,6 +371,21 @@ class FinetuneConfig:
                 raise ConfigError("--task segment trains its head: --mode frozen or full")
             if self.tiles < 0 or not 0 < self.test_fraction < 1:
                 raise ConfigError("tiles >= 0 and test_fraction in (0, 1) are required")
+            try:
+                levels = self.tile_levels()
+            except ValueError:
+                levels = [-1]
+            if any(v < 0 for v in levels) or self.draws < 1:
+                raise ConfigError(f"--label-efficiency is a comma list of labelled tile counts >= 0 (0 = all), got "
+                                  f"{self.label_efficiency!r}; --draws >= 1")
+        elif self.label_efficiency:
+            raise ConfigError("--label-efficiency here is for --task segment; a classifier's curve is `edgeclr eval RUN "
+                              "--label-efficiency 1,5,10`")
+
+    def tile_levels(self) -> list[int]:
+        """--label-efficiency as distinct tile counts, ascending, 0 (all) last."""
+        vals = {int(v) for v in filter(None, self.label_efficiency.split(","))}
+        return sorted(vals - {0}) + ([0] if 0 in vals else [])
 
 
 @dataclass

@@ -36,13 +36,12 @@ import torch
 from edgeclr import checkpoint, config, export, faults
 from edgeclr.bench import Config as BenchRun
 from edgeclr.bench import machine, ratio_interval, run_bench
-from edgeclr.compress import Scorecard, int8_scope, quantize_one, runtime_embed
+from edgeclr.compress import carries_int8_metadata, int8_scope, runtime_embed, write_int8
 from edgeclr.compress.prune import level_checkpoint
 from edgeclr.compress.quantize import calibration_inputs
 from edgeclr.errors import ConfigError
-from edgeclr.finetune import linear_probe
 from edgeclr.formats import EXPORT_FORMATS, format_of
-from edgeclr.heldout import HeldOut, agreement, overlap_sample
+from edgeclr.heldout import HeldOut, agreement, overlap_sample, public
 from edgeclr.loading import load_encoder, stage_checkpoints
 from edgeclr.lock import hold
 from edgeclr.report import deploy_table
@@ -195,10 +194,7 @@ class Builder:
         scfg = ck.get("config") or {}
         data_spec = scfg.get("data")
         fmts = [f for f in self.cfg.formats.split(",") if any(m.endswith(format_of_name(f)) for m in missing)]
-        ccfg = config.CompressConfig(student=str(ckpt), formats=",".join(fmts), int8=False, target=self.cfg.int8_flavour,
-                                     calib_images=self.cfg.calib_images, seed=self.cfg.seed)
-        card = Scorecard(ccfg, None, torch.device("cpu"))  # scored below, with every other candidate
-        for fmt in fmts:
+        for fmt in fmts:  # scored later, with every other candidate
             suffix = format_of_name(fmt)
             fp32 = folder / f"fp32{suffix}"
             if not fp32.is_file():
@@ -209,7 +205,8 @@ class Builder:
                 if self.calib is None:
                     self.calib = calibration_inputs(data_spec, pp, self.cfg.calib_images, self.cfg.seed, scfg)
                 scope = int8_scope(model, fp32, folder, self.calib, pp) if variant == "int8" else {}
-                quantize_one(ccfg, card, fmt, fp32, self.calib, scope, name=variant)
+                write_int8(fp32, folder / f"{variant}{suffix}", self.calib, self.cfg.int8_flavour,
+                           sorted({n for v in scope.values() for n in v}), carries_int8_metadata)
         log.info("%s: built %s", level, ", ".join(missing))
 
 
@@ -252,15 +249,13 @@ class Quality:
         return {"knn_top1": self.ref["knn_top1"]} if self.labeled else {"topk_overlap": 1.0}
 
     def score(self, path: Path) -> dict:
+        """The file's held-out figures through the runtime (HeldOut.score's keys against the teacher's,
+        with the linear probe); unlabeled: its top-10 neighbour overlap with the teacher."""
         fn = runtime_embed(path)
         if not self.labeled:
             q = fn(self.images)
             return {"topk_overlap": agreement(q, self.ref["_q"])["topk_overlap"]}
-        bank, query = self.held.features(fn, 256)
-        s = self.held.score_features(bank, query, self.ref)
-        return {"knn_top1": s["knn_top1"], "knn_agreement": s["knn_agreement"], "cosine_mean": s["cosine_mean"],
-                "linear_top1": linear_probe(bank.numpy(), self.held.bank_y.numpy(), query.numpy(), self.held.query_y.numpy()),
-                "topk_overlap": agreement(query[:2000], self.ref["_q"][:2000])["topk_overlap"]}
+        return public(self.held.score(fn, self.ref, 256, linear=True))
 
     def cached(self, c: Candidate) -> dict:
         """The candidate's scores, from OUT/candidates/LEVEL/VARIANT.score.json when that was computed on

@@ -32,13 +32,12 @@ from torch import nn
 
 from edgeclr import checkpoint, config, data, faults
 from edgeclr.augment import view_generator
-from edgeclr.engine import Trainer, build_monitor, exit_for_signal, fit, prepare_stage_dir, resolve_device, set_layout
+from edgeclr.engine import Trainer, build_monitor, exit_for_signal, fit, prepare_stage_dir, resolve_device, set_layout, write_fit_manifest
 from edgeclr.heldout import HeldOut, agreement, embed, eval_inputs, overlap_sample, recalibrate_bn
 from edgeclr.loading import load_data, load_encoder
 from edgeclr.lock import hold
 from edgeclr.losses import EmbeddingQueue, cosine_distill, relational_distill
 from edgeclr.models import Encoder, ModelSpec, count_params, create_model, describe
-from edgeclr.rundir import write_manifest
 from edgeclr.runtime import Preprocess
 
 log = logging.getLogger("edgeclr.distill")
@@ -255,15 +254,8 @@ def _distill(cfg: config.DistillConfig, teacher: Encoder, tck: dict, tpath: Path
             final.update(student_vs_teacher_on(student, tr.adapter, teacher, x, device))
             log.info("student against the teacher on %d held-out images: cosine agreement %.3f, top-10 overlap %.3f", len(x),
                      final["cosine_agreement"], final["topk_overlap"])
-    write_manifest(stage_dir, "distill",
-                   inputs={"data": ds.fingerprint(), "teacher": teacher_info,
-                           "resumed_from": str(resume_from) if resume_from else None},
-                   spec=student.spec.to_dict(), preprocess=pp.to_dict(), embed_dim=student.embed_dim, metrics=final,
-                   wall_time_s=time.time() - t0,
-                   artifacts={"checkpoint": str(tr.ckpt_path), "checkpoint_sha256": checkpoint.sha256(tr.ckpt_path)},
-                   extra={**tr.precision, "fitted": tr.fitted,
-                          "completed": completed, "epoch": tr.epoch, "step": tr.step, "global_step": tr.global_step,
-                          "train_seconds": round(train_s, 1), "parameters": count_params(student),
-                          "adapter": not isinstance(tr.adapter, nn.Identity), "skipped_files": sorted(tr.skipped)})
+    write_fit_manifest(stage_dir, "distill", tr, student, pp,
+                       {"data": ds.fingerprint(), "teacher": teacher_info, "resumed_from": str(resume_from) if resume_from else None},
+                       final, t0, completed, train_s, adapter=not isinstance(tr.adapter, nn.Identity))
     exit_for_signal(tr.stop_signal)
     return {"stage_dir": str(stage_dir), "checkpoint": str(tr.ckpt_path), "completed": completed, **final}

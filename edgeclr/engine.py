@@ -31,7 +31,7 @@ from edgeclr.augment import SimCLRAugment, get_preset, preset_for
 from edgeclr.errors import NonFiniteLoss
 from edgeclr.heldout import HeldOut
 from edgeclr.models import Encoder
-from edgeclr.rundir import MetricsLog, make_writable_dir
+from edgeclr.rundir import MetricsLog, make_writable_dir, write_manifest
 from edgeclr.runtime import Preprocess
 
 log = logging.getLogger("edgeclr.engine")
@@ -678,3 +678,14 @@ def fit(tr: Trainer, loss_fn, monitor=None, deadline: float | None = None) -> tu
             tb.close()
     return completed, time.time() - t0
 
+
+def write_fit_manifest(stage_dir: Path, stage: str, tr, model: Encoder, pp: Preprocess, inputs: dict, metrics: dict, t0: float,
+                       completed: bool, train_s: float, **extra) -> None:
+    """The manifest of a stage that fits an encoder with a Trainer (train, distill): its checkpoint,
+    the precision it ran in, where the schedule stopped, and the stage's own `extra` fields."""
+    write_manifest(stage_dir, stage, inputs=inputs, spec=model.spec.to_dict(), preprocess=pp.to_dict(), embed_dim=model.embed_dim,
+                   metrics=metrics, wall_time_s=time.time() - t0,
+                   artifacts={"checkpoint": str(tr.ckpt_path), "checkpoint_sha256": checkpoint.sha256(tr.ckpt_path)},
+                   extra={**tr.precision, "fitted": tr.fitted, "completed": completed, "epoch": tr.epoch, "step": tr.step,
+                          "global_step": tr.global_step, "train_seconds": round(train_s, 1),
+                          "parameters": models.count_params(model), "skipped_files": sorted(tr.skipped), **extra})

@@ -21,9 +21,8 @@ from edgeclr import checkpoint, finetune
 from edgeclr.bench import latencies
 from edgeclr.engine import resolve_device
 from edgeclr.errors import CheckpointError, DataError
-from edgeclr.finetune import linear_probe
 from edgeclr.formats import format_of
-from edgeclr.heldout import HeldOut, agreement
+from edgeclr.heldout import HeldOut, public
 from edgeclr.loading import load_encoder, stage_checkpoints
 from edgeclr.lock import hold
 from edgeclr.models import count_macs, count_params, create_model
@@ -128,15 +127,12 @@ def add_latency(rows: list[dict], runs: int) -> None:
 
 
 def compare_row(name: str, kind: str, path: Path, m: dict, held: HeldOut, cfg, ref: dict | None) -> dict:
-    """One row of the retention table: accuracy, agreement with the teacher (`ref`), size (speed: add_latency)."""
+    """One row of the retention table: HeldOut.score_features' figures (against the teacher's row
+    `ref`: kNN agreement, cosine, top-10 overlap), retention, size (speed: add_latency)."""
     f_tr, f_te = m.pop("features")
-    scores = held.score_features(f_tr, f_te)
-    row = {"model": name, "kind": kind, "path": str(path), "knn_top1": scores["knn_top1"],
-           "linear_top1": linear_probe(f_tr.numpy(), held.bank_y.numpy(), f_te.numpy(), held.query_y.numpy(), cfg.seed)
-           if cfg.linear_probe else None, **m, "_pred": scores["_pred"], "_f_te": f_te}
+    scores = held.score_features(f_tr, f_te, ref, cfg.linear_probe, cfg.seed)
+    row = {"model": name, "kind": kind, "path": str(path), "linear_top1": None, **scores, **m}
     if ref is not None:
-        row["knn_agreement_with_teacher"] = float((scores["_pred"] == ref["_pred"]).float().mean())
-        row.update({f"{k}_with_teacher": v for k, v in agreement(f_te[:2000], ref["_f_te"][:2000]).items()})
         row["retention"] = row["knn_top1"] / ref["knn_top1"]
     return row
 
@@ -224,8 +220,8 @@ def _evaluate(cfg, model, ckpt: dict, path: Path, pp: Preprocess, data_spec: str
     for key, name, fn in feature_functions(model, ckpt, pp, cfg, device):
         f_tr, f_te = held.features(fn, cfg.batch_size, device)
         feats[key] = (name, f_tr, f_te)
-        row = {"key": key, "features": name, "dim": f_tr.shape[1], "knn_top1": held.score_features(f_tr, f_te)["knn_top1"]}
-        row["linear_top1"] = linear_probe(f_tr.numpy(), y_tr, f_te.numpy(), y_te, cfg.seed) if cfg.linear_probe else None
+        row = {"key": key, "features": name, "dim": f_tr.shape[1], "linear_top1": None,
+               **public(held.score_features(f_tr, f_te, None, cfg.linear_probe, cfg.seed))}
         rows.append(row)
         log.info("%s: kNN %.2f%%", name, row["knn_top1"])
         if cfg.tsne and key == "model":

@@ -32,20 +32,20 @@ import dataclasses
 import logging
 import signal
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import edgeclr
-from edgeclr import checkpoint, config, data, faults, tasks
+from edgeclr import checkpoint, config, data, faults, report, tasks
 from edgeclr.augment import SimCLRAugment, get_preset, hed_jitter, preset_for, view_generator
 from edgeclr.engine import build_scheduler, exit_for_signal, prepare_stage_dir, resolve_device, set_layout
 from edgeclr.errors import CheckpointError, ConfigError, DataError, NonFiniteLoss
-from edgeclr.heldout import batchnorms, eval_inputs
+from edgeclr.heldout import batchnorms, eval_inputs, fit_linear, linear_probe
 from edgeclr.loading import find_checkpoint, load_encoder, open_like_run
 from edgeclr.lock import hold
 from edgeclr.models import ClassifierNet, Encoder, SegmenterNet, create_model, seg_head_for
@@ -108,26 +108,6 @@ def finetune_augment(run_cfg: dict, pp: Preprocess) -> SimCLRAugment:
 
 # ----------------------------------------------------------------------------------------------
 # the model
-
-
-def fit_linear(train_f: np.ndarray, train_y: np.ndarray, seed: int = 0, c: float = 1.0):
-    """The linear probe: logistic regression on standardised features (the one edgeclr fits everywhere)."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, C=c, random_state=seed))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(np.asarray(train_f), np.asarray(train_y))
-    return clf
-
-
-def linear_probe(train_f, train_y, test_f, test_y, seed: int = 0) -> float:
-    """Test accuracy in percent of fit_linear on the training features."""
-    clf = fit_linear(train_f, train_y, seed)
-    return 100.0 * float((clf.predict(np.asarray(test_f)) == np.asarray(test_y)).mean())
 
 
 def linear_head(clf, num_classes: int) -> dict:
@@ -336,7 +316,6 @@ def train_classifier(encoder: Encoder, x, y, xv, yv, num_classes: int, recipe: R
 # ----------------------------------------------------------------------------------------------
 # the label-efficiency curve (`edgeclr eval --label-efficiency`)
 
-LE_METHODS = {"knn": "kNN", "linear": "linear probe", "finetune": "full fine-tuning"}
 
 
 def random_encoder(spec, sck: dict, device, seed: int) -> Encoder:
@@ -429,7 +408,7 @@ def main(cfg) -> dict:
     data_spec = cfg.data or run_cfg.get("data")
     if not data_spec:
         raise ConfigError(f"{src} does not record its dataset: pass --data")
-    out_dir = Path(cfg.out) if cfg.out else checkpoint.run_dir_of(src) / "finetune"
+    out_dir = Path(cfg.out) if cfg.out else checkpoint.run_dir_of(src) / ("label_efficiency" if cfg.label_efficiency else "finetune")
     with hold(out_dir, "the fine-tuning folder", is_dir=True):
         return _finetune(cfg, encoder, sck, src, pp, run_cfg, data_spec, out_dir, device, t0)
 
@@ -477,7 +456,64 @@ def build_tuner(job: Job, encoder: Encoder, recipe: Recipe, pp: Preprocess, run_
     return Tuner(net, recipe, job.x, job.y, job.xv, job.yv, pp, run_cfg, device)
 
 
+def segment_curve(cfg, encoder: Encoder, sck: dict, pp: Preprocess, run_cfg: dict, out_dir: Path, device, t0: float) -> dict:
+    """`finetune --task segment --label-efficiency 4,16,0`: test mIoU against the number of
+    labelled tiles, over --draws draws each, for the encoder frozen and fully fine-tuned and for full
+    fine-tuning from random weights (the recipe of `edgeclr finetune` each time, no checkpoints);
+    OUT/label_efficiency.{json,md,png} and OUT/report.{md,html}."""
+    pool, train_pool, xt_raw, yt_raw = segment_pool(cfg, pp)
+    levels = cfg.tile_levels()
+    short = [n for n in levels if n > len(train_pool) or (n == 0 and len(train_pool) < 2)]
+    if short or len(train_pool) < 2:
+        raise DataError(f"--label-efficiency {cfg.label_efficiency}: {len(train_pool)} labelled tile(s) of {pp.input_size} px "
+                        "to train on; give counts up to that (0 = all)")
+    if (out_dir / "label_efficiency.json").exists():
+        raise ConfigError(f"{out_dir} already holds a label-efficiency curve: choose another --out (nothing was overwritten)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    xt, yt = tiles_tensor(xt_raw, pp), yt_raw.astype(np.int64)
+    head = seg_head_for(encoder.spec.name, cfg.seg_head)
+    name = sck["spec"]["name"]
+    names = {"model": f"{name} ({sck['stage']})", "random": f"{name} random init"}
+    arms = (("frozen", "model"), ("finetune", "model"), ("finetune", "random"))
+    cells: dict[tuple[str, str], dict[int, list[float]]] = {}
+    used: dict[int, int] = {}
+    for n in levels:
+        for d in range(cfg.draws):
+            s = cfg.seed + d
+            tr, va = draw_tiles(len(train_pool), n, s, cfg.val_fraction)
+            tr, va = train_pool[tr], train_pool[va]
+            used[n] = len(tr) + len(va)
+            x, y = tiles_tensor(pool.images[tr], pp), torch.from_numpy(pool.masks[tr].astype(np.int64))
+            xv, yv = tiles_tensor(pool.images[va], pp), torch.from_numpy(pool.masks[va].astype(np.int64))
+            for method, init in arms:
+                enc = copy.deepcopy(encoder) if init == "model" else random_encoder(encoder.spec, sck, device, s)
+                recipe = Recipe(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Recipe)})
+                recipe = replace(recipe, mode="frozen" if method == "frozen" else "full", seed=s)
+                torch.manual_seed(s)
+                net = SegmenterNet(enc, len(pool.classes), cfg.output_stride, head).to(device)
+                tuner = SegTuner(net, recipe, x, y, xv, yv, pp, run_cfg, device)
+                tuner.run()
+                miou = tasks.TASKS["segment"].score(outputs(tuner.net.eval(), xt, device), yt)["miou"]
+                cells.setdefault((method, init), {}).setdefault(n, []).append(miou)
+        log.info("label efficiency: %s labelled tiles done (%.0f s)", n or "all", time.time() - t0)
+    le = {"task": "segment", "unit": "tiles", "levels": levels, "level_counts": [used[n] for n in levels], "draws": cfg.draws,
+          "finetune_steps": cfg.steps, "bank_images": int(len(train_pool)), "query_images": int(len(yt)), "seg_head": head,
+          "rows": [{"method": m, "features": key, "name": names[key],
+                    "points": [{"level": n, "mean": float(np.mean(v)), "std": float(np.std(v)), "values": v}
+                               for n, v in sorted(pts.items(), key=lambda kv: levels.index(kv[0]))]}
+                   for (m, key), pts in cells.items()],
+          "wall_time_s": round(time.time() - t0, 1)}
+    write_json_atomic(le, out_dir / "label_efficiency.json")
+    (out_dir / "label_efficiency.md").write_text(report.label_efficiency_table(le) + "\n")
+    (out_dir / "label_efficiency.png").write_bytes(report.label_efficiency_chart(le))
+    paths = report.write(out_dir, report.segmenter_blocks(out_dir))
+    return {"stage_dir": str(out_dir), "label_efficiency": str(out_dir / "label_efficiency.json"), "report": paths["md"],
+            "table": report.label_efficiency_table(le), "verdict": report.label_efficiency_verdict(le), "completed": True}
+
+
 def _finetune(cfg, encoder, sck, src, pp, run_cfg, data_spec, out_dir, device, t0) -> dict:
+    if cfg.task == "segment" and cfg.label_efficiency:
+        return segment_curve(cfg, encoder, sck, pp, run_cfg, out_dir, device, t0)
     job = segment_job(cfg, pp) if cfg.task == "segment" else classify_job(cfg, data_spec, pp, run_cfg)  # before anything is written
     if cfg.init == "random":
         encoder = random_encoder(encoder.spec, sck, device, cfg.seed)
@@ -523,7 +559,8 @@ def _finetune(cfg, encoder, sck, src, pp, run_cfg, data_spec, out_dir, device, t
         exit_for_signal(tuner.stop_signal)
         return {"stage_dir": str(out_dir), "checkpoint": str(ckpt_path), "completed": False, "step": tuner.step}
     net = tuner.net.eval()
-    score = tasks.TASKS[job.task].score(outputs(net, job.xt, device), job.yt.numpy())
+    probs = outputs(net, job.xt, device)
+    score = tasks.TASKS[job.task].score(probs, job.yt.numpy())
     result = {"task": job.task, **{f"test_{k_}": v for k_, v in score.items()},
               tuner.VAL_KEY: tuner.best_acc if len(job.yv) else None, "best_step": tuner.best_step, "steps_run": tuner.step,
               "train_images": len(job.y), "val_images": len(job.yv), "test_images": len(job.yt), "classes": job.classes,
@@ -531,9 +568,14 @@ def _finetune(cfg, encoder, sck, src, pp, run_cfg, data_spec, out_dir, device, t
               **({"seg_head": net.head_name, "output_stride": net.output_stride} if job.task == "segment" else {})}
     checkpoint.save(ckpt_dict(True), ckpt_path)
     log.info("test %s (%d labelled, mode %s)", tasks.describe_score(result), len(job.y), cfg.mode)
+    if job.task == "segment":
+        overlay_sheet(job.xt, job.yt.numpy(), probs.argmax(1), pp, np.asarray(ckpt_dict(True)["palette"], np.uint8),
+                      job.classes).save(out_dir / "overlays.png")
     artifacts = export_model(cfg, ckpt_path, out_dir, data_spec, pp, run_cfg, job)
     result["artifacts"] = artifacts
     write_json_atomic(result, out_dir / "result.json")
+    if job.task == "segment":
+        log.info("report: %s", report.write(out_dir, report.segmenter_blocks(out_dir))["md"])
     write_manifest(out_dir, "finetune", inputs={"source": str(src), "source_sha256": checkpoint.sha256(src), "data": data_spec},
                    spec=sck["spec"], preprocess=pp.to_dict(), embed_dim=encoder.embed_dim,
                    metrics={k_: v for k_, v in result.items() if isinstance(v, (int, float)) and v is not None},
@@ -608,8 +650,7 @@ def export_model(cfg, ckpt_path: Path, out_dir: Path, data_spec: str, pp: Prepro
     """NAME.onnx / .xml (FP32, parity-checked by export), and with --int8 their INT8 models through
     compress's quantisers; each file's test score through the runtime and the task's scorer."""
     from edgeclr import export
-    from edgeclr.compress.quantize import calibration_inputs, quantize_onnx, quantize_openvino
-    from edgeclr.formats import format_of
+    from edgeclr.compress.quantize import calibration_inputs, write_int8
     from edgeclr.runtime import open_model
 
     task = tasks.TASKS[job.task]
@@ -633,15 +674,8 @@ def export_model(cfg, ckpt_path: Path, out_dir: Path, data_spec: str, pp: Prepro
         if calib is None:
             calib = calibration_inputs(data_spec, pp, cfg.calib_images, cfg.seed, run_cfg)
         q = p.with_name(f"{job.name}-int8{p.suffix}")
-        tmp = p.with_name(f".{job.name}-int8.partial{p.suffix}")
-        try:
-            head = head_nodes(p) if job.task == "classify" else []  # a classifier's head stays in float: a few hundred MACs
-            (quantize_onnx(p, tmp, calib, cfg.int8_target, head) if fmt == "onnx" else quantize_openvino(p, tmp, calib, head))
-            for f in format_of(tmp).files(tmp):
-                f.replace(q.with_suffix(f.suffix))
-        finally:
-            for f in p.parent.glob(f".{job.name}-int8.partial*"):
-                f.unlink()
+        head = head_nodes(p) if job.task == "classify" else []  # a classifier's head stays in float: a few hundred MACs
+        write_int8(p, q, calib, cfg.int8_target, head)
         out[f"{fmt}-int8"] = {"path": str(q), **test_score(q)}
     for k_, a in out.items():
         log.info("%s: %s, test %s", k_, a["path"], tasks.describe_score(a))
@@ -665,8 +699,9 @@ def draw_tiles(n: int, count: int, seed: int, val_fraction: float) -> tuple[np.n
     return np.sort(idx[nv:]), np.sort(idx[:nv])
 
 
-def segment_job(cfg, pp: Preprocess) -> Job:
-    """A segmenter's labelled tiles: the train / validation draw, the test tiles, calibration tiles."""
+def segment_pool(cfg, pp: Preprocess) -> tuple[data.MaskedTiles, np.ndarray, np.ndarray, np.ndarray]:
+    """(every labelled tile, the positions of those that may train, test tiles, test masks): the
+    test tiles are --test-data's, or --test-fraction of the pool (seeded)."""
     s = pp.input_size
     pool = data.load_masked(cfg.data, cfg.masks, s, s, pp.channels, cfg.classes)
     if cfg.test_data:
@@ -677,6 +712,13 @@ def segment_job(cfg, pp: Preprocess) -> Job:
         nt = max(1, int(round(len(order) * cfg.test_fraction)))
         test_idx = np.sort(order[:nt])
         train_pool, xt, yt = np.sort(order[nt:]), pool.images[test_idx], pool.masks[test_idx]
+    return pool, train_pool, xt, yt
+
+
+def segment_job(cfg, pp: Preprocess) -> Job:
+    """A segmenter's labelled tiles: the train / validation draw, the test tiles, calibration tiles."""
+    s = pp.input_size
+    pool, train_pool, xt, yt = segment_pool(cfg, pp)
     if len(train_pool) < 2 or cfg.tiles > len(train_pool):
         raise DataError(f"{cfg.data}: {len(train_pool)} labelled tile(s) of {s} px to train on (--tiles {cfg.tiles or 'all'}); "
                         "a segmenter needs >= 2: larger or more images, --test-data for the test tiles, or fewer --tiles")
@@ -687,6 +729,39 @@ def segment_job(cfg, pp: Preprocess) -> Job:
                tiles_tensor(pool.images[va], pp), torch.from_numpy(pool.masks[va].astype(np.int64)), tiles_tensor(xt, pp),
                torch.from_numpy(yt.astype(np.int64)), {"train": tr.tolist(), "val": va.tolist()}, pool.classes, "segmenter",
                tiles_tensor(pool.images[np.sort(calib)], pp).numpy())
+
+
+def overlay_sheet(x: torch.Tensor, truth: np.ndarray, pred: np.ndarray, pp: Preprocess, palette: np.ndarray,
+                  classes: list[str], n: int = 6) -> Image.Image:
+    """Up to n test tiles, the most labelled (non-background) first, each as image | truth |
+    prediction with the class colours blended in (unlabelled pixels left as they are), and a
+    colour key: what a pathologist looks at before trusting an mIoU."""
+    from PIL import ImageDraw
+
+    from edgeclr.runtime.embedder import overlay
+
+    fg = ((truth > 0) & (truth < len(classes))).reshape(len(truth), -1).sum(1)
+    pick = np.argsort(-fg, kind="stable")[:n]
+    tiles = to_uint8(x[torch.as_tensor(pick)], pp).permute(0, 2, 3, 1).numpy()
+    s = x.shape[-1]
+    z = max(1, 96 // s)  # small tiles drawn larger, pixels kept sharp
+    side, gap, head = s * z, 4, 16
+    key_rows = -(-len(classes) // 4)
+    sheet = Image.new("RGB", (3 * side + 4 * gap, head + len(pick) * (side + gap) + gap + 14 * key_rows), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, title in enumerate(("image", "truth", "prediction")):
+        draw.text((gap + c * (side + gap), 2), title, fill="black")
+    for r, (i, tile) in enumerate(zip(pick, tiles)):
+        y = head + r * (side + gap)
+        for c, im in enumerate((Image.fromarray(tile[:, :, 0] if tile.shape[2] == 1 else tile).convert("RGB"),
+                                overlay(tile, truth[i], palette), overlay(tile, pred[i], palette))):
+            sheet.paste(im.resize((side, side), Image.NEAREST), (gap + c * (side + gap), y))
+    y0 = head + len(pick) * (side + gap) + gap
+    for k, name in enumerate(classes):
+        cx, cy = gap + (k % 4) * ((3 * side) // 4), y0 + 14 * (k // 4)
+        draw.rectangle((cx, cy + 2, cx + 9, cy + 11), fill=tuple(int(v) for v in palette[k]), outline="black")
+        draw.text((cx + 13, cy), name[:18], fill="black")
+    return sheet
 
 
 class SegTuner(Tuner):

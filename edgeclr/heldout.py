@@ -1,7 +1,11 @@
 """The held-out kNN scorer every stage uses, and the embedding helpers around it.
 
-    HeldOut.open(data, pp, run_cfg) -> .score(embed_fn)        kNN top-1 (+ agreement with a reference)
-                                     -> .score_model(model)    the same for an Encoder (training monitor)
+    HeldOut.open(data, pp, run_cfg) -> .score(embed_fn, ref, linear=)   kNN (and linear-probe) top-1; against a
+                                                                        reference: kNN agreement, cosine, top-10 overlap
+                                     -> .score_model(model)             kNN top-1 of an Encoder (training monitor)
+
+One scorer, one set of keys: compress's Scorecard (against the FP32 student), deploy's Quality and
+`eval --compare` (against the teacher) all score through HeldOut.score / score_features.
 
 kNN follows Wu et al. 2018 (InstDisc), the protocol SimCLR codebases report: L2-normalised
 features, cosine similarity, the k nearest bank images vote with weight exp(sim / T). The bank is
@@ -104,6 +108,26 @@ def agreement(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> dict[str, float]
     overlap = (na.unsqueeze(2) == nb.unsqueeze(1)).any(2).float().sum(1) / k  # (N,)
     cos = (a * b).sum(1).mean().item() if a.shape == b.shape else float("nan")
     return {"topk_overlap": overlap.mean().item(), "cosine_agreement": cos}
+
+
+def fit_linear(train_f: np.ndarray, train_y: np.ndarray, seed: int = 0, c: float = 1.0):
+    """The linear probe: logistic regression on standardised features (the one edgeclr fits everywhere)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, C=c, random_state=seed))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(np.asarray(train_f), np.asarray(train_y))
+    return clf
+
+
+def linear_probe(train_f, train_y, test_f, test_y, seed: int = 0) -> float:
+    """Test accuracy in percent of fit_linear on the training features."""
+    clf = fit_linear(train_f, train_y, seed)
+    return 100.0 * float((clf.predict(np.asarray(test_f)) == np.asarray(test_y)).mean())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,22 +243,30 @@ class HeldOut:
         """(bank (M, D), query (N, D)) embeddings of embed_fn (torch in, torch out, applied in batches)."""
         return embed(embed_fn, self.bank_x, batch_size, device), embed(embed_fn, self.query_x, batch_size, device)
 
-    def score_features(self, bank: torch.Tensor, query: torch.Tensor, ref: dict | None = None) -> dict:
-        """kNN top-1 of these embeddings; against `ref` (another score's output): cosine agreement
-        of the query embeddings and agreement of the kNN predictions. Keys starting with '_' hold
-        the predictions and query embeddings a later score compares with."""
+    def score_features(self, bank: torch.Tensor, query: torch.Tensor, ref: dict | None = None, linear: bool = False,
+                       seed: int = 0) -> dict:
+        """The held-out figures of an embedding, one set of keys for every stage: `knn_top1` and,
+        with `linear`, `linear_top1` (the linear probe, linear_probe); against `ref` (another
+        score's output: the teacher's, or the FP32 student's) `knn_agreement` (same kNN predictions),
+        `cosine_mean` / `cosine_min` of the query embeddings (NaN between widths) and `topk_overlap`
+        (shared top-10 neighbours, first 2,000 queries). Keys starting with '_' hold the predictions
+        and query embeddings a later score compares with (`public` drops them)."""
         pred = knn_predict(bank, self.bank_y, query, self.k, self.t, self.num_classes)
         out = {"knn_top1": 100.0 * float((pred == self.query_y).float().mean()), "_pred": pred, "_q": query}
+        if linear:
+            out["linear_top1"] = linear_probe(bank.numpy(), self.bank_y.numpy(), query.numpy(), self.query_y.numpy(), seed)
         if ref is not None:  # the cosine only between embeddings of one width (a student with its own --embed-dim has another)
             same = query.shape == ref["_q"].shape
             cos = (F.normalize(query.float(), dim=1) * F.normalize(ref["_q"].float(), dim=1)).sum(1) if same else None
             out.update(cosine_mean=float(cos.mean()) if same else float("nan"), cosine_min=float(cos.min()) if same else float("nan"),
-                       knn_agreement=float((pred == ref["_pred"]).float().mean()))
+                       knn_agreement=float((pred == ref["_pred"]).float().mean()),
+                       topk_overlap=agreement(query[:2000], ref["_q"][:2000])["topk_overlap"] if len(query) > 1 else float("nan"))
         return out
 
-    def score(self, embed_fn: Callable, ref: dict | None = None, batch_size: int = 256, device="cpu") -> dict:
+    def score(self, embed_fn: Callable, ref: dict | None = None, batch_size: int = 256, device="cpu", linear: bool = False,
+              seed: int = 0) -> dict:
         """score_features of embed_fn's embeddings of the bank and the queries."""
-        return self.score_features(*self.features(embed_fn, batch_size, device), ref)
+        return self.score_features(*self.features(embed_fn, batch_size, device), ref, linear, seed)
 
     def score_model(self, model, device, batch_size: int = 512, recalibrate: bool | None = None) -> float:
         """kNN top-1 of model.embed in eval mode (the training model's mode is restored after).

@@ -143,21 +143,30 @@ def eval_table(rows: list[dict]) -> str:
                            for r in rows])
 
 
-def label_efficiency_table(le: dict) -> str:
-    """`edgeclr eval --label-efficiency`: accuracy (mean +- spread over the draws) per labelled images per class."""
-    from edgeclr.finetune import LE_METHODS
+# the label-efficiency curve's methods, as its table, verdict and chart name them
+LE_METHODS = {"knn": "kNN", "linear": "linear probe", "frozen": "frozen encoder", "finetune": "full fine-tuning"}
 
-    return markdown_table(["method", "features"] + [f"{n} / class" for n in le["levels"]],
+
+def _level_name(le: dict, i: int, per: str = " / class") -> str:
+    """How a curve's i-th level reads: "5 / class" (a classifier's), "16 tiles" / "all 461 tiles" (a segmenter's)."""
+    n = le["levels"][i]
+    if le.get("unit") == "tiles":
+        return f"{n} tiles" if n else f"all {le['level_counts'][i]} tiles"
+    return f"{n}{per}"
+
+
+def label_efficiency_table(le: dict) -> str:
+    """The label-efficiency curve as a table: the figure (accuracy, or mIoU for a segmenter; mean ±
+    spread over the draws) per level (labelled images per class, or labelled tiles)."""
+    return markdown_table(["method", "features"] + [_level_name(le, i) for i in range(len(le["levels"]))],
                           [[LE_METHODS[r["method"]], r["name"]] + [f"{p['mean']:.2f} ± {p['std']:.2f}" for p in r["points"]]
                            for r in le["rows"]])
 
 
 def label_efficiency_verdict(le: dict) -> str:
     """One sentence per level: the best result from the model's features against random init's and raw pixels'."""
-    from edgeclr.finetune import LE_METHODS
-
     parts = []
-    for i, n in enumerate(le["levels"]):
+    for i in range(len(le["levels"])):
         best = {}
         for r in le["rows"]:
             m = r["points"][i]["mean"]
@@ -169,28 +178,29 @@ def label_efficiency_verdict(le: dict) -> str:
         others = [f"{name} {best[k][0]:.2f}% ({m - best[k][0]:+.2f} points)" for k, name in (("random", "random init"), ("pixels", "raw pixels"))
                   if k in best]
         lose = [name for k, name in (("random", "random init"), ("pixels", "raw pixels")) if k in best and best[k][0] > m]
-        parts.append(f"at {n} per class the model's best is {m:.2f}% ({how}); against {', '.join(others) or 'no baseline'}"
+        parts.append(f"at {_level_name(le, i, ' per class')} the model's best is {m:.2f}% ({how}); against {', '.join(others) or 'no baseline'}"
                      + (f": {' and '.join(lose)} ahead" if lose else ""))
     return ("Best of each: " + "; ".join(parts) + ".") if parts else ""
 
 
 def label_efficiency_chart(le: dict) -> bytes:
     """Accuracy against labels per class (log axis), one line per method and features, spread as error bars."""
-    from edgeclr.finetune import LE_METHODS
-
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     colours = {"model": "#c33", "random": "#37a", "pixels": "#888"}
-    styles = {"knn": ":", "linear": "--", "finetune": "-"}
+    styles = {"knn": ":", "linear": "--", "frozen": "--", "finetune": "-"}
+    tiles = le.get("unit") == "tiles"
+    at = dict(zip(le["levels"], le.get("level_counts") or le["levels"]))  # "all" tiles drawn at their count
     for r in le["rows"]:
-        xs = [p["per_class"] for p in r["points"]]
+        xs = [at[p["level"]] if tiles else p["per_class"] for p in r["points"]]
         ax.errorbar(xs, [p["mean"] for p in r["points"]], yerr=[p["std"] for p in r["points"]], ls=styles[r["method"]],
                     color=colours.get(r["features"], "#555"), marker="o", ms=3, capsize=2,
                     label=f"{LE_METHODS[r['method']]}: {r['name']}")
     ax.set_xscale("log")
-    ax.set_xticks(le["levels"], [str(n) for n in le["levels"]])
-    ax.set_xlabel("labelled images per class")
-    ax.set_ylabel("test accuracy %")
+    ax.minorticks_off()
+    ax.set_xticks([at[n] for n in le["levels"]], [str(at[n]) for n in le["levels"]])
+    ax.set_xlabel("labelled tiles" if tiles else "labelled images per class")
+    ax.set_ylabel("test mIoU %" if tiles else "test accuracy %")
     ax.set_title(f"Label efficiency (mean and spread over {le['draws']} draws)", fontsize=10)
     ax.legend(fontsize=6.5, loc="lower right")
     fig.tight_layout()
@@ -203,7 +213,8 @@ def compare_table(rows: list[dict]) -> str:
               "speed-up", "vs"]
     return markdown_table(header, [[
         r["model"], _fmt(r["knn_top1"]), _fmt(r["linear_top1"]), _fmt(r.get("retention"), "{:.3f}"),
-        _fmt(r.get("knn_agreement_with_teacher"), "{:.3f}"), _fmt(r.get("topk_overlap_with_teacher"), "{:.3f}"),
+        _fmt(r.get("knn_agreement", r.get("knn_agreement_with_teacher")), "{:.3f}"),  # the keys of compare.json files before
+        _fmt(r.get("topk_overlap", r.get("topk_overlap_with_teacher")), "{:.3f}"),     # HeldOut.score_features named them
         f"{r['size_bytes'] / 1e6:.2f}", _fmt(r["macs"] and r["macs"] / 1e6, "{:.1f}"), f"{r['latency_ms_1thread']:.3f}",
         f"{r['speedup_vs_teacher']:.2f}x", r.get("speedup_reference", "teacher")] for r in rows])
 
@@ -592,10 +603,48 @@ def render(blocks: list[tuple], files_dir: Path) -> tuple[str, str]:
     return "\n\n".join(md) + "\n", page
 
 
-def write(out: str | Path) -> dict:
-    """Write OUT/report.md (+ OUT/report_files/*.png) and OUT/report.html; returns their paths."""
+def segmenter_blocks(out: Path) -> list[tuple]:
+    """The report of one `finetune --task segment` folder: the test figures per class, each
+    exported file's mIoU and parity, the overlays, and the label-efficiency curve when it was run."""
+    res = _load(out / "result.json") or {}
+    blocks = [("h", 1, f"edgeclr segmenter report: {out.name}")]
+    if res:
+        blocks += [("hl", f"Test mIoU {res['test_miou']:.2f}%, mean Dice {res['test_mdice']:.2f}%, pixel accuracy "
+                          f"{res['test_pixel_acc']:.2f}% on {res['test_images']} test tiles; trained on {res['train_images']} "
+                          f"labelled tiles ({res['val_images']} more validated), mode {res['mode']}, init {res['init']}, "
+                          f"{res.get('seg_head', 'deeplabv3')} head at output stride {res.get('output_stride', '-')}."),
+                   ("table", markdown_table(["class", "IoU %", "Dice %"],
+                                            [[c, _fmt(i) or "-", _fmt(d) or "-"]
+                                             for c, i, d in zip(res["classes"], res["test_iou"], res["test_dice"])])),
+                   ("p", "A class that occurs neither in the test tiles' truth nor in the predictions has no IoU (-) and is "
+                         "left out of the means.")]
+        files = res.get("artifacts") or {}
+        if files:
+            blocks += [("h", 2, "Exported files (run through the torch-free runtime)"),
+                       ("table", markdown_table(["file", "test mIoU %", "per-pixel agreement with torch"],
+                                                [[f"`{Path(a['path']).name}`", _fmt(a.get("test_miou")),
+                                                  _fmt((a.get("parity") or {}).get("pixel_agreement"), "{:.5f}")]
+                                                 for a in files.values()]))]
+    if (out / "overlays.png").is_file():
+        blocks += [("h", 2, "Test tiles"),
+                   ("img", "overlays.png", (out / "overlays.png").read_bytes(),
+                    "The most labelled test tiles: image, truth and prediction")]
+    le = _load(out / "label_efficiency.json")
+    if le:
+        blocks += [("h", 2, "Label efficiency: the pretrained encoder against random initialisation"),
+                   ("p", f"Test mIoU on {le['query_images']} tiles with N labelled tiles drawn from the {le['bank_images']} "
+                         f"training tiles, mean ± spread over {le['draws']} draws; each run is `edgeclr finetune "
+                         f"--task segment` for {le['finetune_steps']} steps."),
+                   ("table", label_efficiency_table(le)), ("p", label_efficiency_verdict(le)),
+                   ("img", "label_efficiency.png", label_efficiency_chart(le), "Test mIoU against labelled tiles")]
+    return blocks
+
+
+def write(out: str | Path, blocks: list[tuple] | None = None) -> dict:
+    """Write OUT/report.md (+ OUT/report_files/*.png) and OUT/report.html (a pipeline run's report,
+    or the `blocks` given); returns their paths."""
     out = Path(out)
-    md, page = render(build_blocks(out), out / "report_files")
+    md, page = render(build_blocks(out) if blocks is None else blocks, out / "report_files")
     for name, text in (("report.md", md), ("report.html", page)):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)

@@ -22,12 +22,11 @@ import torch
 from edgeclr import checkpoint, config, faults
 from edgeclr import distributed as dist_
 from edgeclr.augment import view_generator
-from edgeclr.engine import Trainer, build_monitor, exit_for_signal, fit, prepare_stage_dir, resolve_device, set_layout
+from edgeclr.engine import Trainer, build_monitor, exit_for_signal, fit, prepare_stage_dir, resolve_device, set_layout, write_fit_manifest
 from edgeclr.loading import load_data
 from edgeclr.lock import hold
 from edgeclr.losses import nt_xent
 from edgeclr.models import Encoder, ModelSpec, count_params, create_model, describe
-from edgeclr.rundir import write_manifest
 
 log = logging.getLogger("edgeclr.train")
 
@@ -119,15 +118,9 @@ def _main(cfg: config.TrainConfig, d: dist_.Dist) -> dict:
     completed, train_s = fit(tr, tr.simclr_loss, monitor, deadline)
     final = dict(tr.last_metrics)
     if d.is_main:
-        write_manifest(stage_dir, "train",
-                       inputs={"data": ds.fingerprint(), "resumed_from": str(resume_from) if resume_from else None},
-                       spec=model.spec.to_dict(), preprocess=pp.to_dict(), embed_dim=model.embed_dim, metrics=final,
-                       wall_time_s=time.time() - t0,
-                       artifacts={"checkpoint": str(tr.ckpt_path), "checkpoint_sha256": checkpoint.sha256(tr.ckpt_path)},
-                       extra={**tr.precision, "fitted": tr.fitted,
-                              "completed": completed, "epoch": tr.epoch, "step": tr.step, "global_step": tr.global_step,
-                              "train_seconds": round(train_s, 1), "parameters": count_params(model),
-                              "world_size": d.world, "skipped_files": sorted(tr.skipped), "augment": tr.aug_cfg.to_dict()})
+        write_fit_manifest(stage_dir, "train", tr, model, pp,
+                           {"data": ds.fingerprint(), "resumed_from": str(resume_from) if resume_from else None}, final, t0,
+                           completed, train_s, world_size=d.world, augment=tr.aug_cfg.to_dict())
     dist_.barrier(d)  # no rank leaves before rank 0 has written
     exit_for_signal(tr.stop_signal, d.enabled)
     return {"stage_dir": str(stage_dir), "checkpoint": str(tr.ckpt_path), "completed": completed, **final}

@@ -1,6 +1,7 @@
 """edgeclr compress: pruning (widths, MACs, exact save/reload), INT8 (size, agreement), budgets, bad input."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,7 +179,7 @@ def test_compress_end_to_end(student):
     assert names[:3] == ["teacher", "student", "pruned"] and "compress/models/int8.onnx" in names
     assert "compress/models/int8.xml" in names and "| teacher |" in r.output
     for x in cmp["rows"][1:]:
-        assert 0 <= x["knn_agreement_with_teacher"] <= 1 and x["latency_ms_1thread"] > 0 and x["size_bytes"] > 0
+        assert 0 <= x["knn_agreement"] <= 1 and 0 <= x["topk_overlap"] <= 1 and x["latency_ms_1thread"] > 0 and x["size_bytes"] > 0
     assert cmp["rows"][0]["speedup_vs_teacher"] == 1.0
     pruned = next(x for x in cmp["rows"] if x["model"] == "pruned")
     assert pruned["macs"] == rep["pruned"]["macs"]
@@ -266,3 +267,30 @@ def test_an_interrupted_recovery_resumes_and_is_never_taken_for_a_result(student
     assert Embedder.load(d / "models" / "fp32.onnx").meta.embedding_dim > 0
     man = json.loads((d / "manifest.json").read_text())
     assert man["pruning"]["mac_ratio"] < 1 and man["artifacts"]["checkpoint_sha256"] == sha
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_write_int8_writes_only_a_file_that_passed_its_check(tmp_path, fmt):
+    """write_int8, the one INT8 writer: a refused check leaves neither the file nor a partial one; a
+    passed one leaves the whole file (an IR with its .bin), which loads as INT8."""
+    from helpers import PP, make_checkpoint
+
+    from edgeclr import compress, export
+
+    ck = make_checkpoint(tmp_path / "r" / "train" / "checkpoints" / "last.pt", "resnet18", width=8)
+    fp32 = export.main(config.ExportConfig(target=str(ck), format=fmt, out=str(tmp_path / "m"), name="fp32"))["path"]
+    calib = quantize.calibration_inputs("digits", PP, 32, 0, {})
+    final = tmp_path / "m" / f"int8{'.onnx' if fmt == 'onnx' else '.xml'}"
+
+    def refuse(path):
+        assert path.is_file() and path.name.startswith(".int8.partial")
+        raise compress.CompressError("over budget")
+
+    if fmt == "onnx":  # (NNCF takes seconds a run: the refusal once)
+        with pytest.raises(compress.CompressError, match="over budget"):
+            compress.write_int8(Path(fp32), final, calib, "x86", [], refuse)
+        assert sorted(p.name for p in (tmp_path / "m").iterdir() if p.name.startswith(("int8", ".int8"))) == []
+    info = compress.write_int8(Path(fp32), final, calib, "x86", [], compress.carries_int8_metadata)
+    assert info["calib_images"] == 32 and Embedder.load(final, threads=1).meta.precision == "int8"
+    assert fmt == "onnx" or final.with_suffix(".bin").is_file()
+    assert not list((tmp_path / "m").glob(".int8.partial*"))

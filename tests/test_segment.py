@@ -67,6 +67,39 @@ def test_finetune_segment_trains_tests_exports_and_the_files_score_like_the_chec
     assert meta["task"] == "segment" and len(meta["palette"]) == 11 and meta["classes"][10] == "digit 9"
 
 
+def test_finetune_segment_writes_overlays_and_a_report(segmenter):
+    d, _ = segmenter
+    sheet = Image.open(d / "seg" / "overlays.png")
+    assert sheet.mode == "RGB" and sheet.size[0] == 3 * 96 + 4 * 4 and sheet.size[1] > 6 * 96  # 6 tiles, 16 px drawn at 96
+    md = (d / "seg" / "report.md").read_text()
+    assert "Test mIoU" in md and "| digit 9 |" in md and "segmenter-int8.onnx" in md and "report_files/overlays.png" in md
+    assert (d / "seg" / "report_files" / "overlays.png").is_file() and "<img" in (d / "seg" / "report.html").read_text()
+
+
+def test_segment_label_efficiency_curve_against_random_init(tmp_path):
+    make_checkpoint(tmp_path / "run" / "train" / "checkpoints" / "last.pt", "resnet18", width=8)
+    root = digit_fields(tmp_path / "f", fields=2)
+    args = ["finetune", str(tmp_path / "run"), "--task", "segment", "--data", str(root / "images"), "--masks", str(root / "masks"),
+            "--steps", "6", "--batch-size", "8", "--eval-every", "3", "--threads", "1", "--draws", "2"]
+    r = run([*args, "--label-efficiency", "0,4"])
+    le = json.loads((tmp_path / "run" / "label_efficiency" / "label_efficiency.json").read_text())
+    assert le["levels"] == [4, 0] and le["level_counts"][0] == 4 and le["level_counts"][1] == le["bank_images"] == 54  # 72 tiles - 18 test
+    assert {(row["method"], row["features"]) for row in le["rows"]} == {("frozen", "model"), ("finetune", "model"), ("finetune", "random")}
+    for row in le["rows"]:
+        assert [p["level"] for p in row["points"]] == [4, 0] and all(len(p["values"]) == 2 for p in row["points"])
+        assert all(0 <= v <= 100 for p in row["points"] for v in p["values"])
+    assert "| 4 tiles | all 54 tiles |" in r.output and "Best of each: at 4 tiles" in r.output
+    md = (tmp_path / "run" / "label_efficiency" / "report.md").read_text()
+    assert "Label efficiency" in md and (tmp_path / "run" / "label_efficiency" / "label_efficiency.png").stat().st_size > 1000
+    assert not (tmp_path / "run" / "label_efficiency" / "checkpoints").exists()
+    r = run([*args, "--label-efficiency", "4"], ok=False)
+    assert r.exit_code == 2 and "already holds a label-efficiency curve" in r.output
+    r = run([*args, "--label-efficiency", "500", "--out", str(tmp_path / "o")], ok=False)
+    assert r.exit_code == 2 and "54 labelled tile(s) of 16 px" in r.output
+    r = run(["finetune", str(tmp_path / "run"), "--label-efficiency", "4"], ok=False)
+    assert r.exit_code == 2 and "edgeclr eval RUN --label-efficiency" in r.output
+
+
 def test_segment_command_tiles_any_image_size_and_matches_torch_on_one_tile(segmenter, tmp_path):
     d, _ = segmenter
     model = d / "seg" / "export" / "segmenter.onnx"

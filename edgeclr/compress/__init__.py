@@ -45,7 +45,7 @@ from torch import nn
 from edgeclr import checkpoint, config, export
 from edgeclr.bench import latencies
 from edgeclr.compress.prune import WORK, count_macs, prune_and_recover, prune_step, ratio_for_macs
-from edgeclr.compress.quantize import calibration_inputs, float_scope, quantize_onnx, quantize_openvino
+from edgeclr.compress.quantize import calibration_inputs, float_scope, quantize_onnx, quantize_openvino, write_int8
 from edgeclr.engine import resolve_device
 from edgeclr.errors import CompressError
 from edgeclr.formats import format_of
@@ -60,7 +60,7 @@ from edgeclr.runtime import Embedder, ModelMeta, Preprocess
 log = logging.getLogger(__name__)
 # the package's face: the pruning and INT8 steps a script composes (benchmarks/ do)
 __all__ = ["main", "count_macs", "prune_step", "ratio_for_macs", "prune_and_recover", "calibration_inputs", "float_scope",
-           "quantize_onnx", "quantize_openvino"]
+           "quantize_onnx", "quantize_openvino", "write_int8"]
 
 
 def runtime_embed(path: Path):
@@ -205,28 +205,27 @@ def int8_scope(model: Encoder, fp32_path: Path, models_dir: Path, calib: np.ndar
             onnx_fp32.unlink()
 
 
+def carries_int8_metadata(path: Path) -> None:
+    """CompressError unless the quantised file at `path` loads through the runtime as INT8 (its
+    metadata carried over from the FP32 export)."""
+    if Embedder.load(path, threads=0, precision="f32").meta.precision != "int8":
+        raise CompressError(f"{path}: the quantised model does not carry its metadata")
+
+
 def quantize_one(cfg, card: Scorecard, fmt: str, fp32_path: Path, calib: np.ndarray, scope: dict, name: str = "int8") -> dict:
     """INT8 of one FP32 export, written as NAME.* beside it only once it carries its metadata and is
     within --max-drop; returns its artifact entry."""
-    models_dir = fp32_path.parent
-    exclude = sorted({n for v in scope.values() for n in v})
-    final = models_dir / f"{name}{fp32_path.suffix}"
-    tmp = models_dir / f".{name}.partial{fp32_path.suffix}"
-    try:
-        qinfo = (quantize_onnx(fp32_path, tmp, calib, cfg.target, exclude) if fmt == "onnx"
-                 else quantize_openvino(fp32_path, tmp, calib, exclude))
-        qinfo["float_scope"] = scope
-        if Embedder.load(tmp, threads=0, precision="f32").meta.precision != "int8":
-            raise CompressError(f"{tmp}: the quantised model does not carry its metadata")
+    final = fp32_path.parent / f"{name}{fp32_path.suffix}"
+
+    def check(tmp: Path) -> None:
+        carries_int8_metadata(tmp)
         if card.held:
             r = card.score_file(tmp)
             card.check_budget(f"the {fmt} INT8 model", r)
             card.report[f"{fmt}-int8"] = card.row(r, None, None)
-        for f in format_of(tmp).files(tmp):
-            f.replace(final.with_suffix(f.suffix))
-    finally:
-        for f in models_dir.glob(f".{name}.partial*"):
-            f.unlink()
+
+    qinfo = write_int8(fp32_path, final, calib, cfg.target, sorted({n for v in scope.values() for n in v}), check)
+    qinfo["float_scope"] = scope
     return {"path": str(final), "bytes": format_of(final).size_bytes(final), "quantization": qinfo}
 
 

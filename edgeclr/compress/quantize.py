@@ -178,6 +178,28 @@ def quantize_openvino(fp32_xml: Path, out: Path, calib: np.ndarray, exclude: lis
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def write_int8(fp32: Path, final: Path, calib: np.ndarray, target: str, exclude: list[str], check=None) -> dict:
+    """The one way an INT8 file is written: the FP32 export (ONNX or OpenVINO IR, by its suffix)
+    quantised under a temporary name, `check(tmp)` run on it (metadata, parity, a budget: raise to
+    refuse), then each of its files renamed to `final`'s name, companions (an IR's .bin) first, so
+    a killed or refused run never leaves a file that a re-run takes as built. Returns the
+    quantisation record."""
+    from edgeclr.formats import format_of
+
+    tmp = final.with_name(f".{final.stem}.partial{final.suffix}")
+    try:
+        info = (quantize_onnx(fp32, tmp, calib, target, exclude) if fp32.suffix == ".onnx"
+                else quantize_openvino(fp32, tmp, calib, exclude))
+        if check is not None:
+            check(tmp)
+        for f in sorted(format_of(tmp).files(tmp), key=lambda f: f.suffix == final.suffix):
+            f.replace(final.with_suffix(f.suffix))
+    finally:
+        for f in final.parent.glob(f".{final.stem}.partial*"):
+            f.unlink()
+    return info
+
+
 def _nncf_job(job: dict) -> dict:
     import nncf
     import openvino as ov

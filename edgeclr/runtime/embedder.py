@@ -456,12 +456,21 @@ class Segmenter(_ClassOutputs, Embedder):
 
     def overlay(self, img: Image.Image | np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> Image.Image:
         """The image with each pixel's class colour blended in (background, class 0, left as it is)."""
-        rgb = np.asarray(to_mode(img, 3) if isinstance(img, Image.Image) else img, np.float32)
-        if rgb.ndim == 2:
-            rgb = np.repeat(rgb[:, :, None], 3, 2)
-        col = self.palette[labels].astype(np.float32)
-        mix = np.where((labels > 0)[:, :, None], (1 - alpha) * rgb + alpha * col, rgb)
-        return Image.fromarray(mix.round().clip(0, 255).astype(np.uint8), "RGB")
+        return overlay(img, labels, self.palette, alpha)
+
+
+def overlay(img: Image.Image | np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float = 0.45) -> Image.Image:
+    """The image with each pixel's class colour (palette[id]) blended in; background (0) and
+    unlabelled pixels (ids past the palette, e.g. 255) are left as they are."""
+    rgb = np.asarray(to_mode(img, 3) if isinstance(img, Image.Image) else img, np.float32)
+    if rgb.ndim == 3 and rgb.shape[2] == 1:
+        rgb = rgb[:, :, 0]
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[:, :, None], 3, 2)
+    painted = (labels > 0) & (labels < len(palette))
+    col = np.asarray(palette, np.float32)[np.where(painted, labels, 0)]
+    mix = np.where(painted[:, :, None], (1 - alpha) * rgb + alpha * col, rgb)
+    return Image.fromarray(mix.round().clip(0, 255).astype(np.uint8), "RGB")
 
 
 def default_palette(k: int) -> np.ndarray:
