@@ -26,6 +26,15 @@ def record_path(benchmark: str, tag: str = "", ext: str = "md", root: Path = RES
     return folder / f"{name}.{ext.lstrip('.')}"
 
 
+def write_record(benchmark: str, tag: str, rec: dict, md: list[str]) -> None:
+    """results/<benchmark>/<tag or latest>.json (rec) and .md (the lines md), and the markdown printed."""
+    import json
+
+    record_path(benchmark, tag, "json").write_text(json.dumps(rec, indent=1) + "\n")
+    record_path(benchmark, tag, "md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
 def machine() -> dict:
     cpu = "unknown"
     try:

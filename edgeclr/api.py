@@ -213,12 +213,18 @@ def segment(config_file=None, **options) -> dict:
 @_with_options(config.EmbedConfig)
 def embed(config_file=None, **options) -> dict:
     """Embed image files and folders (`inputs=`) with an exported `model=` into `out=` (.npy + .ids.txt);
-    torch-free; re-running skips what is done.
+    torch-free; re-running skips what is done. `engine="ray"`: `workers=` Ray actors of `threads=`
+    CPUs each write Parquet shards into the folder `out=` (`address=` a running cluster).
 
     Returns {"out", "ids", "total", "new", "skipped_done", "dim", "errors"}."""
     cfg = config.build(config.EmbedConfig, config_file, **options)
     from edgeclr import runtime
 
+    if cfg.engine == "ray":
+        from edgeclr.runtime.ray_embed import embed_with_ray
+
+        return embed_with_ray(cfg.model, cfg.inputs, cfg.out, cfg.workers, cfg.address, cfg.threads or 1, cfg.batch_size,
+                              cfg.shard_size, cfg.on_error, cfg.precision)
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     return runtime.embed_files_to(cfg.model, cfg.inputs, cfg.out, cfg.batch_size, cfg.threads, cfg.on_error, cfg.precision, show)
 

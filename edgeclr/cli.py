@@ -242,12 +242,15 @@ def embed(inputs, config_file, **options):
     """Embed image files and folders (INPUTS) with an exported model; torch-free.
 
     Writes OUT (.npy) and OUT.ids.txt; re-running skips files already embedded (also after a kill).
+    --engine ray: a pool of Ray actors (--workers; a private Ray on 127.0.0.1 unless --address) writes
+    OUT/part-NNNNN.parquet shards, each whole or not at all; a re-run embeds only the files no shard holds.
     """
     r = run_stage(api.embed, config_file=config_file, inputs=tuple(inputs), **options)
     for e in r["errors"]:
         click.echo(f"skipped: {e}", err=True)
+    where = f"in {r['shards']} Parquet shards (id, embedding)" if r.get("engine") == "ray" else f"ids in {r['ids']}"
     click.echo(f"{r['out']}: {r['total']} x {r['dim']} embeddings ({r['new']} new, {r['skipped_done']} already done, "
-               f"{len(r['errors'])} unreadable); ids in {r['ids']}")
+               f"{len(r['errors'])} unreadable); {where}")
 
 
 @cli.command()

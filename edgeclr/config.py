@@ -603,11 +603,22 @@ class EmbedConfig(RuntimeFilesConfig):
     """`edgeclr embed`: image files -> embeddings with an exported model (torch-free)."""
 
     model: str = opt("", "exported model: .onnx (onnxruntime) or .xml (OpenVINO)", path=True)
-    out: str = opt("embeddings.npy", "output .npy (N, D) float32; ids (file paths) go to OUT.ids.txt")
+    out: str = opt("embeddings.npy", "output .npy (N, D) float32; ids (file paths) go to OUT.ids.txt (--engine ray: a folder "
+                                     "of Parquet shards)")
     progress: bool | None = opt(None, "progress bar (default: only when stderr is a terminal)")
+    engine: str = opt("local", "local (this process) | ray (a pool of Ray actors; edgeclr[ray])", ("local", "ray"))
+    address: str | None = opt(None, "--engine ray: a running cluster's address (HOST:PORT); default: a private Ray on 127.0.0.1")
+    workers: int = opt(2, "--engine ray: actors, each loading the model once")
+    shard_size: int = opt(1000, "--engine ray: images per Parquet shard (the unit a re-run skips)")
 
     def __post_init__(self):
         self.check("an exported .onnx or .xml file (edgeclr export)")
+        if self.workers < 1 or self.shard_size < 1:
+            raise ConfigError("workers and shard_size must be >= 1")
+        if self.engine == "ray" and self.out.endswith(".npy"):
+            self.out = self.out[:-len(".npy")]  # the default OUT as a folder of shards
+        if self.engine != "ray" and self.address:
+            raise ConfigError("--address belongs to --engine ray")
 
 
 @dataclass

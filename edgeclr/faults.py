@@ -8,6 +8,7 @@ environment variable so that a test can hit them in a real process (tests/faults
     EDGECLR_FAULT="kill:stage=distill:step=5"  SIGKILL this process after global step 5 of `distill`
     EDGECLR_FAULT="term:stage=train:step=5"    SIGTERM (likewise `int`: SIGINT) to itself there
     EDGECLR_FAULT="segv:stage=compress:step=2" SIGSEGV there (likewise `abort`: SIGABRT), a native library's crash
+    EDGECLR_FAULT="kill:stage=ray_embed:step=1" SIGKILL the Ray worker that has just written shard 1
 
 Unset (always, outside tests), every check is one dict lookup that returns False.
 """

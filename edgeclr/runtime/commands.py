@@ -17,7 +17,7 @@ import numpy as np
 from edgeclr.errors import ImageError, ModelError
 from edgeclr.lock import hold
 from edgeclr.runtime.embedder import Classifier, Embedder, Segmenter
-from edgeclr.runtime.images import list_inputs
+from edgeclr.runtime.images import list_inputs, none_readable
 from edgeclr.runtime.index import Index
 
 
@@ -27,8 +27,13 @@ def ids_path(out: str | Path) -> Path:
 
 
 def read_embeddings(path: str | Path) -> tuple[np.ndarray, list[str]]:
-    """(N, D) embeddings and their ids from `edgeclr embed`'s OUT.npy + OUT.ids.txt."""
+    """(N, D) embeddings and their ids from `edgeclr embed`'s OUT.npy + OUT.ids.txt, or from the
+    folder of Parquet shards `edgeclr embed --engine ray` writes."""
     path = Path(path)
+    if path.is_dir():
+        from edgeclr.runtime.ray_embed import read_shards
+
+        return read_shards(path)
     if not path.is_file():
         raise ModelError(f"embeddings file {path} does not exist")
     hint = "give the .npy written by `edgeclr embed` (or an index .npz from `edgeclr search --save-index`)"
@@ -145,12 +150,6 @@ def _embed_files_to(out: Path, model, inputs, batch_size, threads, on_error, pre
     part.clear()
     return {"out": str(out), "ids": str(ids_path(out)), "total": len(all_ids), "new": len(part_ids), "skipped_done": len(files) - len(todo),
             "errors": errors, "dim": emb.dim, "model": str(model)}
-
-
-def none_readable(errors: list[str]) -> ImageError:
-    """The error of a run whose every input image was unreadable (embed and predict write nothing then)."""
-    return ImageError(f"none of the {len(errors)} input file(s) could be read as an image (first: {errors[0]}); "
-                      "give image files or folders of images")
 
 
 def labels_for(ids: Sequence[str], spec: str | None) -> list[str] | None:

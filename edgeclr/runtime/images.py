@@ -126,3 +126,9 @@ def list_inputs(inputs: Sequence[str | Path], extra_suffixes: Sequence[str] = ()
     if not out:
         raise ImageError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, inputs))}")
     return out
+
+
+def none_readable(errors: list[str]) -> ImageError:
+    """The error of a run whose every input image was unreadable (embed and predict write nothing then)."""
+    return ImageError(f"none of the {len(errors)} input file(s) could be read as an image (first: {errors[0]}); "
+                      "give image files or folders of images")
