@@ -204,7 +204,8 @@ def projection_head(in_dim: int, hidden: int, out: int, layers: int = 2) -> nn.S
 
 
 class Encoder(nn.Module):
-    """backbone -> features (B, F) -> neck -> embedding (B, D) -> head -> projection (B, P)."""
+    """backbone -> features (B, F) -> neck -> embedding (B, D) -> head -> projection (B, P); the
+    head is the head table's `projection` (HEADS)."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, spec: ModelSpec):
         super().__init__()
@@ -213,7 +214,7 @@ class Encoder(nn.Module):
         self.feature_dim = feature_dim
         self.neck = nn.Linear(feature_dim, spec.embed_dim) if spec.embed_dim else nn.Identity()
         self.embed_dim = spec.embed_dim or feature_dim
-        self.head = projection_head(self.embed_dim, spec.head_hidden or self.embed_dim, spec.head_out, spec.head_layers)
+        self.head = HEADS["projection"].build(self.embed_dim, spec.head_out, spec)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)  # (B, F)
@@ -331,7 +332,7 @@ class ClassifierNet(nn.Module):
         d = encoder.embed_dim
         self.register_buffer("mean", torch.zeros(d))
         self.register_buffer("std", torch.ones(d))
-        self.head = nn.Linear(d, num_classes)
+        self.head = HEADS["linear"].build(d, num_classes)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head((self.encoder.embed(x) - self.mean) / self.std)
@@ -520,8 +521,29 @@ class LRASPPHead(nn.Module):
         return self.head({"low": low, "high": high})
 
 
-# name -> (head class, default output stride): the segmentation heads a segmenter can carry
-SEG_HEADS: dict[str, tuple[type, int]] = {"deeplabv3": (DeepLabV3Head, 8), "lraspp": (LRASPPHead, 16)}
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """An entry of the head table: what a head reads from the backbone and how it is built.
+
+    reads "pooled": the (B, D) embedding; build(in_dim, out_dim, spec) -> module.
+    reads "maps": the backbone's feature maps (and the block `tap` of the built module, for a second,
+    finer level); build(block_shapes, num_classes) -> module, at `stride` unless asked otherwise."""
+
+    name: str
+    reads: str
+    build: Callable
+    stride: int | None = None
+
+
+# the one head table: the SimCLR projection (Encoder), the classifier's linear head (ClassifierNet),
+# the segmentation heads (SegmenterNet). Adding a head for a task is an entry here.
+HEADS: dict[str, Head] = {
+    "projection": Head("projection", "pooled", lambda d, out, spec: projection_head(d, spec.head_hidden or d, out, spec.head_layers)),
+    "linear": Head("linear", "pooled", lambda d, out, spec=None: nn.Linear(d, out)),
+    "deeplabv3": Head("deeplabv3", "maps", DeepLabV3Head, 8),
+    "lraspp": Head("lraspp", "maps", LRASPPHead, 16),
+}
+SEG_HEADS: dict[str, Head] = {n: h for n, h in HEADS.items() if h.reads == "maps"}  # what a segmenter can carry
 
 
 def seg_head_for(encoder_name: str, asked: str = "auto") -> str:
@@ -543,11 +565,11 @@ class SegmenterNet(nn.Module):
         super().__init__()
         if head not in SEG_HEADS:
             raise ConfigError(f"unknown segmentation head {head!r}; valid: {', '.join(SEG_HEADS)}")
-        cls, default_stride = SEG_HEADS[head]
+        entry = SEG_HEADS[head]
         self.encoder, self.num_classes, self.head_name = encoder, num_classes, head
-        self.target_stride = target_stride or default_stride
+        self.target_stride = target_stride or entry.stride
         self.output_stride = dilate(encoder, self.target_stride)
-        self.head = cls(block_shapes(encoder), num_classes)
+        self.head = entry.build(block_shapes(encoder), num_classes)
 
     def head_state(self) -> dict:
         return {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()}

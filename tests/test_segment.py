@@ -206,7 +206,7 @@ def test_each_segmentation_head_on_each_backbone_family(name, head, stride):
     with torch.no_grad():
         p = net(torch.rand(2, 3, 64, 64))
     assert p.shape == (2, 4, 64, 64) and torch.allclose(p.sum(1), torch.ones(2, 64, 64), atol=1e-5)
-    want = stride or SEG_HEADS[head][1]
+    want = stride or SEG_HEADS[head].stride
     assert net.output_stride == min(native, want) == output_stride(enc)
     assert net.checkpoint_extras()["seg_head"] == head
     if head == "lraspp":  # the low-level maps: the last block at half the last maps' stride
