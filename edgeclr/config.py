@@ -309,7 +309,7 @@ class FinetuneConfig:
     draws: int = opt(3, "--label-efficiency: draws of the labelled tiles per count (mean and spread)")
     output_stride: int | None = opt(None, "segment: output stride of the encoder's feature maps, its last stages dilated to "
                                           "reach it (default: 8 for deeplabv3, 16 for lraspp)", (8, 16))
-    out: str | None = opt(None, "folder to write into (default: RUN/finetune)")
+    out: str | None = opt(None, "folder to write into (default: RUN/finetune; with --label-efficiency, RUN/label_efficiency)")
     labels_per_class: int | None = opt(None, "labelled images drawn per class (default 10 unless --labels-fraction)")
     labels_fraction: float | None = opt(None, "instead: this fraction of each class's labelled images")
     val_fraction: float = opt(0.2, "held out of each class's draw for early stopping (with >= 20 per class; below, every label trains)")
