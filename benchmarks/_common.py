@@ -111,7 +111,7 @@ def export_set(model, pp, folder, name: str, calib, runtimes=("onnx", "openvino"
         export.write_openvino(em, x, True, 17, meta, out["openvino"])
     if int8:
         if exclude is None:
-            exclude = sorted({n for v in compress.float_scope(onnx, em).values() for n in v})
+            exclude = compress.scope_nodes(compress.float_scope(onnx, em))
         i8 = folder / f"{name}-int8.onnx"
         if "onnx" in runtimes:
             out["onnx-int8"] = i8

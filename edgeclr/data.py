@@ -598,8 +598,10 @@ def read_polygons(path: Path) -> list[tuple[str | None, list]]:
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise DataError(f"mask {path} is not readable GeoJSON ({type(e).__name__}: {e})") from e
     feats = doc if isinstance(doc, list) else doc.get("features", [doc]) if isinstance(doc, dict) else None
+    if feats is None:
+        raise DataError(f"mask {path} is not a GeoJSON FeatureCollection, Feature or list of Features")
     out = []
-    for i, f in enumerate(feats or []):
+    for i, f in enumerate(feats):
         geom = f.get("geometry") if isinstance(f, dict) else None
         if not isinstance(geom, dict) or geom.get("type") not in ("Polygon", "MultiPolygon"):
             kind = geom.get("type") if isinstance(geom, dict) else type(geom).__name__
@@ -609,15 +611,13 @@ def read_polygons(path: Path) -> list[tuple[str | None, list]]:
         name = (c.get("name") if isinstance(c, dict) else c) or props.get("class_name") or props.get("class")
         polys = [geom["coordinates"]] if geom["type"] == "Polygon" else geom["coordinates"]
         out.append((None if name is None else str(name), polys))
-    if feats is None:
-        raise DataError(f"mask {path} is not a GeoJSON FeatureCollection, Feature or list of Features")
     return out
 
 
-def polygon_class_names(paths: list[Path]) -> list[str]:
-    """background + the class names of these GeoJSON masks' features, sorted (QuPath's Ignore*
-    class is unlabelled, not a class)."""
-    names = {n for p in paths for n, _ in read_polygons(p) if n is not None and not _ignored(n)}
+def polygon_class_names(features: list[list]) -> list[str]:
+    """background + the class names of GeoJSON masks' features (read_polygons of each), sorted
+    (QuPath's Ignore* class is unlabelled, not a class)."""
+    names = {n for fs in features for n, _ in fs if n is not None and not _ignored(n)}
     return ["background"] + sorted(names or {"object"})
 
 
@@ -625,16 +625,18 @@ def _ignored(name: str) -> bool:
     return name.rstrip("*").lower() == "ignore"
 
 
-def rasterise_polygons(path: Path, shape: tuple[int, int], classes: list[str], downsample: float = 1.0) -> np.ndarray:
+def rasterise_polygons(path: Path, shape: tuple[int, int], classes: list[str], downsample: float = 1.0,
+                       features: list | None = None) -> np.ndarray:
     """A GeoJSON mask drawn as an (H, W) int64 label map: 0 outside every polygon, each feature's
     class id inside it (a hole keeps what lies under it; later features on top), 255 for QuPath's
     Ignore* class. Parts outside the image are clipped. `downsample`: the image is a slide level
-    this many times coarser than the polygons' level-0 coordinates."""
+    this many times coarser than the polygons' level-0 coordinates. `features`: read_polygons(path),
+    when the caller has read it."""
     from PIL import ImageDraw
 
     ids = {n: i for i, n in enumerate(classes)}
     out = np.zeros(shape, np.int64)
-    features, drawn = read_polygons(path), 0
+    features, drawn = read_polygons(path) if features is None else features, 0
     for i, (name, polys) in enumerate(features):
         if name is None and len(classes) != 2:
             raise DataError(f"mask {path}: feature {i} has no class name (properties.classification.name or class_name), "
@@ -721,10 +723,10 @@ def load_masked(images: str | Path, masks: str | Path, tile_size: int, stride: i
         pairs = mask_pairs([Path(f).expanduser() for f in files], masks)
     else:
         pairs = mask_pairs(images, masks)
-    polygons = [m for _, m in pairs if m.suffix.lower() in POLYGON_SUFFIXES]
+    polygons = {m: read_polygons(m) for _, m in pairs if m.suffix.lower() in POLYGON_SUFFIXES}  # each file read once
     if polygons and classes is None:  # polygons name their classes: the ids follow from the class list
         named = classes_file or (Path(masks).expanduser() / "classes.txt").is_file()
-        classes = read_class_names(Path(masks).expanduser(), 2, classes_file) if named else polygon_class_names(polygons)
+        classes = read_class_names(Path(masks).expanduser(), 2, classes_file) if named else polygon_class_names(list(polygons.values()))
     loaded, top = [], 0
     for img_path, mask_path in pairs:
         tissue, down = None, 1.0
@@ -738,7 +740,8 @@ def load_masked(images: str | Path, masks: str | Path, tile_size: int, stride: i
                 img = np.asarray(load_image(img_path, channels))
         except ImageError as e:
             raise DataError(str(e)) from e
-        m = rasterise_polygons(mask_path, img.shape[:2], classes, down) if mask_path in polygons else read_mask(mask_path)
+        m = (rasterise_polygons(mask_path, img.shape[:2], classes, down, polygons[mask_path]) if mask_path in polygons
+             else read_mask(mask_path))
         if m.shape != img.shape[:2]:
             raise DataError(f"mask {mask_path} is {m.shape[1]}x{m.shape[0]}, its image {img_path} "
                             f"{img.shape[1]}x{img.shape[0]}: a mask labels every pixel of its image")

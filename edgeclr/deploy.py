@@ -36,7 +36,7 @@ import torch
 from edgeclr import checkpoint, config, export, faults
 from edgeclr.bench import Config as BenchRun
 from edgeclr.bench import machine, ratio_interval, run_bench
-from edgeclr.compress import carries_int8_metadata, int8_scope, runtime_embed, write_int8
+from edgeclr.compress import carries_int8_metadata, int8_scope, runtime_embed, scope_nodes, write_int8
 from edgeclr.compress.prune import level_checkpoint
 from edgeclr.compress.quantize import calibration_inputs
 from edgeclr.errors import ConfigError
@@ -205,8 +205,8 @@ class Builder:
                 if self.calib is None:
                     self.calib = calibration_inputs(data_spec, pp, self.cfg.calib_images, self.cfg.seed, scfg)
                 scope = int8_scope(model, fp32, folder, self.calib, pp) if variant == "int8" else {}
-                write_int8(fp32, folder / f"{variant}{suffix}", self.calib, self.cfg.int8_flavour,
-                           sorted({n for v in scope.values() for n in v}), carries_int8_metadata)
+                write_int8(fp32, folder / f"{variant}{suffix}", self.calib, self.cfg.int8_flavour, scope_nodes(scope),
+                           carries_int8_metadata)
         log.info("%s: built %s", level, ", ".join(missing))
 
 

@@ -26,8 +26,8 @@ from edgeclr.heldout import HeldOut, public
 from edgeclr.loading import load_encoder, stage_checkpoints
 from edgeclr.lock import hold
 from edgeclr.models import count_macs, count_params, create_model
-from edgeclr.report import compare_table, eval_table, label_efficiency_chart, label_efficiency_table
-from edgeclr.rundir import MetricsLog, exported_files, write_atomic, write_json_atomic
+from edgeclr.report import compare_table, eval_table, write_label_efficiency
+from edgeclr.rundir import MetricsLog, exported_files, write_json_atomic
 from edgeclr.runtime import Embedder, Preprocess
 
 log = logging.getLogger("edgeclr.evaluate")
@@ -230,9 +230,7 @@ def _evaluate(cfg, model, ckpt: dict, path: Path, pp: Preprocess, data_spec: str
     if cfg.label_efficiency:
         result_le = finetune.label_efficiency(model, ckpt, pp, held, feats, cfg.levels(), cfg.draws, cfg.finetune_steps,
                                               ckpt.get("config") or {}, device, cfg.seed)
-        write_json_atomic(result_le, stage_dir / "label_efficiency.json")
-        write_atomic(label_efficiency_table(result_le) + "\n", stage_dir / "label_efficiency.md")
-        write_atomic(label_efficiency_chart(result_le), stage_dir / "label_efficiency.png")
+        write_label_efficiency(result_le, stage_dir)
         log.info("label efficiency: %s (%.0f s)", stage_dir / "label_efficiency.md", result_le["wall_time_s"])
     result = {"checkpoint": str(path), "checkpoint_sha256": checkpoint.sha256(path), "data": data_spec,
               "train_images": int(len(y_tr)), "test_images": int(len(y_te)), "knn_k": cfg.knn_k, "knn_t": cfg.knn_t,

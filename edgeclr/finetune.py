@@ -446,6 +446,11 @@ def classify_job(cfg, data_spec: str, pp: Preprocess, run_cfg: dict) -> Job:
                class_names(train_ds, k), "classifier")
 
 
+def recipe_of(cfg, **changes) -> Recipe:
+    """The Recipe of a FinetuneConfig (its fields that shape training), with `changes`."""
+    return Recipe(**{**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Recipe)}, **changes})
+
+
 def build_tuner(job: Job, encoder: Encoder, recipe: Recipe, pp: Preprocess, run_cfg: dict, device, cfg) -> Tuner:
     if job.task == "segment":
         net = SegmenterNet(encoder, len(job.classes), cfg.output_stride, seg_head_for(encoder.spec.name, cfg.seg_head)).to(device)
@@ -483,12 +488,10 @@ def segment_curve(cfg, encoder: Encoder, sck: dict, pp: Preprocess, run_cfg: dic
             tr, va = draw_tiles(len(train_pool), n, s, cfg.val_fraction)
             tr, va = train_pool[tr], train_pool[va]
             used[n] = len(tr) + len(va)
-            x, y = tiles_tensor(pool.images[tr], pp), torch.from_numpy(pool.masks[tr].astype(np.int64))
-            xv, yv = tiles_tensor(pool.images[va], pp), torch.from_numpy(pool.masks[va].astype(np.int64))
+            (x, y), (xv, yv) = labelled_tiles(pool, tr, pp), labelled_tiles(pool, va, pp)
             for method, init in arms:
                 enc = copy.deepcopy(encoder) if init == "model" else random_encoder(encoder.spec, sck, device, s)
-                recipe = Recipe(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Recipe)})
-                recipe = replace(recipe, mode="frozen" if method == "frozen" else "full", seed=s)
+                recipe = recipe_of(cfg, mode="frozen" if method == "frozen" else "full", seed=s)
                 torch.manual_seed(s)
                 net = SegmenterNet(enc, len(pool.classes), cfg.output_stride, head).to(device)
                 tuner = SegTuner(net, recipe, x, y, xv, yv, pp, run_cfg, device)
@@ -503,12 +506,11 @@ def segment_curve(cfg, encoder: Encoder, sck: dict, pp: Preprocess, run_cfg: dic
                                for n, v in sorted(pts.items(), key=lambda kv: levels.index(kv[0]))]}
                    for (m, key), pts in cells.items()],
           "wall_time_s": round(time.time() - t0, 1)}
-    write_json_atomic(le, out_dir / "label_efficiency.json")
-    (out_dir / "label_efficiency.md").write_text(report.label_efficiency_table(le) + "\n")
-    (out_dir / "label_efficiency.png").write_bytes(report.label_efficiency_chart(le))
+    report.write_label_efficiency(le, out_dir)
     paths = report.write(out_dir, report.segmenter_blocks(out_dir))
     return {"stage_dir": str(out_dir), "label_efficiency": str(out_dir / "label_efficiency.json"), "report": paths["md"],
-            "table": report.label_efficiency_table(le), "verdict": report.label_efficiency_verdict(le), "completed": True}
+            "table": (out_dir / "label_efficiency.md").read_text().rstrip("\n"), "verdict": report.label_efficiency_verdict(le),
+            "completed": True}
 
 
 def _finetune(cfg, encoder, sck, src, pp, run_cfg, data_spec, out_dir, device, t0) -> dict:
@@ -520,7 +522,7 @@ def _finetune(cfg, encoder, sck, src, pp, run_cfg, data_spec, out_dir, device, t
     elif cfg.init != "pretrained":  # a weights file: refused before anything is written
         encoder = encoder_from_file(cfg.init, encoder.spec, sck, device, cfg.seed)
     resume_from = prepare_stage_dir(out_dir, cfg.resume)
-    recipe = Recipe(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Recipe)})
+    recipe = recipe_of(cfg)
     log.info("%s: %d labelled training %s (%d classes), %d for validation, %d test; mode %s, init %s", data_spec, len(job.y),
              "tiles" if job.task == "segment" else "images", len(job.classes), len(job.yv), len(job.yt), cfg.mode, cfg.init)
     tuner = build_tuner(job, encoder, recipe, pp, run_cfg, device, cfg)
@@ -691,6 +693,11 @@ def tiles_tensor(t: np.ndarray, pp: Preprocess) -> torch.Tensor:
     return normalized(torch.from_numpy(np.ascontiguousarray(t)).permute(0, 3, 1, 2).float() / 255, pp)
 
 
+def labelled_tiles(pool: data.MaskedTiles, idx: np.ndarray, pp: Preprocess) -> tuple[torch.Tensor, torch.Tensor]:
+    """(model inputs (N, C, S, S), masks (N, S, S) int64) of the pool's tiles at positions idx."""
+    return tiles_tensor(pool.images[idx], pp), torch.from_numpy(pool.masks[idx].astype(np.int64))
+
+
 def draw_tiles(n: int, count: int, seed: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation) positions of `count` tiles drawn from n (0 = all); from VAL_FROM drawn
     tiles on, val_fraction of them validate."""
@@ -725,8 +732,7 @@ def segment_job(cfg, pp: Preprocess) -> Job:
     tr, va = draw_tiles(len(train_pool), cfg.tiles, cfg.seed, cfg.val_fraction)
     tr, va = train_pool[tr], train_pool[va]
     calib = np.random.default_rng(cfg.seed).permutation(len(pool.masks))[:cfg.calib_images]
-    return Job("segment", tiles_tensor(pool.images[tr], pp), torch.from_numpy(pool.masks[tr].astype(np.int64)),
-               tiles_tensor(pool.images[va], pp), torch.from_numpy(pool.masks[va].astype(np.int64)), tiles_tensor(xt, pp),
+    return Job("segment", *labelled_tiles(pool, tr, pp), *labelled_tiles(pool, va, pp), tiles_tensor(xt, pp),
                torch.from_numpy(yt.astype(np.int64)), {"train": tr.tolist(), "val": va.tolist()}, pool.classes, "segmenter",
                tiles_tensor(pool.images[np.sort(calib)], pp).numpy())
 

@@ -405,19 +405,9 @@ def _strided_conv(block: nn.Module) -> nn.Conv2d:
     return block.conv2 if hasattr(block, "conv3") else block.conv1  # Bottleneck strides conv2, BasicBlock conv1
 
 
-def map_shape(encoder: Encoder, size: int = 64) -> tuple[int, int, int]:
-    """(C, h, w) of the encoder's last feature maps for one size x size input."""
-    was = encoder.training
-    encoder.eval()
-    with torch.no_grad():
-        shape = feature_maps(encoder, torch.zeros(1, encoder.spec.in_chans, size, size, device=next(encoder.parameters()).device)).shape
-    encoder.train(was)
-    return tuple(shape[1:])
-
-
 def output_stride(encoder: Encoder, size: int = 64) -> int:
     """Input size / feature-map size of the encoder's last feature maps."""
-    return max(1, round(size / map_shape(encoder, size)[-1]))
+    return block_shapes(encoder, size)[-1][1]
 
 
 def dilate(encoder: Encoder, target: int | None) -> int:

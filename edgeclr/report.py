@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from edgeclr.formats import format_of
-from edgeclr.rundir import read_manifest, read_metrics
+from edgeclr.rundir import read_manifest, read_metrics, write_atomic, write_json_atomic
 
 _CSS = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
@@ -205,6 +205,14 @@ def label_efficiency_chart(le: dict) -> bytes:
     ax.legend(fontsize=6.5, loc="lower right")
     fig.tight_layout()
     return _png(fig)
+
+
+def write_label_efficiency(le: dict, folder: Path) -> None:
+    """FOLDER/label_efficiency.{json,md,png}: a curve (a classifier's from `eval`, a segmenter's from
+    `finetune`), each file whole or not at all."""
+    write_json_atomic(le, folder / "label_efficiency.json")
+    write_atomic(label_efficiency_table(le) + "\n", folder / "label_efficiency.md")
+    write_atomic(label_efficiency_chart(le), folder / "label_efficiency.png")
 
 
 def compare_table(rows: list[dict]) -> str:
@@ -636,7 +644,8 @@ def segmenter_blocks(out: Path) -> list[tuple]:
                          f"training tiles, mean ± spread over {le['draws']} draws; each run is `edgeclr finetune "
                          f"--task segment` for {le['finetune_steps']} steps."),
                    ("table", label_efficiency_table(le)), ("p", label_efficiency_verdict(le)),
-                   ("img", "label_efficiency.png", label_efficiency_chart(le), "Test mIoU against labelled tiles")]
+                   ("img", "label_efficiency.png", (out / "label_efficiency.png").read_bytes()
+                    if (out / "label_efficiency.png").is_file() else label_efficiency_chart(le), "Test mIoU against labelled tiles")]
     return blocks
 
 

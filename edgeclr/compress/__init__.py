@@ -45,7 +45,7 @@ from torch import nn
 from edgeclr import checkpoint, config, export
 from edgeclr.bench import latencies
 from edgeclr.compress.prune import WORK, count_macs, prune_and_recover, prune_step, ratio_for_macs
-from edgeclr.compress.quantize import calibration_inputs, float_scope, quantize_onnx, quantize_openvino, write_int8
+from edgeclr.compress.quantize import calibration_inputs, float_scope, quantize_onnx, quantize_openvino, scope_nodes, write_int8
 from edgeclr.engine import resolve_device
 from edgeclr.errors import CompressError
 from edgeclr.formats import format_of
@@ -60,7 +60,7 @@ from edgeclr.runtime import Embedder, ModelMeta, Preprocess
 log = logging.getLogger(__name__)
 # the package's face: the pruning and INT8 steps a script composes (benchmarks/ do)
 __all__ = ["main", "count_macs", "prune_step", "ratio_for_macs", "prune_and_recover", "calibration_inputs", "float_scope",
-           "quantize_onnx", "quantize_openvino", "write_int8"]
+           "quantize_onnx", "quantize_openvino", "scope_nodes", "write_int8"]
 
 
 def runtime_embed(path: Path):
@@ -224,7 +224,7 @@ def quantize_one(cfg, card: Scorecard, fmt: str, fp32_path: Path, calib: np.ndar
             card.check_budget(f"the {fmt} INT8 model", r)
             card.report[f"{fmt}-int8"] = card.row(r, None, None)
 
-    qinfo = write_int8(fp32_path, final, calib, cfg.target, sorted({n for v in scope.values() for n in v}), check)
+    qinfo = write_int8(fp32_path, final, calib, cfg.target, scope_nodes(scope), check)
     qinfo["float_scope"] = scope
     return {"path": str(final), "bytes": format_of(final).size_bytes(final), "quantization": qinfo}
 

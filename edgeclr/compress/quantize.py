@@ -178,6 +178,11 @@ def quantize_openvino(fp32_xml: Path, out: Path, calib: np.ndarray, exclude: lis
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def scope_nodes(scope: dict[str, list[str]]) -> list[str]:
+    """The ONNX node names a float scope ({reason: [names]}, float_scope) leaves in float, sorted: what the quantisers exclude."""
+    return sorted({n for names in scope.values() for n in names})
+
+
 def write_int8(fp32: Path, final: Path, calib: np.ndarray, target: str, exclude: list[str], check=None) -> dict:
     """The one way an INT8 file is written: the FP32 export (ONNX or OpenVINO IR, by its suffix)
     quantised under a temporary name, `check(tmp)` run on it (metadata, parity, a budget: raise to
