@@ -121,8 +121,22 @@ class TrainConfig:
     tile_min_foreground: float = opt(0.5, "tiles: skip tiles with less foreground (non-background) than this")
 
     def __post_init__(self):
-        self.fill(DATA_PRESETS[data_kind(self.data)])
+        self.fill({**DATA_PRESETS[data_kind(self.data)], **self.folder_defaults()})
         self.validate()
+
+    def folder_defaults(self) -> dict[str, Any]:
+        """A folder of images left at the default input size trains at its images' own size
+        (data.folder_input_size: the median shorter side, 16-96 px, never upsampled), with the stem
+        the presets use at that size (4 from 64 px, 2 from 28 px, else 1); {} otherwise."""
+        if data_kind(self.data) != "folder" or self.input_size is not None:
+            return {}
+        from edgeclr.data import folder_input_size
+
+        fitted = folder_input_size(str(self.data))
+        if fitted is None:
+            return {}
+        side = fitted[0]
+        return {"input_size": side, "stem_stride": 4 if side >= 64 else 2 if side >= 28 else 1}
 
     def fill(self, defaults: dict[str, Any]) -> None:
         """Set the fields still at None from `defaults`."""
@@ -798,6 +812,7 @@ class Rung:
     family: str  # resnet | mobilenet
     size: int  # order within the family, smallest first
     options: dict  # the distill section's options with this student's architecture
+    reserve: bool = False  # distilled only when no student before it meets deploy's budget (pipeline._run_ladder)
 
 
 MOBILENET_SIZES = ("mobilenet_v3_small_minimal", "mobilenet_v3_large_minimal", "mobilenet_v3_small", "mobilenet_v2",
@@ -840,7 +855,10 @@ def student_ladder(spec: str, primary: dict, teacher: "TrainConfig") -> list[Run
     quarter and at half the teacher's width (at least 8; a teacher of width 16 or less: half and its
     own), MobileNetV3-Small, and MobileNetV3-Large
     from 64 px inputs (below that MobileNets lose to a ResNet-10 of the same accuracy:
-    docs/architecture.md); a rung equal to the section's student is that student."""
+    docs/architecture.md); a rung equal to the section's student is that student. Last, a reserve:
+    ResNet-10 at three quarters of the teacher's width (a multiple of 8, wider than the half), distilled
+    only when no student before it meets deploy's budget (on a wide teacher and little data the half
+    width can fall short of the rule, and the teacher's own export is the only other choice)."""
     parsed = ladder_spec(spec)
     first = (primary.get("model") or DistillConfig.model, primary.get("width"))
     if parsed == "none":
@@ -853,6 +871,9 @@ def student_ladder(spec: str, primary: dict, teacher: "TrainConfig") -> list[Run
                                                            if teacher.input_size >= 64 else [])
     else:
         pairs = parsed
+    w = teacher.width or 64
+    spare = w * 3 // 32 * 8  # three quarters of the teacher's width, a multiple of 8
+    reserve = ("resnet10", spare) if parsed == "auto" and max(8, w // 16 * 8) < spare < w else None
 
     size = student_size
     rungs = [Rung("", family(first[0]), size(*first), dict(primary))]
@@ -864,7 +885,12 @@ def student_ladder(spec: str, primary: dict, teacher: "TrainConfig") -> list[Run
         if family(model) == "mobilenet":
             opts.pop("width"), opts.pop("last_stride", None)
         rungs.append(Rung(model + (f"-w{width}" if width else ""), family(model), size(model, width), opts))
-    return sorted(rungs, key=lambda r: (r.family != rungs[0].family, r.family, r.size))
+    rungs = sorted(rungs, key=lambda r: (r.family != rungs[0].family, r.family, r.size))
+    if reserve and reserve != first and all((r.options.get("model"), r.options.get("width")) != reserve for r in rungs):
+        opts = {k: v for k, v in primary.items() if k not in ARCHITECTURE or family(first[0]) == "resnet"}
+        rungs.append(Rung(f"resnet10-w{spare}", "resnet", size(*reserve), {**opts, "model": "resnet10", "width": spare},
+                          reserve=True))
+    return rungs
 
 
 def check_calib_images(n: int) -> None:

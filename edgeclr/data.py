@@ -18,6 +18,7 @@ Nothing is ever downloaded.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -301,6 +302,43 @@ def _readable(paths: list[Path]) -> tuple[list[Path], list[str], list[str]]:
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             bad.append(str(p))
     return good, modes, bad
+
+
+FOLDER_SIZE_RANGE = (16, 96)  # a folder's default input side: its images' own, within this range (config.TrainConfig)
+
+
+@functools.lru_cache(maxsize=16)
+def folder_input_size(root: str, sample: int = 200) -> tuple[int, str] | None:
+    """The default input side for a folder of images: the median shorter side of up to `sample` of
+    its images (headers only, spread over the sorted listing), rounded down to a multiple of 8 and
+    kept within FOLDER_SIZE_RANGE, so that small images are not upsampled (a 32-px image at 96 px
+    costs 9x the compute for no information) and large ones are cut to what a CPU trains in a
+    budget; (side, the reason), logged once. None: no readable image (loading says why)."""
+    d = Path(root).expanduser()
+    if not d.is_dir():
+        return None
+    sub = {c.name.lower(): c for c in d.iterdir() if c.is_dir()}
+    if "train" in sub and ("test" in sub or "val" in sub):
+        d = sub["train"]
+    paths = list_images(d)
+    step = max(1, len(paths) // sample)
+    sides = []
+    for p in paths[::step][:sample]:
+        try:
+            with Image.open(p) as im:
+                sides.append(min(im.size))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            continue
+    if not sides:
+        return None
+    median = int(np.median(sides))
+    lo, hi = FOLDER_SIZE_RANGE
+    side = min(hi, max(lo, median // 8 * 8))
+    why = (f"input size {side} px: the median shorter side of {len(sides)} of the {len(paths)} images is {median} px"
+           + (f", cut to {hi} px (a CPU's training budget)" if median > hi else f", raised to the {lo}-px floor" if median < lo
+              else ", not upsampled"))
+    log.info("%s: %s", d, why)
+    return side, why
 
 
 def load_folder(root: str, split: str, base_size: int, channels: int | None = None, seed: int = 0) -> FolderDataset:

@@ -99,6 +99,7 @@ def stage_configs(cfg: config.PipelineConfig) -> dict[str, Any]:
         "bench": build("bench", models=(str(out),), out=str(out / "bench")),
         "deploy": build("deploy", {**plan["deploy"], **dep}, run=str(out), out=str(out / "deploy"), also=",".join(also) or None),
         "report": {"out": str(out)},
+        "reserve": frozenset(r.name for r in ladder if r.reserve),  # the ladder's reserve rungs (not a stage)
     }
 
 
@@ -228,10 +229,12 @@ def _rung_name(c: config.DistillConfig) -> str:
     return Path(c.out).name if Path(c.out).parent.name == "students" else "distill"
 
 
-def _run_ladder(cs: list, resume: bool, deploy: config.DeployConfig, pool_minutes: float | None = None) -> dict:
+def _run_ladder(cs: list, resume: bool, deploy: config.DeployConfig, pool_minutes: float | None = None,
+                reserve: frozenset = frozenset()) -> dict:
     """Distil every student of the ladder (config.student_ladder's order). The distill section's own
     student always runs; another rung is skipped when a smaller student of its family already meets
-    deploy's budget (it would be slower for nothing). A finished rung is kept on resume.
+    deploy's budget (it would be slower for nothing). A reserve rung (its name in `reserve`) runs only
+    when every student before it was measured and none meets the budget. A finished rung is kept on resume.
 
     Under --minutes the students' share (`pool_minutes`) is one pool, and a student is secured first: the largest
     rung of the first family (the likeliest to meet the budget) may take all of it, up to its own
@@ -245,7 +248,8 @@ def _run_ladder(cs: list, resume: bool, deploy: config.DeployConfig, pool_minute
     order = list(range(len(cs)))
     if pool is not None and len(cs) > 1:
         fam0 = config.family(cs[0].model)
-        first = max((i for i in order if config.family(cs[i].model) == fam0), key=lambda i: size[i])
+        first = max((i for i in order if config.family(cs[i].model) == fam0 and _rung_name(cs[i]) not in reserve),
+                    key=lambda i: size[i])
         order = [first] + [i for i in order if i != first]
         log.info("distill: --minutes: %s first, with as much of the students' %.1f min as its schedule takes: the largest "
                  "%s student is the likeliest to meet the budget", _rung_name(cs[first]), pool / 60, fam0)
@@ -258,6 +262,14 @@ def _run_ladder(cs: list, resume: bool, deploy: config.DeployConfig, pool_minute
             log.info("distill: %s skipped: a smaller %s student already meets the budget", name, fam)
             rows[i] = {"student": name, "family": fam, "skipped": f"a smaller {fam} student meets the budget"}
             continue
+        if name in reserve and (fitted or not any(r.get("meets_budget") is False for r in rows.values())):
+            why = ("a student before it meets the budget" if fitted else
+                   "no student before it was measured against the budget")
+            log.info("distill: %s (the reserve) skipped: %s", name, why)
+            rows[i] = {"student": name, "family": fam, "reserve": True, "skipped": why}
+            continue
+        if name in reserve:
+            log.info("distill: no student meets deploy's budget: distilling the reserve, %s", name)
         man = read_manifest(out / "distill") if resume else {}
         t0 = time.time()
         if pool is not None and not man.get("completed"):
@@ -280,6 +292,7 @@ def _run_ladder(cs: list, resume: bool, deploy: config.DeployConfig, pool_minute
         if ok:
             fitted[fam] = min(fitted.get(fam, size[i]), size[i])
         rows[i] = {"student": name, "family": fam, "model": c.model, "width": c.width, "seconds": round(seconds or 0, 1),
+                   **({"reserve": True} if name in reserve else {}),
                    "parameters": man.get("parameters"),
                    "meets_budget": ok, **{k: m[k] for k in ("knn_top1", "teacher_knn_top1", "retention", "topk_overlap")
                                           if m.get(k) is not None}}
@@ -293,7 +306,7 @@ MIN_RUNG_SECONDS = 15.0  # --minutes: a ladder student is not started on less of
 
 RUNNERS = {  # (the stage's config, resume, every stage's config and given_minutes under --minutes) -> a summary for pipeline.json
     "train": lambda c, resume, _: _run_training("train", c, resume),
-    "distill": lambda c, resume, cs: _run_ladder(c, resume, cs["deploy"], cs.get("given_minutes")),
+    "distill": lambda c, resume, cs: _run_ladder(c, resume, cs["deploy"], cs.get("given_minutes"), cs.get("reserve", frozenset())),
     "compress": lambda c, resume, _: _run_training("compress", compress_target(c), resume),
     "export": lambda c, resume, _: {Path(e["path"]).name: e["parity"] for e in map(stage_main("export"), c)},
     "eval": lambda c, resume, _: _run_eval(c, resume),

@@ -493,13 +493,14 @@ def students_table(ladder: list[dict], labeled: bool) -> str:
     rows = []
     for r in ladder:
         folder = "distill/" if r["student"] == "distill" else f"students/{r['student']}/"
+        folder = f"`{folder}`" + (" (reserve)" if r.get("reserve") else "")
         if r.get("skipped"):
-            rows.append([f"`{folder}`", r["family"], "", "", "", *([""] * (2 if labeled else 1)), f"skipped: {r['skipped']}"])
+            rows.append([folder, r["family"], "", "", "", *([""] * (2 if labeled else 1)), f"skipped: {r['skipped']}"])
             continue
         acc = [_fmt(r.get("knn_top1")), _fmt(r.get("teacher_knn_top1"))] if labeled else [_fmt(r.get("topk_overlap"), "{:.3f}")]
         ok = {True: "yes", False: "no", None: "not measured"}[r.get("meets_budget")]
         net = r["model"] + (f" w{r['width']}" if r.get("width") else "")
-        rows.append([f"`{folder}`", r["family"], net, _fmt(r.get("parameters") and r["parameters"] / 1e6, "{:.3f}"),
+        rows.append([folder, r["family"], net, _fmt(r.get("parameters") and r["parameters"] / 1e6, "{:.3f}"),
                      _fmt(r.get("seconds"), "{:.0f}"), *acc, ok])
     return markdown_table(header, rows)
 
@@ -514,7 +515,8 @@ def _students_section(state: dict) -> list[tuple]:
                   "deployment candidate (FP32 and INT8), and the distill section's student in `distill/` is one whatever "
                   "it scored; compress prunes the smallest student within the budget (the distill section's when none "
                   "is). A student is skipped when a smaller one of its family already met the "
-                  "budget, measured at the end of its distillation "
+                  "budget, and the reserve (a wider ResNet-10) unless none before it met it, measured at the end of "
+                  "its distillation "
                   + ("(kNN points against the teacher)." if labeled else "(top-10 neighbour overlap with the teacher).")),
             ("table", students_table(ladder, labeled))]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from edgeclr import checkpoint, config, faults
+from edgeclr import checkpoint, config, data, faults
 from edgeclr import distributed as dist_
 from edgeclr.augment import view_generator
 from edgeclr.engine import Trainer, build_monitor, exit_for_signal, fit, prepare_stage_dir, resolve_device, set_layout, write_fit_manifest
@@ -111,9 +111,11 @@ def _main(cfg: config.TrainConfig, d: dist_.Dist) -> dict:
         config.save_yaml(cfg, stage_dir / "config.yaml")
     monitor = build_monitor(cfg, pp) if d.is_main else None
 
-    log.info("%s: %d images, %d steps/epoch x %d epochs; %s with %.1fM parameters on %s%s", ds.name, len(ds),
-             tr.steps_per_epoch, cfg.epochs, describe(model.spec.to_dict()), count_params(model) / 1e6, device,
+    log.info("%s: %d images, %d steps/epoch x %d epochs; %s with %.1fM parameters at %d px on %s%s", ds.name, len(ds),
+             tr.steps_per_epoch, cfg.epochs, describe(model.spec.to_dict()), count_params(model) / 1e6, cfg.input_size, device,
              f" x {d.world} processes ({d.backend}), {cfg.batch_size // d.world} images each per step" if d.enabled else "")
+    if config.data_kind(cfg.data) == "folder" and (fitted := data.folder_input_size(str(cfg.data))) and fitted[0] == cfg.input_size:
+        log.info("%s", fitted[1])
     deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else None
     completed, train_s = fit(tr, tr.simclr_loss, monitor, deadline)
     final = dict(tr.last_metrics)

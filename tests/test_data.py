@@ -197,3 +197,33 @@ def test_worker_processes_give_the_same_batches(image_folder):
         assert bad_a == bad_b and len(idx_a) == len(a) and (idx_a == idx_b).all()
         for i, img in zip(idx_a, a):  # the indices say which image each row is
             assert torch.equal(img.permute(1, 2, 0), torch.as_tensor(ds.read(int(i))))
+
+
+def test_a_folder_trains_at_its_images_own_size_unless_told(image_folder, tmp_path):
+    """A folder left at the default input size trains at the median shorter side of its images
+    (never upsampled, at most 96 px, at least 16), with the stem the presets use at that size; an
+    unreadable file does not count; --input-size wins; an empty folder keeps the preset (its loading
+    error comes later, as before)."""
+    from skimage import data as skdata
+
+    from edgeclr import config
+
+    c = config.TrainConfig(data=str(image_folder))  # 32-px digits in class folders
+    assert (c.input_size, c.stem_stride) == (32, 2)
+    assert "not upsampled" in data.folder_input_size(str(image_folder))[1]
+    big = tmp_path / "photos"
+    big.mkdir()
+    for name in ("astronaut", "coffee", "chelsea"):
+        Image.fromarray(getattr(skdata, name)()).save(big / f"{name}.jpg")
+    (big / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    c = config.TrainConfig(data=str(big))
+    assert (c.input_size, c.stem_stride) == (96, 4) and "cut to 96 px" in data.folder_input_size(str(big))[1]
+    assert "3 of the 4 images" in data.folder_input_size(str(big))[1]
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    Image.fromarray(skdata.camera()[:8, :8]).save(tiny / "a.png")
+    assert config.TrainConfig(data=str(tiny)).input_size == 16
+    assert config.TrainConfig(data=str(image_folder), input_size=48).input_size == 48
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert data.folder_input_size(str(empty)) is None and config.TrainConfig(data=str(empty)).input_size == 96

@@ -283,11 +283,14 @@ def test_the_auto_ladder_follows_the_teacher_width_and_the_input_size(tmp_path):
         return [(r.name, r.options.get("model"), r.options.get("width"), r.options.get("last_stride"))
                 for r in config.student_ladder(spec, primary, config.TrainConfig(data=data))]
 
-    # H&E tiles: a ResNet-18 of width 64 at 64 px
+    # H&E tiles: a ResNet-18 of width 64 at 64 px; the reserve, ResNet-10 at three quarters of it, last
     assert ladder("tiles:x.png", model="resnet10", width=16) == [
         ("", "resnet10", 16, None), ("resnet10-w32", "resnet10", 32, None),
         ("mobilenet_v3_small_minimal", "mobilenet_v3_small_minimal", None, None),
-        ("mobilenet_v3_large_minimal", "mobilenet_v3_large_minimal", None, None)]
+        ("mobilenet_v3_large_minimal", "mobilenet_v3_large_minimal", None, None), ("resnet10-w48", "resnet10", 48, None)]
+    assert [r.reserve for r in config.student_ladder("auto", {"model": "resnet10", "width": 16},
+                                                     config.TrainConfig(data="tiles:x.png"))] == [False] * 4 + [True]
+    assert ladder("tiles:x.png", "resnet10@32", model="resnet10", width=16)[-1][0] == "resnet10-w32", "a named list: no reserve"
     # Fashion-MNIST: a width-16 teacher at 28 px, whose own student is a ResNet-18 w16 with last stride 1
     assert ladder("fashion-mnist", model="resnet18", width=16, last_stride=1) == [
         ("resnet10-w8", "resnet10", 8, 1), ("resnet10-w16", "resnet10", 16, 1), ("", "resnet18", 16, 1),
@@ -354,6 +357,44 @@ def test_the_ladder_spends_one_pool_under_minutes(tmp_path, monkeypatch):
     assert given == [("resnet10-w24", 1.5), ("distill", 0.375)]  # all 90 s offered, 45 taken; then 45 s over two
     assert [r["student"] for r in rows] == ["distill", "resnet10-w24", "mobilenet_v3_small_minimal"]
     assert "spent" in rows[2]["skipped"] and rows[0]["meets_budget"] is False
+
+
+def test_the_reserve_student_runs_only_when_no_student_meets_the_budget(tmp_path, monkeypatch):
+    """The auto ladder's reserve (a wider ResNet-10) is distilled only when every student before it was
+    measured and none met deploy's budget; it is never the first under --minutes; the summary and the
+    report's Students table name it."""
+    from edgeclr import report
+
+    cs = pipeline.stage_configs(config.PipelineConfig(out=str(tmp_path), data="tiles:x.png"))
+    assert cs["reserve"] == {"resnet10-w48"} and pipeline._rung_name(cs["distill"][-1]) == "resnet10-w48"
+    given, overlaps = [], {}
+
+    def fake_training(name, c, resume):
+        given.append(pipeline._rung_name(c))
+        return {"topk_overlap": overlaps.get(pipeline._rung_name(c), 0.4)}
+
+    monkeypatch.setattr(pipeline, "_run_training", fake_training)
+    for met, ran in (({}, True), ({"mobilenet_v3_small_minimal": 0.6}, False)):
+        given.clear()
+        overlaps.clear()
+        overlaps.update(met)
+        rows = pipeline._run_ladder(cs["distill"], False, cs["deploy"], None, cs["reserve"])["ladder"]
+        assert ("resnet10-w48" in given) is ran and rows[-1]["reserve"] and rows[-1]["student"] == "resnet10-w48"
+        assert ("skipped" in rows[-1]) is not ran
+        if not ran:
+            assert rows[-1]["skipped"] == "a student before it meets the budget"
+    table = report.students_table(rows, labeled=False)
+    assert "`students/resnet10-w48/` (reserve)" in table and "skipped: a student before it meets the budget" in table
+    # deploy ranks by latency: nothing to meet, the reserve does not run
+    given.clear()
+    dep = dataclasses.replace(cs["deploy"], max_latency_ms=1.0)
+    rows = pipeline._run_ladder(cs["distill"], False, dep, None, cs["reserve"])["ladder"]
+    assert "resnet10-w48" not in given and "measured against the budget" in rows[-1]["skipped"]
+    # under --minutes the half-width student is secured first, not the reserve
+    monkeypatch.setattr(pipeline, "_run_training", lambda name, c, resume: given.append(pipeline._rung_name(c)) or {})
+    given.clear()
+    pipeline._run_ladder(cs["distill"], False, cs["deploy"], 2.0, cs["reserve"])
+    assert given[0] == "resnet10-w32"
 
 
 def test_compress_prunes_the_smallest_student_within_the_budget(tmp_path):
