@@ -420,10 +420,17 @@ def summary(win: dict, rows: list[dict], labeled: bool, latency_source: str) -> 
     if t is not None and t is not win:
         msg += (f", {speed_phrase(t['p50_ms'] / win['p50_ms'])} the teacher's own {win['runtime']} export ({t['p50_ms']:.3f} ms, "
                 f"{t['size_bytes'] / 1e6:.2f} MB)")
-    elif t is win and any(r.get("tied_with_fastest") and r is not win for r in rows):
-        msg += "; the students within the budget were not measurably faster than the teacher's own export (tied within noise)"
     elif t is win:
-        msg += "; no student candidate was both within the budget and faster than exporting the teacher"
+        students = [r for r in rows if r.get("level") != "teacher"]
+        within = [r for r in students if r.get("status") != "over budget"]
+        if students and not within:  # the accuracy budget, not the speed, kept every student out
+            key = "knn_top1" if labeled else "topk_overlap"
+            best = max(students, key=lambda r: r.get(key, float("-inf")))
+            msg += f"; no student met the accuracy budget (the closest, {best['name']}: {best['reason']})"
+        elif any(r.get("tied_with_fastest") for r in within):
+            msg += "; the students within the budget were not measurably faster than the teacher's own export (tied within noise)"
+        else:
+            msg += "; no student candidate was both within the budget and faster than exporting the teacher"
     return msg + f" [{latency_source}]"
 
 

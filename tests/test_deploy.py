@@ -142,7 +142,15 @@ def test_the_teachers_export_ships_when_no_student_is_both_within_budget_and_fas
     assert rs[2]["status"] == "over budget" and "5.00 kNN points below the teacher" in rs[2]["reason"]
     text = deploy.summary(win, rs, True, "measured here")
     assert "no student candidate was both within the budget and faster" in text and "faster than the teacher" not in text
+    # no student within the accuracy budget, and the teacher's two exports tied: the budget is named, not speed
+    rs = rows(("teacher/fp32.onnx", 90.0, 0.20), ("teacher/fp32.xml", 90.0, 0.20), ("student/fp32.onnx", 88.0, 0.05),
+              ("pruned/int8.onnx", 85.0, 0.04))
+    win = deploy.choose(rs, {"max_drop": 1.5, "min_overlap": 0.5, "max_latency_ms": None})
+    text = deploy.summary(win, rs, True, "measured here")
+    assert "not measurably faster" not in text and "no student met the accuracy budget" in text
+    assert "(the closest, student/fp32.onnx: 2.00 kNN points below the teacher > --max-drop 1.5)" in text
     # a latency limit: the most accurate under it
+    rs = rows(("teacher/fp32.onnx", 90.0, 0.20), ("student/fp32.onnx", 89.9, 0.25), ("pruned/int8.onnx", 85.0, 0.05))
     win = deploy.choose(rs, {"max_drop": 1.5, "min_overlap": 0.5, "max_latency_ms": 0.22})
     assert win["name"] == "teacher/fp32.onnx" and rs[1]["status"] == "over latency"
 
