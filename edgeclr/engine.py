@@ -353,12 +353,18 @@ class Trainer:
         budget = cfg.fit_minutes * 60
         steps = self.global_step + max(0.0, budget - elapsed_s) / max(step_s, 1e-9)
         epochs = int(min(cfg.epochs, max(1, steps // self.steps_per_epoch)))
+        over_s = (self.steps_per_epoch * epochs - self.global_step) * step_s - max(0.0, budget - elapsed_s)
         self.fitted = {"budget_s": round(budget, 1), "step_s": round(step_s, 4), "asked_epochs": cfg.epochs, "epochs": epochs,
                        "why": f"fit_minutes {cfg.fit_minutes:g}: {1e3 * step_s:.0f} ms per step x {self.steps_per_epoch} "
                               f"steps per epoch: {epochs} of {cfg.epochs} epochs fit"}
+        if over_s > 0.1 * budget:  # not even one epoch fits: said now, not when the budget is already spent
+            self.fitted["overrun_s"] = round(over_s, 1)
+            self.fitted["why"] += (f"; one epoch takes {self.steps_per_epoch * step_s / 60:.1f} min, so this stage runs one and "
+                                   f"overruns its {cfg.fit_minutes:g} min by about {over_s / 60:.1f} min: give more minutes, "
+                                   "or fewer or smaller images")
         if epochs != cfg.epochs:
             self.set_epochs(epochs)
-        log.info("%s: %s", self.stage, self.fitted["why"])
+        (log.warning if self.fitted.get("overrun_s") else log.info)("%s: %s", self.stage, self.fitted["why"])
 
     def set_precision(self, chosen: dict) -> None:
         self.amp = torch.bfloat16 if chosen["precision_ran"] == "bf16" else None

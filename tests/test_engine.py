@@ -199,6 +199,7 @@ def test_fit_minutes_sizes_the_schedule_from_the_measured_steps(tmp_path):
     ck = checkpoint.load(tmp_path / "short/train/checkpoints/last.pt")
     assert m["fitted"]["epochs"] == 1 and m["fitted"]["asked_epochs"] == 50 and m["fitted"]["step_s"] > 0
     assert ck["epoch"] == 1 and ck["config"]["epochs"] == 1 and "1 of 50 epochs fit" in m["fitted"]["why"]
+    assert m["fitted"]["overrun_s"] > 0 and "overruns its 0.001 min" in m["fitted"]["why"]  # said when fitted, at the start
     # resumed with the same options (--epochs 50): the fitted schedule holds, nothing more is trained
     train.main(_tiny_train(tmp_path / "short", epochs=50, fit_minutes=0.001, amp="off", resume=True))
     assert checkpoint.load(tmp_path / "short/train/checkpoints/last.pt")["global_step"] == ck["global_step"]
@@ -206,6 +207,7 @@ def test_fit_minutes_sizes_the_schedule_from_the_measured_steps(tmp_path):
     train.main(_tiny_train(tmp_path / "long", epochs=2, fit_minutes=60, amp="off"))
     m = json.loads((tmp_path / "long/train/manifest.json").read_text())
     assert m["fitted"]["epochs"] == 2 and checkpoint.load(tmp_path / "long/train/checkpoints/last.pt")["epoch"] == 2
+    assert "overrun_s" not in m["fitted"]
 
 
 def test_a_schedule_rebuilt_mid_run_continues_from_its_step():
