@@ -304,6 +304,13 @@ def _readable(paths: list[Path]) -> tuple[list[Path], list[str], list[str]]:
     return good, modes, bad
 
 
+def _own_split(d: Path) -> dict[str, Path] | None:
+    """A folder's sub-folders by lower-case name when it brings its own split (train/ and test/ or
+    val/); None when it does not."""
+    sub = {c.name.lower(): c for c in d.iterdir() if c.is_dir()}
+    return sub if "train" in sub and ("test" in sub or "val" in sub) else None
+
+
 FOLDER_SIZE_RANGE = (16, 96)  # a folder's default input side: its images' own, within this range (config.TrainConfig)
 
 
@@ -317,8 +324,8 @@ def folder_input_size(root: str, sample: int = 200) -> tuple[int, str] | None:
     d = Path(root).expanduser()
     if not d.is_dir():
         return None
-    sub = {c.name.lower(): c for c in d.iterdir() if c.is_dir()}
-    if "train" in sub and ("test" in sub or "val" in sub):
+    sub = _own_split(d)
+    if sub:
         d = sub["train"]
     paths = list_images(d)
     step = max(1, len(paths) // sample)
@@ -343,8 +350,8 @@ def folder_input_size(root: str, sample: int = 200) -> tuple[int, str] | None:
 
 def load_folder(root: str, split: str, base_size: int, channels: int | None = None, seed: int = 0) -> FolderDataset:
     d = _require_dir(Path(root).expanduser(), "image folder", "Check the --data path.")
-    sub = {c.name.lower(): c for c in d.iterdir() if c.is_dir()}
-    if "train" in sub and ("test" in sub or "val" in sub):  # the folder brings its own split
+    sub = _own_split(d)
+    if sub:  # the folder brings its own split
         pick = sub["train"] if split in ("pretrain", "train") else sub.get("test", sub.get("val"))
         return load_folder(str(pick), "pretrain", base_size, channels, seed)
     paths = list_images(d)
