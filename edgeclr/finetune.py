@@ -2,7 +2,8 @@
 segment) on any stage's encoder, and the label-efficiency curve of `edgeclr eval --label-efficiency`.
 
     draw_labeled -> ClassifierNet(encoder, standardise, linear head)
-      linear: logistic regression on frozen, clean features (the linear probe), copied into the head
+      linear: logistic regression on frozen, clean features (the linear probe, its C cross-validated
+              on the labelled images), copied into the head
       frozen: the head trained on augmented views through the frozen encoder
       full:   linear probe first, then encoder and head trained together (LP-FT, Kumar et al. 2022),
               the encoder at --backbone-lr-ratio of the head's learning rate
@@ -300,7 +301,9 @@ def build_classifier(encoder: Encoder, x: torch.Tensor, y: torch.Tensor, num_cla
     net = ClassifierNet(encoder, num_classes).to(device)
     encoder.eval()
     f = embed_all(encoder.embed, x, device).numpy()
-    net.load_head(linear_head(fit_linear(f, y.numpy(), recipe.seed), num_classes))
+    clf = fit_linear(f, y.numpy(), recipe.seed)
+    log.info("linear probe: %s", clf.probe_c)
+    net.load_head(linear_head(clf, num_classes))
     return net
 
 

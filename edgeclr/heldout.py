@@ -110,8 +110,38 @@ def agreement(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> dict[str, float]
     return {"topk_overlap": overlap.mean().item(), "cosine_agreement": cos}
 
 
-def fit_linear(train_f: np.ndarray, train_y: np.ndarray, seed: int = 0, c: float = 1.0):
-    """The linear probe: logistic regression on standardised features (the one edgeclr fits everywhere)."""
+PROBE_CS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # the linear probe's inverse regularisation strengths, chosen by CV
+PROBE_CV_MAX = 5000  # labelled images up to which C is cross-validated; above, C = 1 (plenty of labels, and the fits are slow)
+PROBE_FOLDS = 5
+
+
+def probe_c(train_f: np.ndarray, train_y: np.ndarray, seed: int = 0) -> tuple[float, str]:
+    """The linear probe's C and how it was chosen: on a small labelled set the C of PROBE_CS with
+    the best mean accuracy in stratified k-fold cross-validation on those labels alone (k = 5, or
+    the smallest class's count; a tie goes to the larger C); 1.0 with a single image in some class
+    (nothing to hold out) or above PROBE_CV_MAX images."""
+    y = np.asarray(train_y)
+    counts = np.bincount(y)[np.unique(y)]
+    if len(y) > PROBE_CV_MAX:
+        return 1.0, f"C=1 ({len(y)} labelled images, no CV above {PROBE_CV_MAX})"
+    if counts.min() < 2 or len(counts) < 2:
+        return 1.0, "C=1 (a class with one labelled image: nothing to cross-validate)"
+    from sklearn.model_selection import StratifiedKFold
+
+    x = np.asarray(train_f)
+    k = int(min(PROBE_FOLDS, counts.min()))
+    folds = list(StratifiedKFold(k, shuffle=True, random_state=seed).split(x, y))
+    scores = []
+    for c in PROBE_CS:
+        hits = 0
+        for tr, va in folds:
+            hits += int((_fit(x[tr], y[tr], c, seed).predict(x[va]) == y[va]).sum())
+        scores.append(hits / len(y))
+    best = max(range(len(PROBE_CS)), key=lambda i: (scores[i], i))
+    return PROBE_CS[best], f"C={PROBE_CS[best]:g} by {k}-fold CV on {len(y)} labelled images ({100 * scores[best]:.1f}%)"
+
+
+def _fit(x: np.ndarray, y: np.ndarray, c: float, seed: int):
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -120,19 +150,29 @@ def fit_linear(train_f: np.ndarray, train_y: np.ndarray, seed: int = 0, c: float
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, C=c, random_state=seed))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(np.asarray(train_f), np.asarray(train_y))
+        clf.fit(x, y)
     return clf
 
 
-def linear_probe(train_f, train_y, test_f, test_y, seed: int = 0) -> float:
-    """Test accuracy in percent of fit_linear on the training features."""
-    clf = fit_linear(train_f, train_y, seed)
+def fit_linear(train_f: np.ndarray, train_y: np.ndarray, seed: int = 0, c: float | None = None):
+    """The linear probe: logistic regression on standardised features (the one edgeclr fits
+    everywhere), C from probe_c unless given. The fitted pipeline's `probe_c` says how C was chosen."""
+    why = f"C={c:g} (given)" if c is not None else None
+    if c is None:
+        c, why = probe_c(train_f, train_y, seed)
+    clf = _fit(np.asarray(train_f), np.asarray(train_y), c, seed)
+    clf.probe_c = why
+    return clf
+
+
+def linear_probe(train_f, train_y, test_f, test_y, seed: int = 0, c: float | None = None) -> float:
+    """Test accuracy in percent of fit_linear on the training features (C as fit_linear takes it)."""
+    clf = fit_linear(train_f, train_y, seed, c)
     return 100.0 * float((clf.predict(np.asarray(test_f)) == np.asarray(test_y)).mean())
 
 
 # ----------------------------------------------------------------------------------------------
 # BatchNorm statistics
-
 
 def overlap_sample(spec: str, pp: Preprocess, run_cfg: Mapping, seed: int, n: int) -> torch.Tensor:
     """(M, C, S, S) model inputs of at most n (and 2,000) images of the data's test split (its
@@ -246,7 +286,7 @@ class HeldOut:
     def score_features(self, bank: torch.Tensor, query: torch.Tensor, ref: dict | None = None, linear: bool = False,
                        seed: int = 0) -> dict:
         """The held-out figures of an embedding, one set of keys for every stage: `knn_top1` and,
-        with `linear`, `linear_top1` (the linear probe, linear_probe); against `ref` (another
+        with `linear`, `linear_top1` (the linear probe on every bank label, C = 1); against `ref` (another
         score's output: the teacher's, or the FP32 student's) `knn_agreement` (same kNN predictions),
         `cosine_mean` / `cosine_min` of the query embeddings (NaN between widths) and `topk_overlap`
         (shared top-10 neighbours, first 2,000 queries). Keys starting with '_' hold the predictions
@@ -254,7 +294,8 @@ class HeldOut:
         pred = knn_predict(bank, self.bank_y, query, self.k, self.t, self.num_classes)
         out = {"knn_top1": 100.0 * float((pred == self.query_y).float().mean()), "_pred": pred, "_q": query}
         if linear:
-            out["linear_top1"] = linear_probe(bank.numpy(), self.bank_y.numpy(), query.numpy(), self.query_y.numpy(), seed)
+            out["linear_top1"] = linear_probe(bank.numpy(), self.bank_y.numpy(), query.numpy(), self.query_y.numpy(), seed,
+                                              c=1.0)  # every label: the column stays comparable (and deploy scores dozens)
         if ref is not None:  # the cosine only between embeddings of one width (a student with its own --embed-dim has another)
             same = query.shape == ref["_q"].shape
             cos = (F.normalize(query.float(), dim=1) * F.normalize(ref["_q"].float(), dim=1)).sum(1) if same else None

@@ -82,3 +82,30 @@ def test_an_unlabeled_folder_has_no_scorer(tmp_path):
     for i in range(4):
         Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
     assert HeldOut.open(str(tmp_path), Preprocess(8, 9, (0.5,), (0.2,), 1), {}) is None
+
+
+def test_the_probe_cross_validates_c_on_few_labels_only():
+    """probe_c is the C of the best stratified-CV accuracy on the labelled images (a tie to the
+    larger C), computed here by sklearn's own cross_val_score; one image in a class, or a large
+    labelled set, keeps C = 1."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from edgeclr import heldout
+
+    x, y = load_digits(return_X_y=True)
+    idx = np.concatenate([np.flatnonzero(y == k)[:8] for k in range(10)])
+    c, why = heldout.probe_c(x[idx], y[idx], seed=3)
+    means = [cross_val_score(make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, C=cc, random_state=3)),
+                             x[idx], y[idx], cv=StratifiedKFold(5, shuffle=True, random_state=3)).mean() for cc in heldout.PROBE_CS]
+    best = max(range(len(means)), key=lambda i: (round(means[i], 9), i))
+    assert c == heldout.PROBE_CS[best] and "5-fold CV on 80" in why
+    clf = heldout.fit_linear(x[idx], y[idx], seed=3)
+    assert clf[-1].C == c and clf.probe_c == why
+    assert heldout.fit_linear(x[idx], y[idx], c=0.5)[-1].C == 0.5
+    one = np.array([np.flatnonzero(y == k)[0] for k in range(10)])
+    assert heldout.probe_c(x[one], y[one])[0] == 1.0
+    assert heldout.probe_c(np.zeros((heldout.PROBE_CV_MAX + 1, 2)), np.arange(heldout.PROBE_CV_MAX + 1) % 2)[0] == 1.0
