@@ -304,6 +304,7 @@ def build_classifier(encoder: Encoder, x: torch.Tensor, y: torch.Tensor, num_cla
     clf = fit_linear(f, y.numpy(), recipe.seed)
     log.info("linear probe: %s", clf.probe_c)
     net.load_head(linear_head(clf, num_classes))
+    net.probe = {"c": float(clf[-1].C), "how": clf.probe_c}  # result.json's `probe`: the head every mode starts from
     return net
 
 
@@ -570,6 +571,7 @@ def _finetune(cfg, encoder, sck, src, pp, run_cfg, data_spec, out_dir, device, t
               tuner.VAL_KEY: tuner.best_acc if len(job.yv) else None, "best_step": tuner.best_step, "steps_run": tuner.step,
               "train_images": len(job.y), "val_images": len(job.yv), "test_images": len(job.yt), "classes": job.classes,
               "mode": cfg.mode, "init": cfg.init, "source_stage": sck["stage"], "bn_frozen": tuner.bn_frozen,
+              **({"probe": net.probe} if hasattr(net, "probe") else {}),
               **({"seg_head": net.head_name, "output_stride": net.output_stride} if job.task == "segment" else {})}
     checkpoint.save(ckpt_dict(True), ckpt_path)
     log.info("test %s (%d labelled, mode %s)", tasks.describe_score(result), len(job.y), cfg.mode)

@@ -160,11 +160,13 @@ print(json.dumps({{"classes": m["classes"], "probs": out}}))
 
 
 def test_linear_mode_is_the_linear_probe_and_random_init_starts_from_other_weights(digits_run, tmp_path):
+    from edgeclr.heldout import PROBE_CS
     from edgeclr.models import classifier_from_checkpoint
 
     run(["finetune", str(digits_run), *FT, "--mode", "linear", "--formats", "", "--out", str(tmp_path / "lin")])
     lin = json.loads((tmp_path / "lin" / "result.json").read_text())
     assert lin["steps_run"] == 0 and lin["mode"] == "linear" and lin["artifacts"] == {}
+    assert lin["probe"]["c"] in PROBE_CS and "5-fold CV" in lin["probe"]["how"]  # 5 labels per class: C is cross-validated
     ck = checkpoint.load(tmp_path / "lin" / "checkpoints" / "last.pt")
     src = checkpoint.load(digits_run / "train" / "checkpoints" / "last.pt")
     assert all(torch.equal(ck["model"][k], v) for k, v in src["model"].items())  # the encoder is untouched
