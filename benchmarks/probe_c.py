@@ -1,6 +1,6 @@
 """The few-label linear probe's C: fixed values against the C cross-validated on the labelled
 images (heldout.probe_c, what `edgeclr finetune` and the few-label curve use), on one encoder's
-features, over the curve's own draws of the labelled images (draw_labeled, seeds 0..draws-1, every
+features, over the curve's own draws of the labelled images (finetune.curve_draw, seeds 0..draws-1, every
 drawn label trains the probe), tested on the whole test split.
 
     python benchmarks/probe_c.py runs/bench-fmnist/train --levels 10,100 --tag xeon-avx512
@@ -34,7 +34,7 @@ def main():
     ap.add_argument("--tag", default="")
     a = ap.parse_args()
 
-    from edgeclr.finetune import draw_labeled
+    from edgeclr.finetune import curve_draw
     from edgeclr.heldout import HeldOut, fit_linear
     from edgeclr.loading import load_encoder
     from edgeclr.runtime import Preprocess
@@ -50,8 +50,7 @@ def main():
     chosen: dict[int, list[float]] = {}
     for n in levels:
         for s in range(a.draws):
-            tr, va = draw_labeled(yb, per_class=n, seed=s, val_fraction=0.2)
-            e = np.sort(np.concatenate([tr, va]))
+            _, _, e = curve_draw(yb, n, s)
             for c in [None, *cs]:
                 clf = fit_linear(fb[e], yb[e], s, c)
                 acc = 100.0 * float((clf.predict(fq) == yq).mean())

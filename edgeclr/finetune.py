@@ -328,6 +328,13 @@ def random_encoder(spec, sck: dict, device, seed: int) -> Encoder:
     return (_random_like(sck, device) if sck.get("pruning") else create_model(spec)).to(device)
 
 
+def curve_draw(y_bank: np.ndarray, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One draw of the few-label curve: (train, validation, every drawn index); kNN and the probe
+    use every drawn label, fine-tuning holds the validation share out."""
+    tr, va = draw_labeled(y_bank, per_class=per_class, seed=seed, val_fraction=0.2)
+    return tr, va, np.sort(np.concatenate([tr, va]))
+
+
 def label_efficiency(encoder: Encoder, sck: dict, pp: Preprocess, held, feats: dict, levels: list[int], draws: int,
                      finetune_steps: int, run_cfg: dict, device, seed: int = 0) -> dict:
     """Accuracy on the whole query split against labelled images per class, over `draws` stratified
@@ -348,8 +355,7 @@ def label_efficiency(encoder: Encoder, sck: dict, pp: Preprocess, held, feats: d
     for n in levels:
         for d in range(draws):
             s = seed + d
-            tr, va = draw_labeled(y_bank, per_class=n, seed=s, val_fraction=0.2)
-            every = np.sort(np.concatenate([tr, va]))  # kNN and the probe use every drawn label; fine-tuning holds va out
+            tr, va, every = curve_draw(y_bank, n, s)
             for key, (_, fb, fq) in feats.items():
                 acc_knn = knn_accuracy(fb[every], held.bank_y[every], fq, held.query_y, held.k, held.t)
                 acc_lin = linear_probe(fb[every].numpy(), y_bank[every], fq.numpy(), y_query, s)

@@ -124,7 +124,9 @@ def probe_c(train_f: np.ndarray, train_y: np.ndarray, seed: int = 0) -> tuple[fl
     counts = np.bincount(y)[np.unique(y)]
     if len(y) > PROBE_CV_MAX:
         return 1.0, f"C=1 ({len(y)} labelled images, no CV above {PROBE_CV_MAX})"
-    if counts.min() < 2 or len(counts) < 2:
+    if len(counts) < 2:
+        return 1.0, "C=1 (a single class: nothing to cross-validate)"
+    if counts.min() < 2:
         return 1.0, "C=1 (a class with one labelled image: nothing to cross-validate)"
     from sklearn.model_selection import StratifiedKFold
 
@@ -157,9 +159,10 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float, seed: int):
 def fit_linear(train_f: np.ndarray, train_y: np.ndarray, seed: int = 0, c: float | None = None):
     """The linear probe: logistic regression on standardised features (the one edgeclr fits
     everywhere), C from probe_c unless given. The fitted pipeline's `probe_c` says how C was chosen."""
-    why = f"C={c:g} (given)" if c is not None else None
     if c is None:
         c, why = probe_c(train_f, train_y, seed)
+    else:
+        why = f"C={c:g} (given)"
     clf = _fit(np.asarray(train_f), np.asarray(train_y), c, seed)
     clf.probe_c = why
     return clf
