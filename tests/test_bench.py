@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import make_checkpoint, run
 
@@ -237,3 +238,23 @@ def test_a_record_names_dirty_code_but_not_the_records_a_run_writes(tmp_path):
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_state(tmp_path) == head + "-dirty"
     assert git_state(tmp_path / "nowhere") == ""
+
+
+def test_the_lightly_baseline_trains_and_scores_with_edgeclrs_knn(monkeypatch):
+    """benchmarks/fashion_mnist_teacher.py --lightly (issue 37's comparison): lightly's SimCLR example
+    trains a few steps on real images and its backbone is scored with edgeclr's kNN and probe."""
+    pytest.importorskip("lightly", reason="lightly is in the dev extra: pip install -e '.[dev]'")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import fashion_mnist_teacher as fmt
+
+    from edgeclr import data
+
+    train, test = data.load_digits("train"), data.load_digits("test")
+    lines = []
+    monkeypatch.setattr(fmt, "LOG_EVERY", 5)
+    r = fmt.lightly_baseline(train, test, budget_min=5, workers=0, batch_size=128, max_steps=12, log=lines.append)
+    assert r["steps"] == 12 and r["epochs_done"] == 1 and r["dim"] == 512 and r["parameters"] > 11e6
+    assert "SimCLRTransform(input_size=8)" in r["recipe"] and "batch 128" in r["recipe"]
+    assert lines and "loss" in lines[0] and np.isfinite(r["final_loss"])
+    # a briefly trained ResNet-18 on 8-px digits is still far above chance (10 classes)
+    assert 30 < r["knn_top1"] <= 100 and 30 < r["linear_top1"] <= 100
