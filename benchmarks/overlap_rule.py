@@ -5,7 +5,8 @@ On a run with labels, a family of real models of graded quality is scored both w
 own scorer (deploy.Quality: the held-out kNN against the teacher's, and the top-10 neighbour overlap
 with the teacher on the same held-out images):
 
-- the run's distilled student and every pruned level compress recovered (RUN/compress/checkpoints);
+- the run's distilled student, the pipeline's other students (RUN/students/*/distill) and every
+  pruned level compress recovered (RUN/compress/checkpoints);
 - the student with a share of its channels pruned away and no recovery (10% to 60%);
 - students distilled from the same teacher for fewer epochs (`edgeclr distill --epochs E`);
 - the student's architecture at random initialisation.
@@ -60,6 +61,9 @@ def models(run: Path, epochs: list[int], ratios: list[float], work: Path, seed: 
     """(name, torch model) of the graded family."""
     student, sck, spath = load_encoder(find_checkpoint(run, "student"), "cpu", role="student")
     yield "student", student
+    for d in sorted((run / "students").glob("*/distill")):  # the pipeline's ladder of students
+        if (d / "checkpoints" / "last.pt").is_file():
+            yield f"ladder student {d.parent.name}", load_encoder(d, "cpu", role="student")[0]
     for f in sorted((run / "compress" / "checkpoints").glob("step*.pt")) + [run / "compress" / "checkpoints" / "last.pt"]:
         if f.is_file():
             yield f"pruned {f.stem} (recovered)", load_encoder(f, "cpu")[0]
