@@ -4,7 +4,7 @@ to those tiles (top-10 neighbour overlap with the teacher) can be checked agains
 
     pip install --no-deps histolytics==0.3.0 && pip install pyarrow shapely
     python benchmarks/he_tile_labels.py --out runs/he-labelled
-    edgeclr pipeline --data folder:runs/he-labelled/tiles --out runs/he-lab
+    edgeclr pipeline --data runs/he-labelled/tiles --out runs/he-lab
     python benchmarks/overlap_rule.py --run runs/he-lab --tag he-CPU
 
 Each tile that `--data tiles:` cuts from the two histolytics fields (64 px every 64 px, at least
