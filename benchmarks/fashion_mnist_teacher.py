@@ -160,8 +160,13 @@ def main():
         train_cmd.append("--resume")
     eval_cmd = exe + ["eval", str(Path(a.out) / "train"), "--device", a.device]
 
-    if a.lightly:
-        import lightly  # noqa: F401  (fail now, not after the teacher's hour)
+    if a.lightly:  # fail now, not after the teacher's hour
+        try:
+            import lightly  # noqa: F401
+        except ImportError:
+            raise SystemExit("--lightly needs lightly 1.6.0: pip install -e '.[baseline]'") from None
+    if a.skip_teacher and not (Path(a.out) / "train" / "manifest.json").is_file():
+        raise SystemExit(f"--skip-teacher: {Path(a.out) / 'train'} holds no finished teacher (manifest.json); train it first")
     t0 = time.time()
     if not a.skip_teacher:
         print("+", shlex.join(train_cmd), flush=True)
