@@ -57,7 +57,7 @@ def lightly_baseline(train, test, budget_min: float, seed: int = 0, workers: int
     from lightly.transforms.utils import IMAGENET_NORMALIZE
     from torch import nn
 
-    from edgeclr.heldout import knn_predict, linear_probe
+    from edgeclr.heldout import embed, knn_accuracy, linear_probe
 
     class SimCLR(nn.Module):
         def __init__(self, backbone):
@@ -118,23 +118,18 @@ def lightly_baseline(train, test, budget_min: float, seed: int = 0, workers: int
     std = torch.tensor(IMAGENET_NORMALIZE["std"]).view(1, 3, 1, 1)
 
     @torch.no_grad()
-    def features(ds):
-        model.eval()
-        out = []
-        for i in range(0, len(ds), 512):
-            x = torch.from_numpy(np.ascontiguousarray(ds.images[i:i + 512])).permute(0, 3, 1, 2).float().div(255)
-            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # the grey images as RGB, as in training
-            out.append(model.backbone((x - mean) / std).flatten(start_dim=1))
-        return torch.cat(out)
+    def backbone(x):  # a batch of (B, C, S, S) uint8 images
+        x = x.float().div(255)
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # the grey images as RGB, as in training
+        return model.backbone((x - mean) / std).flatten(start_dim=1)
 
-    bank, query = features(train), features(test)
-    bank_y, query_y = torch.as_tensor(train.labels), torch.as_tensor(test.labels)
-    pred = knn_predict(bank, bank_y, query, 20, 0.1, int(bank_y.max()) + 1)
+    model.eval()
+    bank, query = (embed(backbone, torch.from_numpy(ds.images).permute(0, 3, 1, 2), 512) for ds in (train, test))
     return {"recipe": LIGHTLY_RECIPE.format(size=size, batch_size=batch_size), "budget_minutes": budget_min, "training_wall_minutes": round(train_s / 60, 1),
             "steps": steps, "epochs_done": epochs, "images_per_s": round(seen / max(train_s, 1e-9), 1),
             "final_loss": round(float(loss), 4), "parameters": sum(p.numel() for p in model.parameters()),
-            "dim": int(bank.shape[1]), "knn_top1": round(100.0 * float((pred == query_y).float().mean()), 2),
-            "linear_top1": round(linear_probe(bank.numpy(), bank_y.numpy(), query.numpy(), query_y.numpy(), seed, c=1.0), 2)}
+            "dim": int(bank.shape[1]), "knn_top1": round(knn_accuracy(bank, train.labels, query, test.labels, 20, 0.1), 2),
+            "linear_top1": round(linear_probe(bank.numpy(), train.labels, query.numpy(), test.labels, seed, c=1.0), 2)}
 
 
 def main():
@@ -165,6 +160,8 @@ def main():
             import lightly  # noqa: F401
         except ImportError:
             raise SystemExit("--lightly needs lightly 1.6.0: pip install -e '.[baseline]'") from None
+        if a.data.partition(":")[0] != "fashion-mnist":
+            raise SystemExit("--lightly: the baseline reads Fashion-MNIST (--data fashion-mnist[:DIR])")
     if a.skip_teacher and not (Path(a.out) / "train" / "manifest.json").is_file():
         raise SystemExit(f"--skip-teacher: {Path(a.out) / 'train'} holds no finished teacher (manifest.json); train it first")
     t0 = time.time()
@@ -194,12 +191,8 @@ def main():
     if a.lightly:
         from edgeclr import data
 
-        spec = a.data if ":" in a.data else f"{a.data}:"
-        root = spec.split(":", 1)[1] or None
-        if not spec.startswith("fashion-mnist"):
-            raise SystemExit("--lightly: the baseline reads Fashion-MNIST (--data fashion-mnist[:DIR])")
         print(f"+ lightly's SimCLR example for {a.budget_min:g} min", flush=True)
-        lt = lightly_baseline(data.load_fashion_mnist(root, "train"), data.load_fashion_mnist(root, "test"), a.budget_min)
+        lt = lightly_baseline(data.open_dataset(a.data, "train"), data.open_dataset(a.data, "test"), a.budget_min)
         result["lightly"] = lt
         result["target"]["lightly_margin_knn"] = 3.0
         result["ahead_of_lightly_knn"] = round(result["knn_top1"]["model"] - lt["knn_top1"], 2)
