@@ -57,7 +57,7 @@ def main() -> None:
             vals = []
             for seed in range(a.samples if n < len(x) else 1):
                 idx = np.sort(np.random.default_rng(seed).choice(len(x), n, replace=False))
-                vals.append(agreement(fs[idx], ft[idx])["topk_overlap"])
+                vals.append(agreement(fs[idx], ft[idx], n=None)["topk_overlap"])  # on all N drawn
             row["overlap"][str(n)] = round(float(np.mean(vals)), 3)
         rows.append(row)
     cmd = "python benchmarks/overlap_size.py " + " ".join(sys.argv[1:])

@@ -41,7 +41,7 @@ from edgeclr.compress.prune import level_checkpoint
 from edgeclr.compress.quantize import calibration_inputs
 from edgeclr.errors import ConfigError
 from edgeclr.formats import EXPORT_FORMATS, format_of
-from edgeclr.heldout import HeldOut, agreement, overlap_sample, public
+from edgeclr.heldout import OVERLAP_IMAGES, OVERLAP_SAMPLES, HeldOut, agreement, overlap_sample, public
 from edgeclr.loading import load_encoder, stage_checkpoints
 from edgeclr.lock import hold
 from edgeclr.report import deploy_table
@@ -230,13 +230,15 @@ class Quality:
         pp = Preprocess.from_dict(tck["preprocess"])
         tcfg = tck.get("config") or {}
         spec = tcfg.get("data")
-        key = json.dumps({"data": spec, "eval_images": cfg.eval_images, "seed": cfg.seed, "teacher": checkpoint.sha256(teacher_ckpt)})
+        key = json.dumps({"data": spec, "eval_images": cfg.eval_images, "seed": cfg.seed, "teacher": checkpoint.sha256(teacher_ckpt),
+                          "overlap": [OVERLAP_IMAGES, OVERLAP_SAMPLES]})  # scores cached by an earlier overlap are recomputed
         held = HeldOut.open(spec, pp, tcfg, cfg.seed, cfg.eval_images, cfg.eval_images)
         if held is not None:
             return cls(held, None, held.score(teacher.embed, None, 256), key)
         x = overlap_sample(spec, pp, tcfg, cfg.seed, cfg.eval_images)
-        log.warning("%s has no labels: candidates are judged by their top-10 neighbour overlap with the teacher on %d "
-                    "images (--min-overlap %.2f), not by accuracy", spec, len(x), cfg.min_overlap)
+        log.warning("%s has no labels: candidates are judged by their top-10 neighbour overlap with the teacher (--min-overlap "
+                    "%.2f), not by accuracy; the overlap is a mean over %d seeded samples of %d of %d held-out images",
+                    spec, cfg.min_overlap, OVERLAP_SAMPLES, min(OVERLAP_IMAGES, len(x)), len(x))
         with torch.no_grad():
             ref = {"_q": teacher.embed(x)}
         return cls(None, x, ref, key)

@@ -85,29 +85,48 @@ def knn_accuracy(bank, bank_y, query, query_y, k: int = 20, t: float = 0.1) -> f
     return 100.0 * (pred == query_y).float().mean().item()
 
 
+OVERLAP_IMAGES = 200  # the top-10 overlap is a mean over seeded samples of this many images: it falls with the
+OVERLAP_SAMPLES = 20  # number of images (benchmarks/results/overlap_size), so one threshold needs one N; 200 fits every held-out split
+
+
 @torch.no_grad()
-def agreement(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> dict[str, float]:
+def agreement(a: torch.Tensor, b: torch.Tensor, k: int = 10, n: int | None = OVERLAP_IMAGES,
+              samples: int = OVERLAP_SAMPLES, seed: int = 0) -> dict[str, float]:
     """How far two embedders of the same N images agree. a: (N, Da), b: (N, Db).
 
-    Returns topk_overlap: mean fraction of each image's k nearest neighbours (cosine, itself
-    excluded) that both embedders share (any widths); and cosine_agreement: mean cos(a_i, b_i)
-    when the widths are equal (NaN otherwise). Judge an INT8 or distilled model by the overlap:
-    a collapsed embedding can have a high cosine and useless neighbours.
+    Returns topk_overlap: the fraction of each image's k nearest neighbours (cosine, itself
+    excluded) that both embedders share (any widths), averaged over the images and over `samples`
+    seeded draws of n of them (all N at once where N <= n, or n is None); and cosine_agreement:
+    mean cos(a_i, b_i) over all N when the widths are equal (NaN otherwise). Judge an INT8 or
+    distilled model by the overlap: a collapsed embedding can have a high cosine and useless
+    neighbours. The same models share fewer neighbours among more images, so the overlap is
+    computed at one size n, whatever the data's size: one `--min-overlap` then means one thing.
     """
     a, b = F.normalize(a.float(), dim=1), F.normalize(b.float(), dim=1)
-    k = min(k, len(a) - 1)
-    if k < 1:
+    if len(a) != len(b):
+        raise ValueError(f"agreement needs embeddings of the same images, got {len(a)} and {len(b)}")
+    if min(k, len(a) - 1) < 1:
         raise ValueError("agreement needs at least 2 images")
 
-    def neighbours(x):
-        sim = x @ x.T
-        sim.fill_diagonal_(-float("inf"))
-        return sim.topk(k, dim=1).indices  # (N, k)
+    def overlap(a, b):
+        kk = min(k, len(a) - 1)
 
-    na, nb = neighbours(a), neighbours(b)
-    overlap = (na.unsqueeze(2) == nb.unsqueeze(1)).any(2).float().sum(1) / k  # (N,)
+        def neighbours(x):
+            sim = x @ x.T
+            sim.fill_diagonal_(-float("inf"))
+            return sim.topk(kk, dim=1).indices  # (M, kk)
+
+        na, nb = neighbours(a), neighbours(b)
+        return (na.unsqueeze(2) == nb.unsqueeze(1)).any(2).float().sum(1).mean().item() / kk
+
+    if n is None or len(a) <= n:
+        ov = overlap(a, b)
+    else:
+        rng = np.random.default_rng(seed)
+        draws = [torch.from_numpy(rng.choice(len(a), n, replace=False)) for _ in range(samples)]
+        ov = float(np.mean([overlap(a[i], b[i]) for i in draws]))
     cos = (a * b).sum(1).mean().item() if a.shape == b.shape else float("nan")
-    return {"topk_overlap": overlap.mean().item(), "cosine_agreement": cos}
+    return {"topk_overlap": ov, "cosine_agreement": cos}
 
 
 PROBE_CS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # the linear probe's inverse regularisation strengths, chosen by CV
@@ -292,7 +311,7 @@ class HeldOut:
         with `linear`, `linear_top1` (the linear probe on every bank label, C = 1); against `ref` (another
         score's output: the teacher's, or the FP32 student's) `knn_agreement` (same kNN predictions),
         `cosine_mean` / `cosine_min` of the query embeddings (NaN between widths) and `topk_overlap`
-        (shared top-10 neighbours, first 2,000 queries). Keys starting with '_' hold the predictions
+        (shared top-10 neighbours, agreement's fixed sample size). Keys starting with '_' hold the predictions
         and query embeddings a later score compares with (`public` drops them)."""
         pred = knn_predict(bank, self.bank_y, query, self.k, self.t, self.num_classes)
         out = {"knn_top1": 100.0 * float((pred == self.query_y).float().mean()), "_pred": pred, "_q": query}
@@ -304,7 +323,7 @@ class HeldOut:
             cos = (F.normalize(query.float(), dim=1) * F.normalize(ref["_q"].float(), dim=1)).sum(1) if same else None
             out.update(cosine_mean=float(cos.mean()) if same else float("nan"), cosine_min=float(cos.min()) if same else float("nan"),
                        knn_agreement=float((pred == ref["_pred"]).float().mean()),
-                       topk_overlap=agreement(query[:2000], ref["_q"][:2000])["topk_overlap"] if len(query) > 1 else float("nan"))
+                       topk_overlap=agreement(query, ref["_q"])["topk_overlap"] if len(query) > 1 else float("nan"))
         return out
 
     def score(self, embed_fn: Callable, ref: dict | None = None, batch_size: int = 256, device="cpu", linear: bool = False,

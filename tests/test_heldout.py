@@ -76,6 +76,28 @@ def test_agreement_of_an_embedding_with_itself_and_with_noise():
     assert agreement(x, torch.randn(64, 12))["topk_overlap"] < 0.5
 
 
+def test_the_overlap_is_computed_at_one_size_whatever_the_number_of_images():
+    """The same two embedders (digits pixels, their 8-component PCA) share fewer top-10 neighbours among
+    more images; deploy compares the overlap with one --min-overlap, so it is taken at OVERLAP_IMAGES."""
+    from sklearn.datasets import load_digits
+    from sklearn.decomposition import PCA
+
+    from edgeclr.heldout import OVERLAP_IMAGES
+
+    x = load_digits().data.astype(np.float32)
+    x = x[np.random.default_rng(1).permutation(len(x))]
+    a, b = torch.from_numpy(x), torch.from_numpy(PCA(8, random_state=0).fit_transform(x).astype(np.float32))
+    raw = {n: agreement(a[:n], b[:n], n=None)["topk_overlap"] for n in (600, len(x))}
+    fixed = {n: agreement(a[:n], b[:n])["topk_overlap"] for n in (600, len(x))}
+    assert raw[600] - raw[len(x)] > 0.08  # the raw overlap falls with N ...
+    assert abs(fixed[600] - fixed[len(x)]) < 0.02  # ... the one at a fixed size does not
+    small = a[:OVERLAP_IMAGES], b[:OVERLAP_IMAGES]  # up to the size, all images at once
+    assert agreement(*small)["topk_overlap"] == agreement(*small, n=None)["topk_overlap"]
+    assert agreement(a, b)["topk_overlap"] == agreement(a, b)["topk_overlap"]  # seeded: every candidate is judged on the same draws
+    with pytest.raises(ValueError, match="same images"):
+        agreement(a, b[:100])
+
+
 def test_an_unlabeled_folder_has_no_scorer(tmp_path):
     from PIL import Image
 

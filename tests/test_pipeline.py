@@ -450,7 +450,7 @@ def test_unlabeled_folder_runs_every_stage(tmp_path):
     assert "Budget (--minutes 2); the run took" in (out / "report.md").read_text()
     assert (out / "compress/models/int8.onnx").exists() and (out / "report.html").exists()
     sel = json.loads((out / "deploy/selection.json").read_text())
-    assert not sel["labeled"] and "top-10 neighbour overlap with the teacher >= 0.5" in sel["rule_text"]
+    assert not sel["labeled"] and f"top-10 neighbour overlap with the teacher >= {config.DeployConfig().min_overlap}" in sel["rule_text"]
     assert "Deployment" in (out / "report.md").read_text() and list((out / "deploy").glob("model.*"))
     assert set(stages_line(finish("--config", cfg, "--data", d, "--out", out, "--minutes", 2)).values()) == {"skipped"}
 
