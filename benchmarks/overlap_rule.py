@@ -41,7 +41,7 @@ from benchmarks._common import machine, record_path  # noqa: E402
 from edgeclr import config  # noqa: E402
 from edgeclr.compress import prune  # noqa: E402
 from edgeclr.deploy import Quality  # noqa: E402
-from edgeclr.heldout import OVERLAP_IMAGES, OVERLAP_SAMPLES, agreement  # noqa: E402
+from edgeclr.heldout import overlap_draws  # noqa: E402
 from edgeclr.loading import find_checkpoint, load_encoder  # noqa: E402
 from edgeclr.models import create_model  # noqa: E402
 
@@ -51,10 +51,8 @@ BUDGET = 1.5  # deploy's default --max-drop
 def score(quality: Quality, model) -> dict:
     """kNN drop against the teacher and top-10 overlap with it: what deploy.Quality.score computes
     for an exported file, here on the torch model (the same held-out images and teacher reference)."""
-    bank, query = quality.held.features(model.embed, 256)
-    s = quality.held.score_features(bank, query, quality.ref)
-    return {"knn_top1": s["knn_top1"], "drop": quality.ref["knn_top1"] - s["knn_top1"],
-            "topk_overlap": agreement(query, quality.ref["_q"])["topk_overlap"]}
+    s = quality.held.score(model.embed, quality.ref, 256)
+    return {"knn_top1": s["knn_top1"], "drop": quality.ref["knn_top1"] - s["knn_top1"], "topk_overlap": s["topk_overlap"]}
 
 
 def models(run: Path, epochs: list[int], ratios: list[float], work: Path, seed: int):
@@ -125,11 +123,11 @@ def main() -> None:
     # the lowest threshold with no false accept: just above the highest overlap of a model losing more than the budget
     safe = round(max(losing) + 0.0005, 3) if losing else min(r["topk_overlap"] for r in rows)
     within = [r["topk_overlap"] for r in rows if r["drop"] <= BUDGET]
+    draws = overlap_draws(len(quality.held.query_y))
     res = {"benchmark": "overlap_rule", "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
            "command": "python " + shlex.join(sys.argv), "run": str(run),
            "teacher_knn_top1": quality.ref["knn_top1"], "bank_images": len(quality.held.bank_y),
-           "query_images": len(quality.held.query_y), "overlap_images": min(OVERLAP_IMAGES, len(quality.held.query_y)),
-           "overlap_samples": OVERLAP_SAMPLES if len(quality.held.query_y) > OVERLAP_IMAGES else 1, "budget_points": BUDGET, "rows": rows, "thresholds": th,
+           "query_images": len(quality.held.query_y), "overlap_images": draws[0], "overlap_samples": draws[1], "budget_points": BUDGET, "rows": rows, "thresholds": th,
            "lowest_safe_min_overlap": safe,
            "highest_overlap_losing_budget": max(losing) if losing else None, "lowest_overlap_within_budget": min(within) if within else None,
            "wall_time_s": round(time.time() - t0, 1)}

@@ -41,7 +41,7 @@ from edgeclr.compress.prune import level_checkpoint
 from edgeclr.compress.quantize import calibration_inputs
 from edgeclr.errors import ConfigError
 from edgeclr.formats import EXPORT_FORMATS, format_of
-from edgeclr.heldout import OVERLAP_IMAGES, OVERLAP_SAMPLES, HeldOut, agreement, overlap_sample, public
+from edgeclr.heldout import OVERLAP_IMAGES, OVERLAP_SAMPLES, HeldOut, agreement, overlap_draws, overlap_sample, public
 from edgeclr.loading import load_encoder, stage_checkpoints
 from edgeclr.lock import hold
 from edgeclr.report import deploy_table
@@ -237,8 +237,8 @@ class Quality:
             return cls(held, None, held.score(teacher.embed, None, 256), key)
         x = overlap_sample(spec, pp, tcfg, cfg.seed, cfg.eval_images)
         log.warning("%s has no labels: candidates are judged by their top-10 neighbour overlap with the teacher (--min-overlap "
-                    "%.2f), not by accuracy; the overlap is a mean over %d seeded samples of %d of %d held-out images",
-                    spec, cfg.min_overlap, OVERLAP_SAMPLES, min(OVERLAP_IMAGES, len(x)), len(x))
+                    "%.2f), not by accuracy; the overlap is a mean over %d seeded sample(s) of %d of %d held-out images",
+                    spec, cfg.min_overlap, *overlap_draws(len(x))[::-1], len(x))
         with torch.no_grad():
             ref = {"_q": teacher.embed(x)}
         return cls(None, x, ref, key)

@@ -89,6 +89,11 @@ OVERLAP_IMAGES = 200  # the top-10 overlap is a mean over seeded samples of this
 OVERLAP_SAMPLES = 20  # number of images (benchmarks/results/overlap_size), so one threshold needs one N; 200 fits every held-out split
 
 
+def overlap_draws(n: int) -> tuple[int, int]:
+    """(images per draw, draws) of `agreement`'s top-10 overlap on n images."""
+    return (OVERLAP_IMAGES, OVERLAP_SAMPLES) if n > OVERLAP_IMAGES else (n, 1)
+
+
 @torch.no_grad()
 def agreement(a: torch.Tensor, b: torch.Tensor, k: int = 10, n: int | None = OVERLAP_IMAGES,
               samples: int = OVERLAP_SAMPLES, seed: int = 0) -> dict[str, float]:

@@ -82,7 +82,7 @@ def test_the_overlap_is_computed_at_one_size_whatever_the_number_of_images():
     from sklearn.datasets import load_digits
     from sklearn.decomposition import PCA
 
-    from edgeclr.heldout import OVERLAP_IMAGES
+    from edgeclr.heldout import OVERLAP_IMAGES, OVERLAP_SAMPLES, overlap_draws
 
     x = load_digits().data.astype(np.float32)
     x = x[np.random.default_rng(1).permutation(len(x))]
@@ -93,6 +93,7 @@ def test_the_overlap_is_computed_at_one_size_whatever_the_number_of_images():
     assert abs(fixed[600] - fixed[len(x)]) < 0.02  # ... the one at a fixed size does not
     small = a[:OVERLAP_IMAGES], b[:OVERLAP_IMAGES]  # up to the size, all images at once
     assert agreement(*small)["topk_overlap"] == agreement(*small, n=None)["topk_overlap"]
+    assert overlap_draws(OVERLAP_IMAGES) == (OVERLAP_IMAGES, 1) and overlap_draws(len(x)) == (OVERLAP_IMAGES, OVERLAP_SAMPLES)
     assert agreement(a, b)["topk_overlap"] == agreement(a, b)["topk_overlap"]  # seeded: every candidate is judged on the same draws
     with pytest.raises(ValueError, match="same images"):
         agreement(a, b[:100])
